@@ -1,0 +1,184 @@
+"""Every default of maestro-fl in one place, each with a one-line reason.
+
+Configs are frozen dataclasses. A run resolves them from the defaults, then
+an optional TOML file, then ``key=value`` overrides; unknown keys and values
+of the wrong type or range fail before anything runs, naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .data import DATASETS
+from .models import MODELS
+from .training import SAMPLERS
+
+
+class ConfigError(ValueError):
+    """A config field has a value outside what is allowed."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Centralized LoD training (``maestro-fl train``): train once, deploy at many ranks."""
+
+    dataset: str = "digits"  # embedded in scikit-learn: works offline, trains in seconds
+    data_root: str = "data"  # where torchvision datasets are read from (or downloaded to)
+    download: bool = False  # never touch the network unless asked
+    model: str = "cnn"  # ~160k weights; fits digits in about a minute on 2 cores
+    norm: str = "default"  # 'default' = the model's own ('bn' for ResNet/VGG, none for small nets)
+    init: str = "svd"  # SVD of the initial weights, as the authors' CIFAR/MNIST runs
+    rank_fraction: float = 1.0  # initial max rank per layer: Maestro starts at full rank
+    keep_first: int = 0  # layers left dense at the input (the authors keep 43 on ImageNet)
+    keep_classifier: bool = False  # the authors' ImageNet runs keep it dense; small nets need not
+    epochs: int = 100  # ~0.3 s each on digits; shrinking needs many epochs to settle (~30 s in all)
+    batch_size: int = 32  # 45 steps per epoch on digits' 1437 training images
+    lr: float = 0.02  # SGD; 0.05 and up diverge on the norm-free small CNN (the authors use 0.1 with BN)
+    momentum: float = 0.9  # the authors' SGD
+    weight_decay: float = 1e-4  # the authors' value
+    lr_schedule: str = "step"  # x0.1 at 50% and 75% of the epochs, as the authors' CIFAR runs
+    sampler: str = "per_layer"  # Maestro's default ordered-dropout sampler
+    sampler_fraction: float = 0.25  # the rank fraction of the 'fixed' sampler (Pufferfish's p)
+    full_pass: bool = False  # self-distillation costs ~2x compute for no gain in the paper's ablation
+    lambda_gl: float = 3e-4  # HGL strength: halves the CNN's parameters in 100 epochs at -0.5 pp
+    shrink_eps: float = 2e-3  # importance threshold of progressive shrinking (after every epoch)
+    eval_fractions: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25, 0.1)  # the deploy-at-many-ranks ladder
+    seed: int = 0  # same seed, same weights
+    out_dir: str = "runs"  # run directories go under here
+    run_name: str = ""  # '' = method-dataset-model-seed-timestamp
+    device: str = "cpu"  # 'cpu', 'cuda' or 'auto'
+    progress: bool = True  # a tqdm bar per epoch
+
+    def validate(self) -> TrainConfig:
+        check_one_of("dataset", self.dataset, DATASETS)
+        check_one_of("model", self.model, tuple(MODELS))
+        check_one_of("norm", self.norm, ("default", "bn", "gn", "none"))
+        check_one_of("init", self.init, ("svd", "random"))
+        check_one_of("sampler", self.sampler, SAMPLERS)
+        check_one_of("lr_schedule", self.lr_schedule, ("step", "cosine", "none"))
+        check_one_of("device", self.device, ("cpu", "cuda", "auto"))
+        check_fraction("rank_fraction", self.rank_fraction)
+        check_fraction("sampler_fraction", self.sampler_fraction)
+        for i, p in enumerate(self.eval_fractions):
+            check_fraction(f"eval_fractions[{i}]", p)
+        if not self.eval_fractions:
+            raise ConfigError("eval_fractions must hold at least one fraction in (0, 1]")
+        check_positive("epochs", self.epochs)
+        check_positive("batch_size", self.batch_size)
+        check_positive("lr", self.lr)
+        check_non_negative("momentum", self.momentum)
+        check_non_negative("weight_decay", self.weight_decay)
+        check_non_negative("lambda_gl", self.lambda_gl)
+        check_non_negative("shrink_eps", self.shrink_eps)
+        check_non_negative("keep_first", self.keep_first)
+        if self.dataset != "digits" and not self.download and not Path(self.data_root).exists():
+            raise ConfigError(
+                f"data_root: {self.data_root!r} does not exist; dataset {self.dataset!r} is read from there "
+                "(set data_root to the folder that holds it, or download=true to fetch it)"
+            )
+        return self
+
+
+# -- field checks -----------------------------------------------------------
+def check_one_of(name: str, value: object, allowed: Sequence[object]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def check_fraction(name: str, value: float) -> None:
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(f"{name} must be a fraction in (0, 1], got {value!r}")
+
+
+def check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value!r}")
+
+
+def check_non_negative(name: str, value: float) -> None:
+    if not value >= 0:
+        raise ConfigError(f"{name} must be >= 0, got {value!r}")
+
+
+# -- resolving --------------------------------------------------------------
+C = TypeVar("C")
+
+
+def _coerce(name: str, raw: Any, hint: Any) -> Any:
+    """Convert a TOML value or a ``key=value`` string to the field's type."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        if isinstance(raw, str):
+            raw = [] if raw.strip() in ("", "[]", "()") else raw.strip("[]() ").split(",")
+        if not isinstance(raw, (list, tuple)):
+            raise ConfigError(f"{name} must be a list of {item.__name__}, got {raw!r}")
+        return tuple(_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(raw))
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return raw.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name} must be true or false, got {raw!r}")
+    if hint in (int, float):
+        if isinstance(raw, bool):
+            raise ConfigError(f"{name} must be a {hint.__name__}, got {raw!r}")
+        try:
+            value = hint(raw.strip() if isinstance(raw, str) else raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a {hint.__name__}, got {raw!r}") from None
+        if hint is int and isinstance(raw, float) and raw != value:
+            raise ConfigError(f"{name} must be an int, got {raw!r}")
+        return value
+    if hint is str:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{name} must be a string, got {raw!r}")
+        return raw.strip()
+    raise ConfigError(f"{name}: unsupported field type {hint!r}")
+
+
+def resolve(cls: type[C], file: str | Path | None = None, overrides: Sequence[str] | Mapping[str, Any] = ()) -> C:
+    """Defaults ← TOML ``file`` ← ``overrides`` (``key=value`` strings or a mapping), validated."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from err
+        values.update(data)
+    if isinstance(overrides, Mapping):
+        values.update(overrides)
+    else:
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ConfigError(f"override {item!r} must look like key=value")
+            values[key.strip().replace("-", "_")] = raw
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}; allowed keys: {names}")
+    typed = {k: _coerce(k, v, hints[k]) for k, v in values.items()}
+    cfg = cls(**typed)
+    validate = getattr(cfg, "validate", None)
+    return validate() if validate is not None else cfg
+
+
+def to_dict(cfg: object) -> dict[str, Any]:
+    out = dataclasses.asdict(cfg)  # type: ignore[call-overload]
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def save(cfg: object, path: Path) -> None:
+    path.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")

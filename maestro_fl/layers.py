@@ -1,0 +1,368 @@
+"""Low-rank ordered decomposition (LoD) layers.
+
+Maestro (Horváth, Laskaridis, Rajput, Wang; ICML 2024, arXiv 2308.14929)
+writes a layer ``W`` (out × n) as ``U Vᵀ`` with ``U`` out × r and ``Vᵀ`` r × n.
+Training with ordered dropout on the inner dimension orders the rank
+components by importance, so the first ``b`` columns of ``U`` and rows of
+``Vᵀ`` alone form a good rank-``b`` layer.
+
+Both layers keep the authors' two-stage structure:
+
+* ``in_network`` maps the input to the ``r`` inner channels (weight ``Vᵀ``);
+* ``out_network`` maps them to the output and holds the bias (weight ``U``).
+
+The rank axis is dim 0 of ``in_network.weight`` and dim 1 of
+``out_network.weight`` for both layer types; :mod:`maestro_fl.aggregation`
+relies on that.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Init = Literal["svd", "random"]
+
+
+class LoDLayer(nn.Module):
+    """Base class of the LoD layers.
+
+    Attributes
+    ----------
+    max_rank : int
+        Number of rank components the layer currently holds. Progressive
+        shrinking and extraction reduce it; the tensors shrink with it.
+    active_rank : int or None
+        Rank used by ``forward`` when no ``rank`` argument is given. ``None``
+        means ``max_rank``.
+    """
+
+    in_network: nn.Module
+    out_network: nn.Module
+
+    def __init__(self, max_rank: int) -> None:
+        super().__init__()
+        if max_rank < 1:
+            raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+        self.max_rank = int(max_rank)
+        self.active_rank: int | None = None
+
+    # -- shapes ---------------------------------------------------------
+    @property
+    def fan_in(self) -> int:
+        """Columns of the unfolded dense weight (``in`` or ``in·k·k``)."""
+        raise NotImplementedError
+
+    @property
+    def fan_out(self) -> int:
+        """Rows of the dense weight (output features or channels)."""
+        raise NotImplementedError
+
+    @property
+    def full_rank(self) -> int:
+        """Largest rank a factorization of this layer can have."""
+        return min(self.fan_out, self.fan_in)
+
+    def resolve_rank(self, rank: int | None) -> int:
+        r = rank if rank is not None else self.active_rank
+        if r is None:
+            return self.max_rank
+        if not 1 <= r <= self.max_rank:
+            raise ValueError(f"rank must be in [1, {self.max_rank}], got {r}")
+        return int(r)
+
+    # -- factors as matrices ---------------------------------------------
+    def v_matrix(self, rank: int | None = None) -> torch.Tensor:
+        """``Vᵀ`` truncated to ``rank`` rows: (rank × fan_in)."""
+        r = self.max_rank if rank is None else rank
+        return self.in_network.weight[:r].reshape(r, -1)
+
+    def u_matrix(self, rank: int | None = None) -> torch.Tensor:
+        """``U`` truncated to ``rank`` columns: (fan_out × rank)."""
+        r = self.max_rank if rank is None else rank
+        return self.out_network.weight[:, :r].reshape(self.fan_out, r)
+
+    def dense_weight(self, rank: int | None = None) -> torch.Tensor:
+        """The dense weight ``U_{:, :r} Vᵀ_{:r}`` in the original layer's shape."""
+        r = self.resolve_rank(rank)
+        return (self.u_matrix(r) @ self.v_matrix(r)).reshape(self._dense_shape())
+
+    def _dense_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.out_network.bias
+
+    # -- Maestro's regulariser and importance ------------------------------
+    def tail_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(‖Vᵀ_{b:, :}‖_F, ‖U_{:, b:}‖_F)`` for every ``b`` (reverse cumsum)."""
+        v_sq = self.v_matrix().pow(2).sum(dim=1)
+        u_sq = self.u_matrix().pow(2).sum(dim=0)
+        v_tail = v_sq.flip(0).cumsum(0).flip(0)
+        u_tail = u_sq.flip(0).cumsum(0).flip(0)
+        # clamp: sqrt has an infinite derivative at an exactly-zero tail
+        return v_tail.clamp_min(1e-24).sqrt(), u_tail.clamp_min(1e-24).sqrt()
+
+    def group_lasso(self) -> torch.Tensor:
+        """Hierarchical group lasso ``Σ_b ‖Vᵀ_{b:}‖_F + ‖U_{:, b:}‖_F`` (Maestro §3)."""
+        v_tail, u_tail = self.tail_norms()
+        return v_tail.sum() + u_tail.sum()
+
+    @torch.no_grad()
+    def importance(self) -> torch.Tensor:
+        """Tail importance ``imp_b = ‖Vᵀ_{b:}‖_F · ‖U_{:, b:}‖_F``; non-increasing in b."""
+        v_tail, u_tail = self.tail_norms()
+        return v_tail * u_tail
+
+    @torch.no_grad()
+    def component_norms(self) -> torch.Tensor:
+        """``‖u_i‖·‖v_i‖`` per component; equals σ_i when the factors are balanced."""
+        return self.u_matrix().norm(dim=0) * self.v_matrix().norm(dim=1)
+
+    # -- physical truncation ---------------------------------------------
+    @torch.no_grad()
+    def truncate_(self, rank: int) -> None:
+        """Drop every component beyond ``rank``; the tensors really shrink.
+
+        The parameters are replaced by new ``nn.Parameter`` objects; use
+        :func:`maestro_fl.training.shrink` to keep an optimizer's state in step.
+        """
+        rank = self.resolve_rank(rank)
+        if rank == self.max_rank:
+            return
+        self.in_network.weight = nn.Parameter(self.in_network.weight[:rank].clone())
+        self.out_network.weight = nn.Parameter(self.out_network.weight[:, :rank].clone())
+        self._set_inner(rank)
+        self.max_rank = rank
+        if self.active_rank is not None:
+            self.active_rank = min(self.active_rank, rank)
+
+    def _set_inner(self, rank: int) -> None:
+        raise NotImplementedError
+
+    def to_dense_module(self, rank: int | None = None) -> nn.Module:
+        """A plain ``nn.Linear``/``nn.Conv2d`` computing this layer at ``rank``."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"max_rank={self.max_rank}, active_rank={self.active_rank}"
+
+
+class LoDLinear(LoDLayer):
+    """``y = U_{:, :r} (Vᵀ_{:r} x) + bias``, a Linear layer as ordered factors.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+        Shape of the dense layer being replaced.
+    max_rank : int
+        Number of rank components; at most ``min(in_features, out_features)``.
+    bias : bool
+        Whether ``out_network`` carries a bias.
+    """
+
+    in_network: nn.Linear
+    out_network: nn.Linear
+
+    def __init__(self, in_features: int, out_features: int, max_rank: int, bias: bool = True) -> None:
+        super().__init__(max_rank)
+        if max_rank > min(in_features, out_features):
+            raise ValueError(
+                f"max_rank {max_rank} exceeds min(in_features, out_features) = {min(in_features, out_features)}"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.in_network = nn.Linear(in_features, max_rank, bias=False)
+        self.out_network = nn.Linear(max_rank, out_features, bias=bias)
+
+    @property
+    def fan_in(self) -> int:
+        return self.in_features
+
+    @property
+    def fan_out(self) -> int:
+        return self.out_features
+
+    def _dense_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
+
+    def _set_inner(self, rank: int) -> None:
+        self.in_network.out_features = rank
+        self.out_network.in_features = rank
+
+    def forward(self, x: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+        r = self.resolve_rank(rank)
+        w_in, w_out = self.in_network.weight, self.out_network.weight
+        if r < self.max_rank:  # ordered dropout: only the first r components take part
+            w_in, w_out = w_in[:r], w_out[:, :r]
+        return F.linear(F.linear(x, w_in), w_out, self.out_network.bias)
+
+    def to_dense_module(self, rank: int | None = None) -> nn.Linear:
+        w = self.dense_weight(rank)
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        dense = dense.to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(w)
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+
+class LoDConv2d(LoDLayer):
+    """A k×k convolution into ``r`` channels followed by a 1×1 convolution.
+
+    This factorizes the kernel unfolded to ``out × (in·k·k)``: ``in_network``
+    is ``Vᵀ`` reshaped to ``r × in × k × k`` and keeps the original stride,
+    padding and dilation; ``out_network`` is ``U`` as a 1×1 convolution with
+    the bias. Grouped convolutions are not factorized
+    (:func:`maestro_fl.convert.factorize` leaves them dense).
+    """
+
+    in_network: nn.Conv2d
+    out_network: nn.Conv2d
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        max_rank: int,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(max_rank)
+        self.in_network = nn.Conv2d(
+            in_channels, max_rank, kernel_size, stride=stride, padding=padding, dilation=dilation, bias=False
+        )
+        self.out_network = nn.Conv2d(max_rank, out_channels, 1, bias=bias)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = self.in_network.kernel_size
+        if max_rank > self.full_rank:
+            raise ValueError(f"max_rank {max_rank} exceeds min(out, in·k·k) = {self.full_rank}")
+
+    @property
+    def fan_in(self) -> int:
+        kh, kw = self.kernel_size
+        return self.in_channels * kh * kw
+
+    @property
+    def fan_out(self) -> int:
+        return self.out_channels
+
+    def _dense_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
+    def _set_inner(self, rank: int) -> None:
+        self.in_network.out_channels = rank
+        self.out_network.in_channels = rank
+
+    def forward(self, x: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+        r = self.resolve_rank(rank)
+        w_in, w_out = self.in_network.weight, self.out_network.weight
+        if r < self.max_rank:
+            w_in, w_out = w_in[:r], w_out[:, :r]
+        conv = self.in_network
+        h = F.conv2d(x, w_in, None, conv.stride, conv.padding, conv.dilation)
+        return F.conv2d(h, w_out, self.out_network.bias)
+
+    def to_dense_module(self, rank: int | None = None) -> nn.Conv2d:
+        w = self.dense_weight(rank)
+        conv = self.in_network
+        dense = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=self.bias is not None,
+        ).to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(w)
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+
+def _unfolded_weight(layer: nn.Linear | nn.Conv2d) -> torch.Tensor:
+    return layer.weight.detach().reshape(layer.weight.shape[0], -1)
+
+
+@torch.no_grad()
+def singular_values(layer: nn.Linear | nn.Conv2d) -> torch.Tensor:
+    """Singular values of a dense layer's (unfolded) weight."""
+    return torch.linalg.svdvals(_unfolded_weight(layer).double()).to(layer.weight.dtype)
+
+
+def lod_from_dense(
+    layer: nn.Module, rank: int, init: Init = "svd", generator: torch.Generator | None = None
+) -> LoDLayer | None:
+    """Build the LoD counterpart of ``layer``, or ``None`` if it has none.
+
+    The single dispatch point on layer type (PEFT style). ``init="svd"`` sets
+    ``U = P_r √Σ_r`` and ``Vᵀ = √Σ_r Q_rᵀ`` from the SVD of the layer's
+    weights, so that at full rank the outputs are unchanged; ``"random"``
+    draws fresh factors whose product has the variance of PyTorch's default
+    initialization.
+    """
+    lod: LoDLayer
+    if isinstance(layer, nn.Linear):
+        lod = LoDLinear(layer.in_features, layer.out_features, rank, bias=layer.bias is not None)
+    elif isinstance(layer, nn.Conv2d):
+        if layer.groups != 1 or layer.padding_mode != "zeros":
+            return None
+        lod = LoDConv2d(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            rank,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            bias=layer.bias is not None,
+        )
+    else:
+        return None
+    lod = lod.to(device=layer.weight.device, dtype=layer.weight.dtype)
+    with torch.no_grad():
+        if init == "svd":
+            w = _unfolded_weight(layer).double()
+            p, s, qt = torch.linalg.svd(w, full_matrices=False)
+            root = s[:rank].sqrt()
+            u = (p[:, :rank] * root).to(layer.weight.dtype)
+            vt = (root[:, None] * qt[:rank]).to(layer.weight.dtype)
+        elif init == "random":
+            # Var(U V) = r·σ_u²·σ_v² should equal the dense default Var(W) = 1/(3·fan_in)
+            fan_in = _unfolded_weight(layer).shape[1]
+            std = (1.0 / (3.0 * fan_in * rank)) ** 0.25
+            u = torch.randn(lod.fan_out, rank, generator=generator).mul_(std)
+            vt = torch.randn(rank, fan_in, generator=generator).mul_(std)
+        else:
+            raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
+        lod.in_network.weight.copy_(vt.reshape(lod.in_network.weight.shape))
+        lod.out_network.weight.copy_(u.reshape(lod.out_network.weight.shape))
+        if layer.bias is not None:
+            lod.out_network.bias.copy_(layer.bias)
+    return lod
+
+
+def dense_is_smaller(fan_out: int, fan_in: int, rank: int) -> bool:
+    """True when rank-``rank`` factors hold more weights than the dense layer.
+
+    The rule ``r·(m + n) > m·n`` (Maestro's ``model_to_full``) decides which
+    layers :func:`maestro_fl.convert.extract` turns dense again.
+    """
+    return rank * (fan_out + fan_in) > fan_out * fan_in
+
+
+def ceil_rank(fraction: float, max_rank: int) -> int:
+    """``⌈p·r⌉`` clamped to [1, r], the ordered-dropout rank at fraction p."""
+    return max(1, min(max_rank, math.ceil(fraction * max_rank - 1e-9)))
