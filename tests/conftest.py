@@ -1,0 +1,68 @@
+"""Shared fixtures: one table of tiny models that every LoD test runs through."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from maestro_fl.models import InputSpec, build_model
+
+# Flower must neither phone home nor write to the user's home during tests.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+torch.set_num_threads(1)
+
+
+class TwoBranch(nn.Module):
+    """A residual block with a strided 1x1 shortcut and BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.short = nn.Conv2d(3, 8, 1, stride=2, bias=False)
+        self.head = nn.Linear(8 * 3 * 3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(x))) + self.short(x)
+        return self.head(h.flatten(1))
+
+
+# name -> (builder, input shape (C, H, W))
+TINY_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int]]] = {
+    "mlp": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 5)), (1, 4, 4)),
+    "conv": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2), nn.Flatten(), nn.Linear(8 * 2 * 2, 4)
+        ),
+        (2, 6, 6),
+    ),
+    "dilated": (
+        lambda: nn.Sequential(nn.Conv2d(3, 10, 3, padding=2, dilation=2), nn.ReLU(), nn.Flatten(), nn.Linear(10 * 25, 3)),
+        (3, 5, 5),
+    ),
+    "residual_bn": (TwoBranch, (3, 5, 5)),
+    "digits_cnn": (lambda: build_model("cnn", InputSpec(1, 8, 10)), (1, 8, 8)),
+}
+
+
+@pytest.fixture(params=sorted(TINY_MODELS))
+def tiny(request: pytest.FixtureRequest) -> tuple[str, nn.Module, torch.Tensor]:
+    """(name, dense model in eval mode, a batch of inputs)."""
+    torch.manual_seed(0)
+    builder, shape = TINY_MODELS[request.param]
+    model = builder().eval()
+    x = torch.randn(7, *shape)
+    return request.param, model, x
+
+
+@pytest.fixture
+def flwr_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
+    home = str(tmp_path_factory.mktemp("flwr_home"))
+    monkeypatch.setenv("FLWR_HOME", home)
+    return home

@@ -1,0 +1,105 @@
+"""Dataset loading on fixtures written here, and config errors that name the field."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from maestro_fl.config import ConfigError, TrainConfig, resolve
+from maestro_fl.data import DatasetNotFoundError, batches, load_dataset
+
+
+def write_idx_mnist(root: Path, folder: str, n_train: int = 12, n_test: int = 5) -> None:
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+
+
+def write_cifar_batches(root: Path, per_batch: int = 4) -> None:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            b"data": rng.integers(0, 256, size=(per_batch, 3 * 32 * 32), dtype=np.uint8),
+            b"labels": list(range(per_batch)),
+        }
+        with open(folder / name, "wb") as fh:
+            pickle.dump(batch, fh)
+
+
+def test_digits_is_embedded_and_fixed() -> None:
+    a, b = load_dataset("digits"), load_dataset("digits")
+    assert a.train.x.shape == (1437, 1, 8, 8) and a.test.x.shape == (360, 1, 8, 8)
+    assert torch.equal(a.test.y, b.test.y)
+    assert abs(float(a.train.x.mean())) < 1e-4  # normalized on the training split
+    assert sorted(a.train.y.unique().tolist()) == list(range(10))
+
+
+@pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_torchvision_mnist_from_local_root(tmp_path: Path, name: str, folder: str) -> None:
+    write_idx_mnist(tmp_path, folder)
+    data = load_dataset(name, tmp_path)
+    assert data.train.x.shape == (12, 1, 28, 28) and data.test.x.shape == (5, 1, 28, 28)
+    assert data.train.y.tolist() == [i % 10 for i in range(12)]
+    assert data.spec.shape == (1, 28, 28)
+
+
+def test_cifar10_from_local_python_batches(tmp_path: Path) -> None:
+    write_cifar_batches(tmp_path)
+    data = load_dataset("cifar10", tmp_path)
+    assert data.train.x.shape == (20, 3, 32, 32) and data.test.x.shape == (4, 3, 32, 32)
+    assert data.augment
+    x, _ = next(batches(data.train, 8, generator=torch.Generator().manual_seed(0), augment=True))
+    assert x.shape == (8, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
+def test_missing_dataset_says_how_to_provide_it(tmp_path: Path, name: str) -> None:
+    with pytest.raises(DatasetNotFoundError, match="data_root: .* not found .* download=true"):
+        load_dataset(name, tmp_path)
+
+
+def test_unknown_dataset_is_rejected() -> None:
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        load_dataset("imagenet")
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (["model=transformer"], "model"),
+        (["rank_fraction=1.5"], "rank_fraction"),
+        (["rank_fraction=0"], "rank_fraction"),
+        (["eval_fractions=1.0,0"], r"eval_fractions\[1\]"),
+        (["dataset=mnist", "data_root=/nonexistent/maestro"], "data_root"),
+        (["sampler=random"], "sampler"),
+        (["epochs=ten"], "epochs"),
+        (["download=maybe"], "download"),
+        (["lr=-1"], "lr"),
+        (["no_such_key=1"], "unknown config key"),
+    ],
+)
+def test_bad_config_names_the_field(overrides: list[str], field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        resolve(TrainConfig, overrides=overrides)
+
+
+def test_config_file_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('model = "mlp"\nepochs = 3\neval_fractions = [1.0, 0.5]\n')
+    cfg = resolve(TrainConfig, path, ["epochs=4"])
+    assert (cfg.model, cfg.epochs, cfg.eval_fractions) == ("mlp", 4, (1.0, 0.5))
+    path.write_text("epochs = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        resolve(TrainConfig, path)

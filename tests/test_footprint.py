@@ -1,0 +1,72 @@
+"""The footprint against numbers computed by hand."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from maestro_fl.convert import extract, factorize, lod_layers
+from maestro_fl.footprint import footprint
+
+
+def known_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+
+
+def test_dense_footprint_by_hand() -> None:
+    fp = footprint(known_model(), (1, 5, 5))
+    # conv: 4·1·3·3 = 36 weights + 4 biases, 25 output pixels · 36 MACs; linear: 300 + 3, 300 MACs
+    assert fp.params == 36 + 4 + 300 + 3
+    assert fp.macs == 25 * 36 + 300
+    assert fp.bytes("fp32") == 4 * 343 and fp.bytes("fp16") == 2 * 343
+    assert (fp.dense_params, fp.dense_macs) == (343, 1200)
+
+
+def test_lod_footprint_by_hand() -> None:
+    model = factorize(known_model())
+    ranks = {"0": 2, "3": 2}
+    fp = footprint(model, (1, 5, 5), ranks)
+    # conv at rank 2: 2·(9 + 4) = 26 weights (< 36) + 4 biases, 25 pixels · 26 MACs
+    # linear at rank 2: 2·(100 + 3) = 206 weights (< 300) + 3 biases, 206 MACs
+    rows = {r.name: r for r in fp.layers}
+    assert (rows["0"].params, rows["0"].macs, rows["0"].rank) == (30, 650, 2)
+    assert (rows["3"].params, rows["3"].macs) == (209, 206)
+    assert fp.params == 239 and fp.macs == 856
+    assert (fp.dense_params, fp.dense_macs) == (343, 1200)
+    assert fp.summary()["params_ratio"] == pytest.approx(239 / 343)
+
+
+def test_layer_whose_factors_are_larger_counts_as_dense_when_deployed() -> None:
+    model = factorize(known_model())
+    # conv at full rank 4: 4·13 = 52 > 36 weights, so it deploys dense
+    fp = footprint(model, (1, 5, 5), {"0": 4})
+    assert {r.name: r.params for r in fp.layers}["0"] == 40
+    trained = footprint(model, (1, 5, 5), {"0": 4}, as_deployed=False)
+    assert {r.name: r.params for r in trained.layers}["0"] == 56
+
+
+def test_other_parameters_are_counted() -> None:
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    fp = footprint(model, (2, 3, 3))
+    assert fp.params == sum(p.numel() for p in model.parameters())
+    assert [r.name for r in fp.layers][-1] == "(other)"
+
+
+def test_footprint_of_extracted_model_equals_footprint_at_ranks(tiny) -> None:
+    _, dense, x = tiny
+    model = factorize(copy.deepcopy(dense))
+    ranks = {n: max(1, m.max_rank // 3) for n, m in lod_layers(model).items()}
+    shape = tuple(x.shape[1:])
+    at_ranks = footprint(model, shape, ranks)
+    deployed = footprint(extract(model, ranks), shape)
+    assert (deployed.params, deployed.macs) == (at_ranks.params, at_ranks.macs)
+    assert deployed.params == sum(p.numel() for p in extract(model, ranks).parameters())
+
+
+def test_bad_precision_is_rejected() -> None:
+    with pytest.raises(ValueError, match="precision must be one of"):
+        footprint(known_model(), (1, 5, 5)).bytes("int3")
