@@ -182,3 +182,114 @@ def to_dict(cfg: object) -> dict[str, Any]:
 
 def save(cfg: object, path: Path) -> None:
     path.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Heterogeneous federated LoD training (``maestro-fl simulate``): the main job."""
+
+    # -- data and model --
+    dataset: str = "digits"  # embedded: the main job runs offline
+    data_root: str = "data"  # where torchvision datasets are read from (or downloaded to)
+    download: bool = False  # never touch the network unless asked
+    model: str = "cnn"  # ~160k weights: 50 clients x 30 rounds fit in a few minutes on 2 cores
+    norm: str = "default"  # the model's own normalization ('gn' is the FL-safe choice for ResNet/VGG)
+    init: str = "svd"  # SVD of the initial weights, as Maestro
+    # -- federation --
+    num_clients: int = 50  # the smallest federation the main job must show; FjORD/HeteroFL use 100
+    clients_per_round: int = 10  # 20% participation, as pfl-research's and FedScale's defaults
+    rounds: int = 30  # digits converges in ~20 rounds at this participation
+    partition: str = "dirichlet"  # label-skewed non-IID, the common FL benchmark setting
+    alpha: float = 0.5  # Dirichlet concentration: clearly non-IID, every client keeps several classes
+    classes_per_client: int = 2  # for partition='pathological' (McMahan et al.)
+    val_fraction: float = 0.1  # each client's held-out validation share
+    # -- local training --
+    local_epochs: int = 2  # a few local steps per round; more drifts under non-IID data
+    batch_size: int = 16  # clients hold ~29 examples: 2 steps per epoch
+    lr: float = 0.05  # local SGD; no momentum state survives a round anyway
+    momentum: float = 0.0  # plain local SGD, as FedAvg
+    weight_decay: float = 1e-4  # the authors' value
+    sampler: str = "per_layer"  # Maestro's ordered-dropout sampler, within the client's budget
+    clip_grad_norm: float = 0.0  # 0 = no clipping
+    lambda_gl: float = 0.0  # group lasso off: budgets, not learned ranks, set the federated footprint
+    full_pass: bool = False  # self-distillation doubles client compute for no gain in Maestro's ablation
+    # -- devices --
+    tier_shares: tuple[float, ...] = (0.2, 0.2, 0.2, 0.2, 0.2)  # five tiers in equal shares (FjORD, HeteroFL)
+    population_csv: str = ""  # per-client capabilities (a FedScale-like trace); overrides tier_shares
+    tier_mode: str = "fixed"  # 'fixed': a client keeps its tier; 'dynamic': redrawn every round (HeteroFL)
+    tier_fractions: tuple[float, ...] = ()  # explicit rank fraction per tier; () = derive from each device
+    compute_budget_s: float = 10.0  # per-round compute time a device may spend; sets compute-bound ranks
+    round_deadline_s: float = 0.0  # drop clients whose simulated round time exceeds this; 0 = no deadline
+    # -- server --
+    server_shrink_eps: float = 0.0  # server-side progressive shrinking of the aggregate; 0 = off
+    # -- engine --
+    backend: str = "ray"  # 'ray' (Flower's simulation engine) or 'local' (in-process, for debugging)
+    num_cpus_per_client: float = 2.0  # on 2 cores one actor is fastest (each actor holds ~0.9 GB)
+    num_gpus_per_client: float = 0.0  # fractional GPUs per ClientApp when Ray sees GPUs
+    ray_address: str = ""  # attach to an existing Ray cluster ('auto' or host:port); '' = start a local one
+    round_timeout_s: float = 300.0  # wall seconds the server waits for replies; later ones count as timeouts
+    # -- run --
+    seed: int = 0  # partitions, tiers, sampling and local training all follow it
+    out_dir: str = "runs"  # run directories go under here
+    run_name: str = ""  # '' = sim-dataset-model-seed-timestamp
+    resume: str = ""  # a run directory to continue from its last checkpoint
+    progress: bool = True  # one line per round
+    fault_injection: str = ""  # robustness testing: 'partition:kind,...', kind in raise|timeout|nan|shape|rank
+
+    def validate(self) -> SimConfig:
+        check_one_of("dataset", self.dataset, DATASETS)
+        check_one_of("model", self.model, tuple(MODELS))
+        check_one_of("norm", self.norm, ("default", "bn", "gn", "none"))
+        check_one_of("init", self.init, ("svd", "random"))
+        check_one_of("partition", self.partition, ("iid", "dirichlet", "pathological"))
+        check_one_of("sampler", self.sampler, SAMPLERS)
+        check_one_of("tier_mode", self.tier_mode, ("fixed", "dynamic"))
+        check_one_of("backend", self.backend, ("ray", "local"))
+        for name in ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "classes_per_client"):
+            check_positive(name, getattr(self, name))
+        if self.clients_per_round > self.num_clients:
+            raise ConfigError(
+                f"clients_per_round ({self.clients_per_round}) must be <= num_clients ({self.num_clients})"
+            )
+        for name in ("alpha", "lr", "num_cpus_per_client", "round_timeout_s"):
+            check_positive(name, getattr(self, name))
+        for name in ("momentum", "weight_decay", "lambda_gl", "compute_budget_s", "round_deadline_s"):
+            check_non_negative(name, getattr(self, name))
+        for name in ("server_shrink_eps", "num_gpus_per_client"):
+            check_non_negative(name, getattr(self, name))
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if not self.population_csv:
+            if not self.tier_shares or any(s < 0 for s in self.tier_shares) or sum(self.tier_shares) <= 0:
+                raise ConfigError(f"tier_shares must be non-negative with a positive sum, got {self.tier_shares!r}")
+        elif not Path(self.population_csv).is_file():
+            raise ConfigError(f"population_csv: file {self.population_csv!r} does not exist")
+        for i, p in enumerate(self.tier_fractions):
+            check_fraction(f"tier_fractions[{i}]", p)
+        if self.tier_fractions and not self.population_csv and len(self.tier_fractions) != len(self.tier_shares):
+            raise ConfigError(
+                f"tier_fractions has {len(self.tier_fractions)} entries but there are {len(self.tier_shares)} tiers"
+            )
+        if self.dataset != "digits" and not self.download and not Path(self.data_root).exists():
+            raise ConfigError(
+                f"data_root: {self.data_root!r} does not exist; dataset {self.dataset!r} is read from there "
+                "(set data_root to the folder that holds it, or download=true to fetch it)"
+            )
+        if self.resume and not (Path(self.resume) / "config.json").is_file():
+            raise ConfigError(f"resume: {self.resume!r} is not a run directory (no config.json)")
+        parse_faults(self.fault_injection)
+        return self
+
+
+FAULT_KINDS = ("raise", "timeout", "nan", "shape", "rank")
+
+
+def parse_faults(spec: str) -> dict[int, str]:
+    """``'3:raise,7:nan'`` → ``{3: 'raise', 7: 'nan'}`` (partition id → fault)."""
+    out: dict[int, str] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        pid, sep, kind = item.partition(":")
+        if not sep or not pid.strip().isdigit() or kind.strip() not in FAULT_KINDS:
+            raise ConfigError(f"fault_injection item {item!r} must be 'partition:kind' with kind in {list(FAULT_KINDS)}")
+        out[int(pid)] = kind.strip()
+    return out

@@ -20,7 +20,7 @@ from .convert import Ranks, active_ranks, lod_layers, model_ranks
 from .data import Split, batches
 from .layers import ceil_rank
 
-SAMPLERS = ("per_layer", "across_layers", "fixed", "none")
+SAMPLERS = ("per_layer", "across_layers", "nested", "fixed", "none")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -83,6 +83,24 @@ class FixedFractionSampler(RankSampler):
         return {n: ceil_rank(self.fraction, r) for n, r in self.max_ranks.items()}
 
 
+class NestedFractionSampler(RankSampler):
+    """``nested``: FjORD's ordered dropout on ranks; one ``p ~ U{1/K, 2/K, ..., 1}`` for every layer.
+
+    Every step trains the whole model at one of ``K`` nested sizes, so each
+    smaller sub-model is trained on every step that trains a larger one. This
+    suits federations whose tiers deploy all layers at a common fraction
+    (FjORD uses K = 5).
+    """
+
+    def __init__(self, max_ranks: Mapping[str, int], generator: torch.Generator, levels: int = 5) -> None:
+        super().__init__(max_ranks, generator)
+        self.levels = levels
+
+    def __call__(self) -> Ranks | None:
+        p = int(torch.randint(1, self.levels + 1, (1,), generator=self.generator)) / self.levels
+        return {n: ceil_rank(p, r) for n, r in self.max_ranks.items()}
+
+
 class FullRankSampler(RankSampler):
     """``none``: no ordered dropout, always full rank (plain low-rank training)."""
 
@@ -96,6 +114,8 @@ def make_sampler(name: str, model: nn.Module, generator: torch.Generator, fracti
         return PerLayerSampler(ranks, generator)
     if name == "across_layers":
         return AcrossLayersSampler(ranks, generator)
+    if name == "nested":
+        return NestedFractionSampler(ranks, generator)
     if name == "fixed":
         return FixedFractionSampler(ranks, generator, fraction)
     if name == "none":
@@ -132,6 +152,7 @@ def train_epoch(
     batch_size: int = 32,
     generator: torch.Generator | None = None,
     augment: bool = False,
+    clip_grad_norm: float = 0.0,
     device: torch.device | str = "cpu",
 ) -> EpochStats:
     """One epoch of LoD training.
@@ -140,6 +161,8 @@ def train_epoch(
     ``CE(f_b(x), y) + λ·HGL``; with ``full_pass`` it minimises
     ``CE(f_full(x), y) + CE(f_b(x), softmax(f_full(x)).detach()) + λ·HGL``
     (self-distillation from the full model, the paper's ablation).
+    ``clip_grad_norm > 0`` clips the gradient norm: products of factors
+    make the loss surface steeper than the dense one.
     """
     model.train()
     it = batches(data, batch_size, generator=generator, augment=augment) if isinstance(data, Split) else data
@@ -163,6 +186,8 @@ def train_epoch(
         if lambda_gl > 0:
             loss = loss + lambda_gl * group_lasso(model)
         loss.backward()
+        if clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         optimizer.step()
         n = len(y)
         total_loss += float(task_loss) * n

@@ -1,0 +1,157 @@
+"""The maestro-fl ClientApp (Flower Message API): one simulated device.
+
+* ``query``: registration. The client reports its device (from
+  :mod:`clients.devices`) and how many training examples it holds.
+* ``train``: the client receives only the factor prefix of its budget plus
+  the dense parameters, trains it with Maestro's ordered dropout within that
+  budget, and replies with the trained prefix and what it cost: examples,
+  loss, ranks, bytes both ways, MACs, and simulated compute and transfer
+  seconds on its device.
+
+The run's :class:`~maestro_fl.config.SimConfig` arrives with every message
+(``run-config``), so the same ClientApp serves ``maestro-fl simulate`` and
+``flwr run .``; each process parses and builds it once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import lru_cache
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from maestro_fl import protocol as P
+from maestro_fl.budget import BACKWARD_FACTOR, transfer_seconds
+from maestro_fl.config import SimConfig, parse_faults, resolve
+from maestro_fl.convert import truncate
+from maestro_fl.federated import federation, ranks_from_list
+from maestro_fl.footprint import footprint
+from maestro_fl.training import make_sampler, train_epoch
+
+from .devices import device_for
+
+
+@lru_cache(maxsize=4)
+def _config(text: str) -> SimConfig:
+    return resolve(SimConfig, overrides=json.loads(text))
+
+
+def config_of(msg: Message) -> SimConfig:
+    return _config(str(msg.content[P.CONFIG][P.RUN_CONFIG]))
+
+
+def handle_query(msg: Message, context: Context) -> Message:
+    cfg = config_of(msg)
+    pid = int(context.node_config["partition-id"])
+    fed = federation(cfg)
+    device = device_for(pid, cfg)
+    train, _ = fed.client_split(pid)
+    metrics = MetricRecord(
+        {
+            P.PARTITION_ID: pid,
+            P.NUM_EXAMPLES: len(train),
+            P.DEVICE_TIER: device.tier,
+            P.DEVICE_MACS_PER_S: device.macs_per_s,
+            P.DEVICE_MEMORY: device.memory_bytes,
+            P.DEVICE_UP_BPS: device.up_bps,
+            P.DEVICE_DOWN_BPS: device.down_bps,
+            P.DEVICE_AVAILABILITY: device.availability,
+            P.DEVICE_RANK_FRACTION: device.rank_fraction,
+        }
+    )
+    return Message(RecordDict({P.METRICS: metrics}), reply_to=msg)
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    cfg = config_of(msg)
+    pid = int(context.node_config["partition-id"])
+    fault = parse_faults(cfg.fault_injection).get(pid)
+    if fault == "raise":
+        raise RuntimeError(f"injected failure on partition {pid}")
+    if fault == "timeout":
+        time.sleep(cfg.round_timeout_s + 1.0)
+
+    fed = federation(cfg)
+    conf: ConfigRecord = msg.content[P.CONFIG]
+    received: ArrayRecord = msg.content[P.ARRAYS]
+    server_round = int(conf[P.SERVER_ROUND])
+    ranks = ranks_from_list(fed.layer_names, list(conf[P.RANKS]))
+    model = truncate(fed.template, ranks)
+    model.load_state_dict(received.to_torch_state_dict())
+
+    train, _ = fed.client_split(pid)
+    # local randomness (data order, sampled ranks) is a function of (seed, round, client) alone
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, server_round, pid]).generate_state(1)[0]))
+    opt = torch.optim.SGD(
+        model.parameters(), lr=float(conf[P.LR]), momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    epochs = int(conf[P.LOCAL_EPOCHS])
+    losses = []
+    for _ in range(epochs):
+        stats = train_epoch(
+            model,
+            train,
+            opt,
+            make_sampler(str(conf[P.SAMPLER]), model, gen),  # within this client's budget
+            lambda_gl=float(conf[P.LAMBDA_GL]),
+            full_pass=bool(conf[P.FULL_PASS]),
+            batch_size=int(conf[P.BATCH_SIZE]),
+            generator=gen,
+            augment=fed.data.augment,
+            clip_grad_norm=cfg.clip_grad_norm,
+        )
+        losses.append(stats.loss)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    _inject_reply_fault(fault, state, fed.layer_names[0] if fed.layer_names else None)
+    reply_arrays = ArrayRecord(state)
+
+    # what this round cost on the simulated device: forward MACs of the trained (not deployed) factors
+    fwd_macs = footprint(model, fed.data.spec.shape, as_deployed=False).macs
+    passes = 2 if bool(conf[P.FULL_PASS]) else 1  # the full-pass distillation runs the model twice
+    macs = BACKWARD_FACTOR * fwd_macs * len(train) * epochs * passes
+    bytes_in, bytes_out = received.count_bytes(), reply_arrays.count_bytes()
+    metrics = MetricRecord(
+        {
+            P.NUM_EXAMPLES: len(train),
+            P.TRAIN_LOSS: float(np.mean(losses)) if losses else 0.0,
+            P.PARTITION_ID: pid,
+            P.RANKS: [int(r) for r in ranks.values()],
+            P.BYTES_RECEIVED: bytes_in,
+            P.BYTES_SENT: bytes_out,
+            P.MACS: float(macs),
+            P.COMPUTE_SECONDS: macs / float(conf[P.DEVICE_MACS_PER_S]),
+            P.DOWNLOAD_SECONDS: transfer_seconds(bytes_in, float(conf[P.DEVICE_DOWN_BPS])),
+            P.UPLOAD_SECONDS: transfer_seconds(bytes_out, float(conf[P.DEVICE_UP_BPS])),
+        }
+    )
+    return Message(RecordDict({P.ARRAYS: reply_arrays, P.METRICS: metrics}), reply_to=msg)
+
+
+def _inject_reply_fault(fault: str | None, state: dict[str, torch.Tensor], first_layer: str | None) -> None:
+    """Corrupt a reply on purpose (``fault_injection``), to test the server's checks."""
+    if fault is None or first_layer is None:
+        return
+    name = f"{first_layer}.in_network.weight"
+    if fault == "nan":
+        state[name] = state[name].clone().fill_(float("nan"))
+    elif fault == "shape":  # a wrong non-rank dimension
+        state[name] = torch.zeros(state[name].shape[0], state[name].shape[1] + 1, *state[name].shape[2:])
+    elif fault == "rank":  # more components than the client was given
+        state[name] = torch.cat([state[name], state[name][:1]], dim=0)
+
+
+app = ClientApp()
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    return handle_query(msg, context)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return handle_train(msg, context)

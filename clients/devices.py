@@ -1,0 +1,123 @@
+"""Simulated device profiles: the tiers of a heterogeneous federation.
+
+The default federation mixes five tiers in equal shares, as FjORD and
+HeteroFL do. Their capabilities span microcontroller-class boards to a small
+single-board computer, the range over which the default digits CNN (160k
+weights, 2.4 MMAC per sample) goes from unaffordable at full rank to cheap:
+
+========  =========  ========  =========  ==========  ============
+tier      MMAC/s     memory    uplink     downlink    availability
+========  =========  ========  =========  ==========  ============
+0 (xs)    8          2.3 MB    50 kb/s    100 kb/s    0.6
+1 (s)     12         2.8 MB    100 kb/s   250 kb/s    0.7
+2 (m)     20         3.3 MB    250 kb/s   1 Mb/s      0.8
+3 (l)     35         4.0 MB    1 Mb/s     5 Mb/s      0.9
+4 (xl)    200        64 MB     5 Mb/s     20 Mb/s     0.95
+========  =========  ========  =========  ==========  ============
+
+A population can instead come from a CSV trace of per-client capabilities
+(FedScale's device traces, Lai et al. 2022), with the columns
+``client_id, tier, macs_per_s, memory_bytes, up_bps, down_bps, availability``
+and optionally ``rank_fraction``.
+"""
+
+from __future__ import annotations
+
+import csv
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from maestro_fl.budget import DeviceCapability
+from maestro_fl.config import ConfigError, SimConfig
+
+TIER_NAMES = ("xs", "s", "m", "l", "xl")
+
+DEFAULT_TIERS: tuple[DeviceCapability, ...] = (
+    DeviceCapability(0, macs_per_s=8e6, memory_bytes=2.3e6, up_bps=5e4, down_bps=1e5, availability=0.6),
+    DeviceCapability(1, macs_per_s=12e6, memory_bytes=2.8e6, up_bps=1e5, down_bps=2.5e5, availability=0.7),
+    DeviceCapability(2, macs_per_s=20e6, memory_bytes=3.3e6, up_bps=2.5e5, down_bps=1e6, availability=0.8),
+    DeviceCapability(3, macs_per_s=35e6, memory_bytes=4.0e6, up_bps=1e6, down_bps=5e6, availability=0.9),
+    DeviceCapability(4, macs_per_s=200e6, memory_bytes=64e6, up_bps=5e6, down_bps=2e7, availability=0.95),
+)
+
+TRACE_COLUMNS = ("client_id", "tier", "macs_per_s", "memory_bytes", "up_bps", "down_bps", "availability")
+
+
+def tier_table(cfg: SimConfig) -> tuple[DeviceCapability, ...]:
+    """The tiers in use: the defaults, one per share, with explicit fractions if configured."""
+    n = len(cfg.tier_shares)
+    if n > len(DEFAULT_TIERS):
+        raise ConfigError(f"tier_shares has {n} entries; the built-in table has {len(DEFAULT_TIERS)} tiers")
+    # with fewer shares than tiers, take the weakest and the strongest tiers evenly spread
+    picks = np.linspace(0, len(DEFAULT_TIERS) - 1, n).round().astype(int) if n > 1 else [len(DEFAULT_TIERS) - 1]
+    tiers = []
+    for i, k in enumerate(picks):
+        t = DEFAULT_TIERS[k]
+        fraction = cfg.tier_fractions[i] if cfg.tier_fractions else 0.0
+        tiers.append(DeviceCapability(i, t.macs_per_s, t.memory_bytes, t.up_bps, t.down_bps, t.availability, fraction))
+    return tuple(tiers)
+
+
+def tier_assignment(num_clients: int, shares: tuple[float, ...], seed: int) -> np.ndarray:
+    """Tier of every client: exact shares (largest remainders), shuffled by the seed."""
+    w = np.asarray(shares, dtype=float) / sum(shares)
+    counts = np.floor(w * num_clients).astype(int)
+    remainder = num_clients - counts.sum()
+    counts[np.argsort(-(w * num_clients - counts), kind="stable")[:remainder]] += 1
+    tiers = np.repeat(np.arange(len(shares)), counts)
+    return np.random.default_rng([seed, 7]).permutation(tiers)
+
+
+def device_for(partition_id: int, cfg: SimConfig) -> DeviceCapability:
+    """The device client ``partition_id`` runs on (deterministic in seed and partition id)."""
+    if cfg.population_csv:
+        trace = load_trace(cfg.population_csv)
+        if partition_id >= len(trace):
+            raise ConfigError(
+                f"population_csv has {len(trace)} clients but num_clients is {cfg.num_clients}; "
+                "the trace needs one row per client"
+            )
+        return trace[partition_id]
+    tiers = tier_table(cfg)
+    return tiers[int(_assignment(cfg.num_clients, cfg.tier_shares, cfg.seed)[partition_id])]
+
+
+@lru_cache(maxsize=4)
+def _assignment(num_clients: int, shares: tuple[float, ...], seed: int) -> np.ndarray:
+    return tier_assignment(num_clients, shares, seed)
+
+
+@lru_cache(maxsize=4)
+def load_trace(path: str) -> tuple[DeviceCapability, ...]:
+    """Per-client capabilities from a CSV trace, ordered by ``client_id``."""
+    with open(Path(path), newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in TRACE_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ConfigError(f"population_csv {path!r} lacks columns {missing}; required: {list(TRACE_COLUMNS)}")
+        rows = list(reader)
+    out = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            cap = DeviceCapability(
+                tier=int(row["tier"]),
+                macs_per_s=float(row["macs_per_s"]),
+                memory_bytes=float(row["memory_bytes"]),
+                up_bps=float(row["up_bps"]),
+                down_bps=float(row["down_bps"]),
+                availability=float(row["availability"]),
+                rank_fraction=float(row.get("rank_fraction") or 0.0),
+            )
+        except ValueError as err:
+            raise ConfigError(f"population_csv {path!r} line {line}: {err}") from None
+        if min(cap.macs_per_s, cap.memory_bytes, cap.up_bps, cap.down_bps) <= 0 or not 0 < cap.availability <= 1:
+            raise ConfigError(
+                f"population_csv {path!r} line {line}: capabilities must be > 0 and availability in (0, 1]"
+            )
+        out.append((int(row["client_id"]), cap))
+    ids = sorted(i for i, _ in out)
+    if ids != list(range(len(out))):
+        raise ConfigError(f"population_csv {path!r}: client_id must run 0..{len(out) - 1} without gaps")
+    return tuple(cap for _, cap in sorted(out, key=lambda t: t[0]))

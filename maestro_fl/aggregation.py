@@ -1,0 +1,174 @@
+"""Server-side maths of heterogeneous-rank federated LoD, as pure functions.
+
+Clients train nested prefixes of the ordered factors: a client at rank ``r``
+holds the first ``r`` rows of ``Vᵀ`` (``in_network.weight``, rank axis 0) and
+the first ``r`` columns of ``U`` (``out_network.weight``, rank axis 1).
+
+Ordered-factor aggregation is FjORD's nested rule (Horváth et al., NeurIPS
+2021) applied to the rank dimension: every rank component ``k`` is averaged,
+weighted by the clients' example counts, over the clients that trained it;
+a component no client trained keeps its value. Parameters without a rank
+axis (norm layers, biases, dense layers) are averaged as in FedAvg.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+
+Arrays = dict[str, NDArray[np.floating]]
+
+
+def rank_axes(param_names: Sequence[str]) -> dict[str, int]:
+    """The rank axis of every factor parameter (LoD naming convention)."""
+    axes = {}
+    for name in param_names:
+        if name.endswith("in_network.weight"):
+            axes[name] = 0
+        elif name.endswith("out_network.weight"):
+            axes[name] = 1
+    return axes
+
+
+def layer_of(param_name: str) -> str:
+    """``'features.3.in_network.weight'`` → ``'features.3'``."""
+    return param_name.rsplit(".", 2)[0]
+
+
+def slice_prefix(global_arrays: Mapping[str, np.ndarray], ranks: Mapping[str, int]) -> Arrays:
+    """The sub-model of a client at per-layer ``ranks``: factor prefixes plus every dense parameter.
+
+    Layers not named in ``ranks`` are sent whole.
+    """
+    axes = rank_axes(list(global_arrays))
+    out: Arrays = {}
+    for name, value in global_arrays.items():
+        axis = axes.get(name)
+        layer = layer_of(name)
+        if axis is None or layer not in ranks:
+            out[name] = value
+        else:
+            index = [slice(None)] * value.ndim
+            index[axis] = slice(0, ranks[layer])
+            out[name] = value[tuple(index)]
+    return out
+
+
+def aggregate_nested(
+    global_arrays: Mapping[str, np.ndarray],
+    updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
+) -> Arrays:
+    """Average nested corner blocks element-wise over the clients that hold them.
+
+    Every client array must be the leading corner ``[:d0, :d1, ...]`` of the
+    global array of the same name (a factor prefix, or a width slice). Each
+    element becomes the weighted mean over the clients whose block contains
+    it; an element no client holds keeps the global value.
+
+    Parameters
+    ----------
+    global_arrays : mapping
+        The current global model.
+    updates : sequence of (arrays, weight)
+        Each client's trained arrays and its weight (number of examples).
+    """
+    out: Arrays = {}
+    for name, current in global_arrays.items():
+        total = np.zeros(current.shape, dtype=np.float64)
+        weight = np.zeros(current.shape, dtype=np.float64)
+        for arrays, w in updates:
+            block = arrays.get(name)
+            if block is None:
+                continue
+            if block.ndim != current.ndim or any(b > c for b, c in zip(block.shape, current.shape)):
+                raise ValueError(f"{name}: client block {block.shape} is not a corner of the global {current.shape}")
+            corner = tuple(slice(0, d) for d in block.shape)
+            total[corner] += w * block
+            weight[corner] += w
+        trained = weight > 0
+        merged = np.array(current, dtype=np.float64, copy=True)
+        merged[trained] = total[trained] / weight[trained]
+        out[name] = merged.astype(current.dtype, copy=False)
+    return out
+
+
+def aggregate_ordered_factors(
+    global_arrays: Mapping[str, np.ndarray],
+    updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
+) -> Arrays:
+    """FedLoD's server rule: per-component weighted averaging of ordered factor prefixes.
+
+    Rank component ``k`` of a layer (column ``k`` of ``U``, row ``k`` of ``Vᵀ``)
+    is averaged over the clients with rank > ``k``, weighted by examples;
+    untrained components are unchanged; dense parameters are FedAvg'd. With
+    every client at full rank this is exactly FedAvg.
+    """
+    axes = rank_axes(list(global_arrays))
+    for arrays, _ in updates:
+        for name, block in arrays.items():
+            if name not in global_arrays:
+                raise ValueError(f"update has unknown parameter {name!r}")
+            current = global_arrays[name]
+            axis = axes.get(name)
+            expected = list(current.shape)
+            if axis is not None:
+                expected[axis] = block.shape[axis] if block.ndim == current.ndim else -1
+            if list(block.shape) != expected:
+                raise ValueError(f"{name}: shape {block.shape} does not fit the global {current.shape}")
+    return aggregate_nested(global_arrays, updates)
+
+
+def fedavg(updates: Sequence[tuple[Mapping[str, np.ndarray], float]]) -> Arrays:
+    """Plain example-weighted FedAvg of identically-shaped updates (the reference rule)."""
+    total = sum(w for _, w in updates)
+    names = updates[0][0].keys()
+    return {n: sum(a[n].astype(np.float64) * (w / total) for a, w in updates).astype(updates[0][0][n].dtype) for n in names}
+
+
+def prefix_ranks(arrays: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Per-layer ranks implied by a set of factor prefixes (for checks of replies)."""
+    ranks: dict[str, int] = {}
+    for name, axis in rank_axes(list(arrays)).items():
+        ranks.setdefault(layer_of(name), int(arrays[name].shape[axis]))
+    return ranks
+
+
+def validate_update(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Why a client's reply cannot be aggregated, or ``None`` if it can.
+
+    The reply must hold exactly the parameters the client was sent, each with
+    the shape it was sent (so a factor cannot come back at another rank), and
+    only finite values.
+    """
+    missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+    if missing or extra:
+        return f"parameters differ from those sent: missing {missing[:3]}, unexpected {extra[:3]}"
+    for name, shape in expected.items():
+        got = tuple(arrays[name].shape)
+        if got != tuple(shape):
+            axis = rank_axes([name]).get(name)
+            what = "rank" if axis is not None and got[:axis] + got[axis + 1 :] == shape[:axis] + shape[axis + 1 :] else "shape"
+            return f"{name}: wrong {what}, got {got}, sent {tuple(shape)}"
+        if not np.isfinite(arrays[name]).all():
+            return f"{name}: non-finite values (NaN/Inf)"
+    return None
+
+
+def factor_importance(u: np.ndarray, vt: np.ndarray) -> np.ndarray:
+    """Maestro's tail importance ``‖Vᵀ_{b:}‖_F·‖U_{:, b:}‖_F`` from flattened factors."""
+    v_tail = np.sqrt(np.cumsum((vt.reshape(vt.shape[0], -1) ** 2).sum(1)[::-1])[::-1])
+    u_tail = np.sqrt(np.cumsum((u.reshape(u.shape[0], u.shape[1], -1) ** 2).sum((0, 2))[::-1])[::-1])
+    return v_tail * u_tail
+
+
+def shrink_factors(arrays: Mapping[str, np.ndarray], eps: float) -> tuple[Arrays, dict[str, int]]:
+    """Server-side progressive shrinking: drop trailing components of importance < ``eps``."""
+    ranks: dict[str, int] = {}
+    for name in arrays:
+        if name.endswith("in_network.weight"):
+            layer = layer_of(name)
+            imp = factor_importance(arrays[f"{layer}.out_network.weight"], arrays[name])
+            ranks[layer] = max(1, int((imp >= eps).sum()))
+    return slice_prefix(arrays, ranks), ranks

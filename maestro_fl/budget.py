@@ -1,0 +1,130 @@
+"""What a device can afford: training memory, per-round compute, transfer time.
+
+A device is described by :class:`DeviceCapability`; its rank budget is the
+largest rank fraction ``p`` (all LoD layers at ``⌈p·r_i⌉``) whose
+
+* training memory (weights, gradients and momentum in fp32, plus the
+  activations kept for backward at the local batch size) fits its memory, and
+* per-round training compute (3 × forward MACs × samples × epochs: the
+  backward pass costs about twice the forward) finishes within the round
+  deadline at its speed.
+
+The time model follows FedScale (Lai et al., ICML 2022): completion time =
+compute time + download + upload over the device's bandwidth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .convert import Ranks, _walk, active_ranks, ranks_at_fraction
+from .footprint import footprint
+from .layers import LoDLayer
+
+#: rank fractions a budget can take, from full rank down (fine enough to matter, small enough to tabulate)
+FRACTION_GRID: tuple[float, ...] = tuple(round(1.0 - 0.05 * i, 2) for i in range(20))
+FP32 = 4
+BACKWARD_FACTOR = 3  # forward + backward ≈ 3 × forward MACs
+
+
+@dataclass(frozen=True)
+class DeviceCapability:
+    """A simulated device: what it computes, stores, sends, and how often it is online."""
+
+    tier: int
+    macs_per_s: float
+    memory_bytes: float
+    up_bps: float  # bits per second
+    down_bps: float
+    availability: float  # probability of being online in a round
+    rank_fraction: float = 0.0  # explicit budget; 0 = derive from the capability
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What training at one rank fraction costs, per sample or per model."""
+
+    fraction: float
+    ranks: Ranks
+    params: int  # trained parameters (factors as they are, not as deployed)
+    macs: int  # forward MACs per sample
+    activations: int  # activation values kept for backward, per sample
+
+    def train_memory(self, batch_size: int, optimizer_slots: int = 1) -> int:
+        """Bytes: weights + gradients + optimizer state + activations of one batch."""
+        return FP32 * ((2 + optimizer_slots) * self.params + batch_size * self.activations)
+
+    def train_macs(self, samples: int, epochs: int) -> int:
+        return BACKWARD_FACTOR * self.macs * samples * epochs
+
+
+@torch.no_grad()
+def activation_count(model: nn.Module, input_shape: tuple[int, ...], ranks: Mapping[str, int] | None = None) -> int:
+    """Values per sample that training keeps for backward: every leaf output, plus each LoD layer's inner rank-r map."""
+    counts: list[int] = []
+    hooks = []
+    for name, module in _walk(model):
+        is_leaf = not any(True for _ in module.children())
+        if isinstance(module, LoDLayer):
+
+            def hook(mod: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+                positions = out[0].numel() // mod.fan_out  # type: ignore[operator]
+                rank = mod.resolve_rank(None)  # type: ignore[operator]
+                counts.append(out[0].numel() + positions * rank)
+
+            hooks.append(module.register_forward_hook(hook))
+        elif is_leaf and not isinstance(module, nn.Flatten):
+            hooks.append(module.register_forward_hook(lambda m, a, out: counts.append(out[0].numel())))
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
+        with active_ranks(model, ranks):
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return sum(counts)
+
+
+def cost_table(model: nn.Module, input_shape: tuple[int, ...], fractions: Sequence[float] = FRACTION_GRID) -> list[Cost]:
+    """Training cost of the model at each rank fraction (largest first)."""
+    table = []
+    for p in sorted(fractions, reverse=True):
+        ranks = ranks_at_fraction(model, p)
+        fp = footprint(model, input_shape, ranks, as_deployed=False)
+        table.append(Cost(p, ranks, fp.params, fp.macs, activation_count(model, input_shape, ranks)))
+    return table
+
+
+def affordable(
+    table: Sequence[Cost],
+    device: DeviceCapability,
+    *,
+    batch_size: int,
+    samples: int,
+    epochs: int,
+    deadline_s: float,
+) -> Cost | None:
+    """The largest-fraction entry of ``table`` the device can train within its memory and deadline.
+
+    ``None`` when not even the smallest fits: such a device cannot take part.
+    An explicit ``device.rank_fraction`` bypasses the derivation.
+    """
+    if device.rank_fraction > 0:
+        return min(table, key=lambda c: (abs(c.fraction - device.rank_fraction), -c.fraction))
+    for cost in sorted(table, key=lambda c: -c.fraction):
+        fits_memory = cost.train_memory(batch_size) <= device.memory_bytes
+        fits_time = deadline_s <= 0 or cost.train_macs(samples, epochs) / device.macs_per_s <= deadline_s
+        if fits_memory and fits_time:
+            return cost
+    return None
+
+
+def transfer_seconds(num_bytes: float, bits_per_second: float) -> float:
+    return 8.0 * num_bytes / bits_per_second

@@ -1,0 +1,79 @@
+"""Federated partitions of a labelled dataset, through flwr-datasets' partitioners.
+
+The partitioners run offline on a ``datasets.Dataset`` built from the labels
+alone; what comes back is, per client, the indices of its examples, split into
+train and validation parts. The same seed always gives the same partition.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+PARTITIONS = ("iid", "dirichlet", "pathological")
+
+
+def partition_indices(
+    labels: np.ndarray,
+    num_partitions: int,
+    scheme: str = "dirichlet",
+    *,
+    alpha: float = 0.5,
+    classes_per_client: int = 2,
+    min_partition_size: int = 10,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """Indices of each partition's examples.
+
+    Parameters
+    ----------
+    scheme : {"iid", "dirichlet", "pathological"}
+        IID; label-skewed Dirichlet(α) (Hsu et al. 2019); or pathological, each
+        client holding ``classes_per_client`` classes (McMahan et al. 2017).
+    min_partition_size : int
+        Dirichlet only: redraw until every partition has at least this many examples.
+    """
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
+    if scheme not in PARTITIONS:
+        raise ValueError(f"partition must be one of {list(PARTITIONS)}, got {scheme!r}")
+    if num_partitions < 1 or num_partitions > len(labels):
+        raise ValueError(f"num_clients must be in [1, {len(labels)}] (the number of examples), got {num_partitions}")
+    ds = Dataset.from_dict({"label": np.asarray(labels).tolist(), "idx": list(range(len(labels)))})
+    if scheme == "iid":
+        part = IidPartitioner(num_partitions=num_partitions)
+    elif scheme == "dirichlet":
+        part = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=min(min_partition_size, len(labels) // num_partitions),
+            self_balancing=True,
+            seed=seed,
+        )
+    else:
+        part = PathologicalPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_classes_per_partition=classes_per_client,
+            class_assignment_mode="first-deterministic",
+            seed=seed,
+        )
+    part.dataset = ds
+    with warnings.catch_warnings():  # Dirichlet redraws until min_partition_size holds, warning each time
+        warnings.simplefilter("ignore", UserWarning)
+        out = [np.asarray(part.load_partition(i)["idx"], dtype=np.int64) for i in range(num_partitions)]
+    if scheme == "iid":  # the IID partitioner splits in order; shuffle the assignment by seed
+        perm = np.random.default_rng(seed).permutation(len(labels))
+        out = [perm[idx] for idx in out]
+    return out
+
+
+def train_val_split(indices: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split one client's indices into train and validation parts (at least one training example)."""
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(indices)
+    n_val = min(int(round(val_fraction * len(indices))), max(len(indices) - 1, 0))
+    return np.sort(shuffled[n_val:]), np.sort(shuffled[:n_val])

@@ -1,0 +1,122 @@
+"""The server maths on their own: ordered-factor averaging, reply checks, server-side shrinking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from maestro_fl.aggregation import (
+    aggregate_nested,
+    aggregate_ordered_factors,
+    factor_importance,
+    fedavg,
+    prefix_ranks,
+    shrink_factors,
+    slice_prefix,
+    validate_update,
+)
+
+rng = np.random.default_rng(0)
+
+
+def global_model() -> dict[str, np.ndarray]:
+    return {
+        "fc.in_network.weight": rng.normal(size=(3, 4)).astype(np.float32),  # Vᵀ: rank 3
+        "fc.out_network.weight": rng.normal(size=(2, 3)).astype(np.float32),  # U
+        "fc.out_network.bias": rng.normal(size=(2,)).astype(np.float32),
+        "conv.in_network.weight": rng.normal(size=(4, 1, 3, 3)).astype(np.float32),
+        "conv.out_network.weight": rng.normal(size=(5, 4, 1, 1)).astype(np.float32),
+        "norm.weight": rng.normal(size=(5,)).astype(np.float32),
+    }
+
+
+def perturbed(arrays: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    r = np.random.default_rng(seed)
+    return {k: (v + r.normal(size=v.shape)).astype(v.dtype) for k, v in arrays.items()}
+
+
+def test_slice_prefix_cuts_the_rank_axis_only() -> None:
+    g = global_model()
+    sub = slice_prefix(g, {"fc": 1, "conv": 2})
+    assert sub["fc.in_network.weight"].shape == (1, 4) and sub["fc.out_network.weight"].shape == (2, 1)
+    assert sub["conv.in_network.weight"].shape == (2, 1, 3, 3) and sub["conv.out_network.weight"].shape == (5, 2, 1, 1)
+    assert sub["fc.out_network.bias"].shape == (2,) and sub["norm.weight"].shape == (5,)
+    assert prefix_ranks(sub) == {"fc": 1, "conv": 2}
+    np.testing.assert_array_equal(sub["fc.in_network.weight"], g["fc.in_network.weight"][:1])
+
+
+def test_all_full_rank_equals_fedavg() -> None:
+    g = global_model()
+    updates = [(perturbed(g, s), float(n)) for s, n in [(1, 10), (2, 30), (3, 5)]]
+    ours = aggregate_ordered_factors(g, updates)
+    ref = fedavg(updates)
+    for k in g:
+        np.testing.assert_allclose(ours[k], ref[k], rtol=1e-6, atol=1e-6)
+
+
+def test_hand_computed_prefix_average_and_untouched_components() -> None:
+    g = {"l.in_network.weight": np.zeros((3, 2)), "l.out_network.weight": np.full((2, 3), 9.0), "b": np.zeros(2)}
+    a = {"l.in_network.weight": np.ones((1, 2)), "l.out_network.weight": np.ones((2, 1)), "b": np.ones(2)}
+    b = {"l.in_network.weight": np.full((2, 2), 2.0), "l.out_network.weight": np.full((2, 2), 2.0), "b": np.full(2, 3.0)}
+    out = aggregate_ordered_factors(g, [(a, 1.0), (b, 3.0)])
+    # component 0: (1·1 + 3·2) / 4 = 1.75; component 1: only b trained it = 2; component 2: nobody, unchanged
+    np.testing.assert_allclose(out["l.in_network.weight"], [[1.75, 1.75], [2.0, 2.0], [0.0, 0.0]])
+    np.testing.assert_allclose(out["l.out_network.weight"], [[1.75, 2.0, 9.0], [1.75, 2.0, 9.0]])
+    np.testing.assert_allclose(out["b"], [2.5, 2.5])  # dense: plain weighted FedAvg
+
+
+def test_components_no_client_trained_are_unchanged() -> None:
+    g = global_model()
+    updates = [(slice_prefix(perturbed(g, s), {"fc": 1, "conv": 2}), 1.0) for s in (4, 5)]
+    out = aggregate_ordered_factors(g, updates)
+    np.testing.assert_array_equal(out["fc.in_network.weight"][1:], g["fc.in_network.weight"][1:])
+    np.testing.assert_array_equal(out["conv.out_network.weight"][:, 2:], g["conv.out_network.weight"][:, 2:])
+    assert not np.allclose(out["fc.in_network.weight"][:1], g["fc.in_network.weight"][:1])
+    assert out["fc.in_network.weight"].dtype == np.float32
+
+
+def test_nested_width_slices_average_over_holders() -> None:
+    g = {"w": np.zeros((3, 3))}
+    out = aggregate_nested(g, [({"w": np.ones((1, 1))}, 1.0), ({"w": np.full((2, 3), 4.0)}, 1.0)])
+    np.testing.assert_allclose(out["w"], [[2.5, 4, 4], [4, 4, 4], [0, 0, 0]])
+
+
+def test_update_that_does_not_fit_is_rejected() -> None:
+    g = global_model()
+    bad = slice_prefix(g, {"fc": 1})
+    bad["fc.out_network.weight"] = np.zeros((3, 1), dtype=np.float32)  # wrong output dimension
+    with pytest.raises(ValueError, match="fc.out_network.weight"):
+        aggregate_ordered_factors(g, [(bad, 1.0)])
+    with pytest.raises(ValueError, match="unknown parameter"):
+        aggregate_ordered_factors(g, [({"nope": np.zeros(1)}, 1.0)])
+
+
+@pytest.mark.parametrize(
+    "corrupt,reason",
+    [
+        (lambda a: a.pop("norm.weight"), "missing"),
+        (lambda a: a.update(extra=np.zeros(1)), "unexpected"),
+        (lambda a: a.update({"fc.in_network.weight": np.zeros((2, 4))}), "wrong rank"),
+        (lambda a: a.update({"fc.in_network.weight": np.zeros((1, 5))}), "wrong shape"),
+        (lambda a: a["norm.weight"].__setitem__(0, np.nan), "non-finite"),
+        (lambda a: a["norm.weight"].__setitem__(1, np.inf), "non-finite"),
+    ],
+)
+def test_validate_update_names_what_is_wrong(corrupt, reason: str) -> None:
+    sent = slice_prefix(global_model(), {"fc": 1, "conv": 2})
+    expected = {k: v.shape for k, v in sent.items()}
+    assert validate_update(sent, expected) is None
+    reply = {k: v.copy() for k, v in sent.items()}
+    corrupt(reply)
+    assert reason in (validate_update(reply, expected) or "")
+
+
+def test_server_shrinking_drops_low_importance_tails() -> None:
+    u = np.diag([3.0, 1.0, 1e-4])
+    vt = np.diag([3.0, 1.0, 1e-4])
+    imp = factor_importance(u, vt)
+    np.testing.assert_allclose(imp, [10.0000000005, 1.00000001, 1e-8], rtol=1e-6)
+    arrays = {"l.in_network.weight": vt, "l.out_network.weight": u, "l.out_network.bias": np.zeros(3)}
+    out, ranks = shrink_factors(arrays, eps=1e-6)
+    assert ranks == {"l": 2}
+    assert out["l.in_network.weight"].shape == (2, 3) and out["l.out_network.weight"].shape == (3, 2)
