@@ -43,7 +43,13 @@ def build_template(cfg: SimConfig, spec) -> nn.Module:  # type: ignore[no-untype
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, spec, None if cfg.norm == "default" else cfg.norm)
-    return factorize(model, init=cfg.init, generator=gen)  # type: ignore[arg-type]
+    return factorize(
+        model,
+        init=cfg.init,  # type: ignore[arg-type]
+        keep_first=cfg.keep_first,
+        keep_classifier=cfg.keep_classifier,
+        generator=gen,
+    )
 
 
 def federation(cfg: SimConfig) -> Federation:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from logging import INFO
+from logging import DEBUG, INFO
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -218,7 +218,7 @@ class FedLoD(FedAvg):
             )
             content = RecordDict({P.ARRAYS: to_record(sub), P.CONFIG: conf})
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
-        log(INFO, "configure_train: round %s, %s clients", server_round, len(messages))
+        log(DEBUG, "configure_train: round %s, %s clients", server_round, len(messages))
         return messages
 
     def aggregate_train(

@@ -137,6 +137,7 @@ def run_server(
         merged, _ = strategy.aggregate_train(server_round, replies)
         if merged is not None:
             arrays = to_numpy(merged)
+        t_train = time.perf_counter() - t0
         tiers = evaluate_tiers(fed, strategy, arrays)
         clients = client_round_dicts(strategy.client_rounds)
         latency = _round_latency(clients, cfg.round_deadline_s)
@@ -148,6 +149,7 @@ def run_server(
             "sim_seconds": latency,
             "sim_seconds_total": sim_total,
             "wall_seconds": time.perf_counter() - t0,
+            "train_wall_seconds": t_train,  # configure + clients + aggregate, without central evaluation
             "bytes_down": sum(c["bytes_down"] for c in clients),
             "bytes_up": sum(c["bytes_up"] for c in clients),
             "selected": len(clients),

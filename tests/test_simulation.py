@@ -1,0 +1,130 @@
+"""The federation end to end: Flower's simulation engine with Ray, the in-process grid, resume, faults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from maestro_fl.config import SimConfig, resolve
+from strategies.local_grid import LocalGrid
+from strategies.server_app import run_server
+from strategies.simulation import load_ref, quiet_flower, run_simulation
+
+from maestro_fl import protocol as P
+
+SMALL = {
+    "model": "mlp",
+    "num_clients": 6,
+    "clients_per_round": 6,
+    "rounds": 2,
+    "local_epochs": 1,
+    "partition": "iid",
+    "progress": False,
+}
+
+
+def always_online_population(path: Path, n: int = 6) -> Path:
+    """A device trace: two tiers, every client online every round (so counts are exact)."""
+    rows = ["client_id,tier,macs_per_s,memory_bytes,up_bps,down_bps,availability,rank_fraction"]
+    rows += [f"{i},{i % 2},{5e6 * (1 + 9 * (i % 2))},1e8,1e5,1e6,1.0,{0.25 if i % 2 == 0 else 1.0}" for i in range(n)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def small(tmp_path: Path, **kw: object) -> SimConfig:
+    trace = always_online_population(tmp_path / "population.csv")
+    return resolve(SimConfig, overrides=SMALL | {"out_dir": str(tmp_path), "population_csv": str(trace)} | kw)
+
+
+def test_ray_engine_smoke(tmp_path: Path, flwr_home: str) -> None:
+    """A real Flower simulation on Ray: 6 clients, 2 rounds, one client raising, one sending NaN."""
+    run = run_simulation(small(tmp_path, backend="ray", run_name="ray", fault_injection="1:raise,4:nan"))
+    rounds = pd.read_csv(run / "rounds.csv")
+    assert rounds["round"].tolist() == [1, 2]
+    assert (rounds["failed"] == 1).all() and (rounds["malformed"] == 1).all()
+    tiers = pd.read_csv(run / "tiers.csv")
+    assert sorted(tiers["tier"].unique()) == [0, 1] and len(tiers) == 4
+    clients = pd.read_csv(run / "clients.csv")
+    assert set(clients.loc[clients["partition_id"] == 1, "status"]) == {"failed"}
+    assert set(clients.loc[clients["partition_id"] == 4, "status"]) == {"malformed"}
+    ok = clients[clients["status"] == "ok"]
+    assert len(ok) == 8 and (ok["bytes_up"] > 0).all() and (ok["compute_s"] > 0).all()
+    # the low tier (rank fraction 0.25) moves fewer bytes than the full tier
+    per_tier = ok.groupby("tier")["bytes_down"].mean()
+    assert per_tier[0] < per_tier[1]
+    assert (run / "checkpoint.pt").exists() and (run / "devices.csv").exists()
+
+
+def local(cfg: SimConfig, run_dir: Path, **kw: object):  # type: ignore[no-untyped-def]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    quiet_flower()
+    return run_server(LocalGrid(load_ref(P.CLIENTAPP_REF), cfg.num_clients), cfg, run_dir, **kw)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    cfg = small(tmp_path, rounds=4, backend="local")
+    full = tmp_path / "full"
+    local(cfg, full)
+
+    def stop_after_two(server_round: int, row: dict[str, object]) -> None:
+        if server_round == 2:
+            raise Interrupt
+
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupt):
+        local(cfg, cut, on_round_end=stop_after_two)
+    assert pd.read_csv(cut / "rounds.csv")["round"].tolist() == [1, 2]  # finished rounds are kept
+    local(cfg, cut)  # resumes after round 2
+    a, b = pd.read_csv(full / "tiers.csv"), pd.read_csv(cut / "tiers.csv")
+    assert b["round"].tolist() == a["round"].tolist()
+    pd.testing.assert_series_equal(a["accuracy"], b["accuracy"])
+    pd.testing.assert_series_equal(a["loss"], b["loss"], rtol=1e-6)
+
+
+def test_same_seed_same_final_accuracy(tmp_path: Path) -> None:
+    cfg = small(tmp_path, rounds=3, backend="local", partition="dirichlet")
+    a = local(cfg, tmp_path / "a")
+    b = local(cfg, tmp_path / "b")
+    c = local(small(tmp_path, rounds=3, backend="local", partition="dirichlet", seed=1), tmp_path / "c")
+    assert [r["accuracy"] for r in a] == [r["accuracy"] for r in b]
+    la, lc = (pd.read_csv(tmp_path / d / "tiers.csv")["loss"].tolist() for d in ("a", "c"))
+    assert la != lc
+
+
+@pytest.mark.parametrize("fault,status", [("raise", "failed"), ("shape", "malformed"), ("rank", "malformed"), ("nan", "malformed")])
+def test_faulty_client_is_recorded_and_run_continues(tmp_path: Path, fault: str, status: str) -> None:
+    cfg = small(tmp_path, backend="local", fault_injection=f"2:{fault}")
+    local(cfg, tmp_path / "run")
+    clients = pd.read_csv(tmp_path / "run" / "clients.csv")
+    assert set(clients.loc[clients["partition_id"] == 2, "status"]) == {status}
+    assert (clients.loc[clients["partition_id"] != 2, "status"] == "ok").all()
+    assert pd.read_csv(tmp_path / "run" / "rounds.csv")["round"].tolist() == [1, 2]
+
+
+def test_client_that_times_out_is_recorded(tmp_path: Path) -> None:
+    cfg = small(tmp_path, backend="local", rounds=1, fault_injection="5:timeout", round_timeout_s=1.5)
+    local(cfg, tmp_path / "run")
+    clients = pd.read_csv(tmp_path / "run" / "clients.csv")
+    assert clients.loc[clients["partition_id"] == 5, "status"].tolist() == ["timeout"]
+    assert (clients.loc[clients["partition_id"] != 5, "status"] == "ok").all()
+
+
+def test_bad_simulation_config_names_the_field(tmp_path: Path) -> None:
+    from maestro_fl.config import ConfigError
+
+    for overrides, field in [
+        ({"tier_shares": (0.5, 0.5), "tier_fractions": (0.5,)}, "tier_fractions"),
+        ({"clients_per_round": 100}, "clients_per_round"),
+        ({"tier_mode": "sometimes"}, "tier_mode"),
+        ({"fault_injection": "x:boom"}, "fault_injection"),
+        ({"population_csv": "/nonexistent.csv"}, "population_csv"),
+        ({"resume": str(tmp_path)}, "resume"),
+    ]:
+        with pytest.raises(ConfigError, match=field):
+            resolve(SimConfig, overrides=SMALL | overrides)
