@@ -67,7 +67,7 @@ class PeakRss:
         self._thread.join()
 
 
-def config(out: Path, clients: int, per_round: int, rounds: int, name: str, backend: str) -> SimConfig:
+def config(out: Path, clients: int, per_round: int, rounds: int, name: str, backend: str, cpus: float) -> SimConfig:
     return resolve(
         SimConfig,
         overrides={
@@ -80,6 +80,7 @@ def config(out: Path, clients: int, per_round: int, rounds: int, name: str, back
             "out_dir": str(out),
             "run_name": name,
             "backend": backend,
+            "num_cpus_per_client": cpus,
         },
     )
 
@@ -93,6 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--grid", default="10:10,100:10,100:100,1000:10,1000:100", help="clients:per_round,...")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--cpus-per-client", type=float, default=2.0, help="Ray CPUs per ClientApp (2 = one actor here)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sim_throughput.json"))
     args = ap.parse_args()
     quiet_flower()
@@ -103,9 +105,9 @@ def main() -> None:
         name = f"n{clients}-k{per_round}"
         t0 = time.perf_counter()
         with PeakRss() as rss:
-            sim_dir = run_simulation(config(work, clients, per_round, args.rounds, name + "-ray", "ray"))
+            sim_dir = run_simulation(config(work, clients, per_round, args.rounds, name + "-ray", "ray", args.cpus_per_client))
         sim_total = time.perf_counter() - t0
-        local_cfg = config(work, clients, per_round, args.rounds, name + "-local", "local")
+        local_cfg = config(work, clients, per_round, args.rounds, name + "-local", "local", args.cpus_per_client)
         local_dir = work / (name + "-local")
         local_dir.mkdir()
         run_server(LocalGrid(load_ref(P.CLIENTAPP_REF), clients), local_cfg, local_dir)
@@ -113,6 +115,7 @@ def main() -> None:
         row = {
             "clients": clients,
             "per_round": per_round,
+            "cpus_per_client": args.cpus_per_client,
             "rounds_measured": len(sim),
             "sim_round_s": float(sim["train_wall_seconds"].mean()),
             "sim_round_with_eval_s": float(sim["wall_seconds"].mean()),

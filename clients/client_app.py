@@ -67,6 +67,7 @@ def handle_query(msg: Message, context: Context) -> Message:
 
 
 def handle_train(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
     cfg = config_of(msg)
     pid = int(context.node_config["partition-id"])
     fault = parse_faults(cfg.fault_injection).get(pid)
@@ -126,6 +127,7 @@ def handle_train(msg: Message, context: Context) -> Message:
             P.COMPUTE_SECONDS: macs / float(conf[P.DEVICE_MACS_PER_S]),
             P.DOWNLOAD_SECONDS: transfer_seconds(bytes_in, float(conf[P.DEVICE_DOWN_BPS])),
             P.UPLOAD_SECONDS: transfer_seconds(bytes_out, float(conf[P.DEVICE_UP_BPS])),
+            P.WALL_SECONDS: time.perf_counter() - started,
         }
     )
     return Message(RecordDict({P.ARRAYS: reply_arrays, P.METRICS: metrics}), reply_to=msg)

@@ -7,7 +7,11 @@ train and validation parts. The same seed always gives the same partition.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -33,14 +37,44 @@ def partition_indices(
         client holding ``classes_per_client`` classes (McMahan et al. 2017).
     min_partition_size : int
         Dirichlet only: redraw until every partition has at least this many examples.
-    """
-    from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
+    Results are cached on disk (keyed by labels and arguments): a simulation's
+    workers then load the server's partition instead of each importing
+    ``datasets`` and pyarrow (~70 MB per worker) to recompute it.
+    """
     if scheme not in PARTITIONS:
         raise ValueError(f"partition must be one of {list(PARTITIONS)}, got {scheme!r}")
     if num_partitions < 1 or num_partitions > len(labels):
         raise ValueError(f"num_clients must be in [1, {len(labels)}] (the number of examples), got {num_partitions}")
+    key = hashlib.sha256(
+        np.ascontiguousarray(labels).tobytes()
+        + repr((num_partitions, scheme, alpha, classes_per_client, min_partition_size, seed)).encode()
+    ).hexdigest()[:24]
+    cache = Path(tempfile.gettempdir()) / "maestro-fl-partitions" / f"{key}.npz"
+    if cache.exists():
+        with np.load(cache) as z:
+            sizes = z["sizes"]
+            return list(np.split(z["indices"], np.cumsum(sizes)[:-1]))
+    out = _partition(labels, num_partitions, scheme, alpha, classes_per_client, min_partition_size, seed)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.npz")
+    np.savez(tmp, indices=np.concatenate(out), sizes=np.array([len(o) for o in out]))
+    os.replace(tmp, cache)
+    return out
+
+
+def _partition(
+    labels: np.ndarray,
+    num_partitions: int,
+    scheme: str,
+    alpha: float,
+    classes_per_client: int,
+    min_partition_size: int,
+    seed: int,
+) -> list[np.ndarray]:
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
     ds = Dataset.from_dict({"label": np.asarray(labels).tolist(), "idx": list(range(len(labels)))})
     if scheme == "iid":
         part = IidPartitioner(num_partitions=num_partitions)

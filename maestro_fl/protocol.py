@@ -40,6 +40,7 @@ MACS = "macs"  # multiply-accumulates spent in local training
 COMPUTE_SECONDS = "compute-seconds"  # simulated, from the device profile
 DOWNLOAD_SECONDS = "download-seconds"
 UPLOAD_SECONDS = "upload-seconds"
+WALL_SECONDS = "wall-seconds"  # real seconds the ClientApp spent on the message (profiling the engine)
 
 # Query (registration) reply keys: the device a client runs on
 DEVICE_TIER = "device-tier"  # index into the tier table

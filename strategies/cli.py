@@ -5,6 +5,7 @@ package ``maestro_fl`` never imports; ``train`` only needs the core.
 
 ``maestro-fl train [CONFIG.toml] [key=value ...]``: centralized LoD training.
 ``maestro-fl simulate [CONFIG.toml] [key=value ...]``: the federated simulation.
+``maestro-fl flwr-run [key=value ...]``: the same app through ``flwr run .``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, help_ in [
         ("train", "centralized LoD training, evaluated at a ladder of ranks"),
         ("simulate", "heterogeneous federated LoD training (Flower + Ray)"),
+        ("flwr-run", "the same app through `flwr run .` on a local SuperLink, stopped afterwards"),
     ]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("args", nargs="*", metavar="[CONFIG.toml] key=value", help="config file and overrides")
@@ -38,9 +40,17 @@ def main(argv: list[str] | None = None) -> int:
 
             run_train(resolve(TrainConfig, file, overrides))
         elif ns.command == "simulate":
-            from .simulation import SimConfig, run_simulation
+            from maestro_fl.config import SimConfig
+
+            from .simulation import run_simulation
 
             run_simulation(resolve(SimConfig, file, overrides))
+        elif ns.command == "flwr-run":
+            from .flwr_local import flwr_run
+
+            if file is not None:
+                raise ConfigError("flwr-run takes key=value overrides only (the app config is in pyproject.toml)")
+            return flwr_run(overrides)
     except ConfigError as err:
         print(f"maestro-fl {ns.command}: config error: {err}", file=sys.stderr)
         return 2

@@ -50,6 +50,7 @@ class ClientRound:
     compute_s: float = 0.0
     download_s: float = 0.0
     upload_s: float = 0.0
+    wall_s: float = 0.0  # real seconds the client spent (not simulated)
 
     @property
     def round_seconds(self) -> float:
@@ -290,6 +291,7 @@ class FedLoD(FedAvg):
             row.compute_s = float(m[P.COMPUTE_SECONDS])
             row.download_s = float(m[P.DOWNLOAD_SECONDS])
             row.upload_s = float(m[P.UPLOAD_SECONDS])
+            row.wall_s = float(m.get(P.WALL_SECONDS, 0.0))
         except (KeyError, TypeError, ValueError) as err:
             return {}, f"metrics incomplete: {err}"
         if row.num_examples <= 0:

@@ -14,11 +14,10 @@ import importlib
 import json
 import os
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 from maestro_fl import protocol as P
-from maestro_fl.config import ConfigError, SimConfig, resolve, save
+from maestro_fl.config import SimConfig, resolve, save
 from maestro_fl.results import new_run_dir, timestamp
 
 from .server_app import print_final, run_server
@@ -116,5 +115,3 @@ def _run_on_ray(cfg: SimConfig, run_dir: Path) -> list[dict[str, object]]:
         raise RuntimeError(f"the simulation ended without finishing; see the log above (run directory {run_dir})")
     return result["rows"]
 
-
-__all__ = ["SimConfig", "run_simulation", "ConfigError", "replace"]

@@ -40,7 +40,7 @@ def write_cifar_batches(root: Path, per_batch: int = 4) -> None:
 
 def test_digits_is_embedded_and_fixed() -> None:
     a, b = load_dataset("digits"), load_dataset("digits")
-    assert a.train.x.shape == (1437, 1, 8, 8) and a.test.x.shape == (360, 1, 8, 8)
+    assert a.train.x.shape == (1438, 1, 8, 8) and a.test.x.shape == (359, 1, 8, 8)
     assert torch.equal(a.test.y, b.test.y)
     assert abs(float(a.train.x.mean())) < 1e-4  # normalized on the training split
     assert sorted(a.train.y.unique().tolist()) == list(range(10))
@@ -103,3 +103,19 @@ def test_config_file_then_overrides(tmp_path: Path) -> None:
     path.write_text("epochs = [")
     with pytest.raises(ConfigError, match="not valid TOML"):
         resolve(TrainConfig, path)
+
+
+def test_partitions_cover_every_example_once_and_are_cached() -> None:
+    from maestro_fl.partition import partition_indices
+
+    labels = load_dataset("digits").train.y.numpy()
+    for scheme in ("iid", "dirichlet", "pathological"):
+        parts = partition_indices(labels, 20, scheme, seed=3)
+        flat = np.concatenate(parts)
+        assert len(parts) == 20 and sorted(flat.tolist()) == list(range(len(labels)))
+        again = partition_indices(labels, 20, scheme, seed=3)  # from the on-disk cache
+        assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    patho = partition_indices(labels, 20, "pathological", classes_per_client=2, seed=0)
+    assert all(len(np.unique(labels[p])) <= 2 for p in patho)
+    with pytest.raises(ValueError, match="partition must be one of"):
+        partition_indices(labels, 5, "zipf")

@@ -32,3 +32,16 @@ def test_import_rules(package: str, forbidden: set[str]) -> None:
     assert files, f"no python files under {package}"
     bad = {f: sorted(names & forbidden) for f, names in files.items() if names & forbidden}
     assert not bad, f"{package} must not import {sorted(forbidden)}: {bad}"
+
+
+def test_flower_app_config_mirrors_simconfig() -> None:
+    """`flwr run .` reads [tool.flwr.app.config]; it must hold every SimConfig field at its default."""
+    import dataclasses
+    import tomllib
+
+    from maestro_fl.config import SimConfig, resolve
+
+    app_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    fields = {f.name.replace("_", "-") for f in dataclasses.fields(SimConfig)}
+    assert set(app_config) == fields
+    assert resolve(SimConfig, overrides={k.replace("-", "_"): v for k, v in app_config.items()}) == SimConfig()

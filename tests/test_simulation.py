@@ -128,3 +128,45 @@ def test_bad_simulation_config_names_the_field(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ConfigError, match=field):
             resolve(SimConfig, overrides=SMALL | overrides)
+
+
+def test_federation_on_a_torchvision_dataset(tmp_path: Path) -> None:
+    """MNIST from a local root (a fixture in torchvision's raw format) through the same federation."""
+    from tests.test_data_and_config import write_idx_mnist
+
+    write_idx_mnist(tmp_path / "data", "MNIST", n_train=40, n_test=10)
+    cfg = small(
+        tmp_path, backend="local", rounds=1, dataset="mnist", data_root=str(tmp_path / "data"), model="lenet5"
+    )
+    rows = local(cfg, tmp_path / "run")
+    assert sorted(r["tier"] for r in rows) == [0, 1]
+    clients = pd.read_csv(tmp_path / "run" / "clients.csv")
+    assert (clients["status"] == "ok").all() and len(clients) == 6
+
+
+def test_flwr_run_works_and_leaves_nothing_running(tmp_path: Path) -> None:
+    """`flwr run .` through our wrapper: a private Flower home and SuperLink, stopped afterwards."""
+    import psutil
+
+    from strategies.flwr_local import flwr_run
+
+    before = {p.pid for p in psutil.process_iter() if "superlink" in " ".join(_cmd(p))}
+    trace = always_online_population(tmp_path / "population.csv")
+    code = flwr_run(
+        [f"{k}={v}" for k, v in {
+            "num-clients": 4, "clients-per-round": 2, "rounds": 1, "model": "mlp", "partition": "iid",
+            "population-csv": str(trace), "out-dir": str(tmp_path / "runs"), "run-name": "flwr", "progress": "false",
+        }.items()]
+    )
+    assert code == 0
+    rounds = pd.read_csv(tmp_path / "runs" / "flwr" / "rounds.csv")
+    assert rounds["round"].tolist() == [1] and rounds["ok"].iloc[0] == 2
+    after = {p.pid for p in psutil.process_iter() if "superlink" in " ".join(_cmd(p))}
+    assert after <= before, "the wrapper left a SuperLink running"
+
+
+def _cmd(p) -> list[str]:  # type: ignore[no-untyped-def]
+    try:
+        return p.cmdline()
+    except Exception:  # noqa: BLE001 - processes come and go
+        return []

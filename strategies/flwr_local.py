@@ -1,0 +1,111 @@
+"""``maestro-fl flwr-run``: ``flwr run .`` on a local SuperLink that is cleaned up afterwards.
+
+``flwr run`` starts a detached local SuperLink that outlives the run and
+keeps its state under ``FLWR_HOME``. This wrapper gives it a Flower home and
+ports of its own (so it never talks to another SuperLink on the machine),
+writes the federation options (one SuperNode per client, the per-client
+resources) on the command line, streams the run, and then stops
+the SuperLink it started, by PID, with everything it spawned.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+
+from maestro_fl.config import SimConfig, resolve
+
+from .simulation import FLOWER_ENV
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_config() -> str:
+    """The Flower config: one in-memory local SuperLink connection, nothing remote."""
+    return '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local-in-memory:"\n'
+
+
+def federation_config_arg(cfg: SimConfig) -> str:
+    """One SuperNode per client, and the per-client resources, in ``--federation-config`` syntax."""
+    cpus = cfg.num_cpus_per_client
+    return (
+        f"num-supernodes={cfg.num_clients} "
+        f"client-resources-num-cpus={int(cpus) if float(cpus).is_integer() else cpus} "
+        f"client-resources-num-gpus={float(cfg.num_gpus_per_client)}"
+    )
+
+
+def run_config_arg(overrides: list[str]) -> str:
+    """``key=value`` overrides in Flower's ``--run-config`` syntax (strings quoted)."""
+    parts = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        key = key.strip().replace("_", "-")
+        try:
+            float(value)
+            is_number = True
+        except ValueError:
+            is_number = value.lower() in ("true", "false")
+        parts.append(f"{key}={value.lower() if value.lower() in ('true', 'false') else value}" if is_number else f'{key}="{value}"')
+    return " ".join(parts)
+
+
+def superlinks_under(home: Path) -> list[psutil.Process]:
+    """SuperLink processes whose command line points into ``home`` (ours, and only ours)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if any("superlink" in part for part in cmd[:2]) and any(str(home) in part for part in cmd):
+            found.append(proc)
+    return found
+
+
+def stop_tree(procs: list[psutil.Process], timeout: float = 10.0) -> None:
+    everything = []
+    for p in procs:
+        try:
+            everything += [p, *p.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for p in everything:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(everything, timeout=timeout)
+    for p in alive:
+        p.kill()
+
+
+def flwr_run(overrides: list[str]) -> int:
+    """Run the app with ``flwr run . --stream``; returns flwr's exit code."""
+    cfg = resolve(SimConfig, overrides=[o for o in overrides])  # fail on a bad key before starting anything
+    home = Path(tempfile.mkdtemp(prefix="maestro-fl-flwr-home-"))
+    (home / "config.toml").write_text(flower_config())
+    env = os.environ | FLOWER_ENV | {
+        "FLWR_HOME": str(home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+    }
+    flwr = shutil.which("flwr", path=os.path.dirname(sys.executable)) or "flwr"
+    cmd = [flwr, "run", str(PROJECT_ROOT), "--stream", "--federation-config", federation_config_arg(cfg)]
+    if overrides:
+        cmd += ["--run-config", run_config_arg(overrides)]
+    try:
+        return subprocess.run(cmd, env=env, check=False).returncode
+    finally:
+        stop_tree(superlinks_under(home))
+        shutil.rmtree(home, ignore_errors=True)
