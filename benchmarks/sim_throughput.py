@@ -94,7 +94,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--grid", default="10:10,100:10,100:100,1000:10,1000:100", help="clients:per_round,...")
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--cpus-per-client", type=float, default=2.0, help="Ray CPUs per ClientApp (2 = one actor here)")
+    ap.add_argument(
+        "--cpus-per-client", type=float, default=SimConfig().num_cpus_per_client, help="Ray CPUs per ClientApp"
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sim_throughput.json"))
     args = ap.parse_args()
     quiet_flower()

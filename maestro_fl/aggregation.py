@@ -110,14 +110,16 @@ def aggregate_ordered_factors(
         for name, block in arrays.items():
             if name not in global_arrays:
                 raise ValueError(f"update has unknown parameter {name!r}")
-            current = global_arrays[name]
-            axis = axes.get(name)
-            expected = list(current.shape)
-            if axis is not None:
-                expected[axis] = block.shape[axis] if block.ndim == current.ndim else -1
-            if list(block.shape) != expected:
-                raise ValueError(f"{name}: shape {block.shape} does not fit the global {current.shape}")
+            if not fits(block.shape, global_arrays[name].shape, axes.get(name)):
+                raise ValueError(f"{name}: shape {block.shape} does not fit the global {global_arrays[name].shape}")
     return aggregate_nested(global_arrays, updates)
+
+
+def fits(shape: tuple[int, ...], full: tuple[int, ...], rank_axis: int | None) -> bool:
+    """A client's array fits the global one: same shape, except a shorter prefix on the rank axis."""
+    if len(shape) != len(full):
+        return False
+    return all(s == f or (i == rank_axis and 0 < s <= f) for i, (s, f) in enumerate(zip(shape, full)))
 
 
 def fedavg(updates: Sequence[tuple[Mapping[str, np.ndarray], float]]) -> Arrays:
@@ -149,7 +151,12 @@ def validate_update(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tup
         got = tuple(arrays[name].shape)
         if got != tuple(shape):
             axis = rank_axes([name]).get(name)
-            what = "rank" if axis is not None and got[:axis] + got[axis + 1 :] == shape[:axis] + shape[axis + 1 :] else "shape"
+            only_rank_differs = (
+                axis is not None
+                and len(got) == len(shape)
+                and all(g == e for i, (g, e) in enumerate(zip(got, shape)) if i != axis)
+            )
+            what = "rank" if only_rank_differs else "shape"
             return f"{name}: wrong {what}, got {got}, sent {tuple(shape)}"
         if not np.isfinite(arrays[name]).all():
             return f"{name}: non-finite values (NaN/Inf)"

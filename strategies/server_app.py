@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -112,12 +113,12 @@ def run_server(
     strategy.register(grid.send_and_receive(strategy.registration_messages(grid), timeout=cfg.round_timeout_s))
     if not strategy.devices:
         raise RuntimeError("no client registered; every node failed the registration query")
-    CsvLog(run_dir / "devices.csv").extend(
-        [{"partition_id": strategy.partition_of[n], "node_id": n, "num_examples": strategy.examples_of[n]}
-         | {k: v for k, v in vars(strategy.devices[n]).items()} for n in strategy.nodes_by_partition()]
-        if not (run_dir / "devices.csv").exists()
-        else []
-    )
+    if not (run_dir / "devices.csv").exists():  # a resumed run registered the same devices already
+        CsvLog(run_dir / "devices.csv").extend(
+            {"partition_id": strategy.partition_of[n], "node_id": n, "num_examples": strategy.examples_of[n]}
+            | asdict(strategy.devices[n])
+            for n in strategy.nodes_by_partition()
+        )
 
     arrays = {k: v.detach().numpy().copy() for k, v in fed.template.state_dict().items()}
     start = 1

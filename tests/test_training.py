@@ -176,3 +176,18 @@ def test_shrink_on_unchanged_model_is_a_no_op() -> None:
     for k, v in model.state_dict().items():
         assert torch.equal(v, snapshot[k])
     assert len(lod_layers(model)) == 1
+
+
+def test_full_pass_self_distillation_runs_two_passes_and_learns() -> None:
+    from maestro_fl.data import load_dataset
+    from maestro_fl.models import build_model
+    from maestro_fl.training import evaluate, make_sampler, seed_everything, train_epoch
+
+    gen = seed_everything(0)
+    data = load_dataset("digits")
+    model = factorize(build_model("mlp", data.spec))
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    for _ in range(3):
+        stats = train_epoch(model, data.train, opt, make_sampler("per_layer", model, gen), full_pass=True, generator=gen)
+    assert stats.forward_passes == 2 * stats.steps
+    assert evaluate(model, data.test)[1] > 0.8
