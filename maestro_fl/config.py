@@ -226,7 +226,7 @@ class SimConfig:
     server_shrink_eps: float = 0.0  # server-side progressive shrinking of the aggregate; 0 = off
     # -- engine --
     backend: str = "ray"  # 'ray' (Flower's simulation engine) or 'local' (in-process, for debugging)
-    num_cpus_per_client: float = 1.0  # 2 actors on 2 cores: main job 50 s vs 91 s with one 2-CPU actor (~1 GB each)
+    num_cpus_per_client: float = 1.0  # 2 actors on 2 cores: the main job takes 55 s, 91 s with one 2-CPU actor
     num_gpus_per_client: float = 0.0  # fractional GPUs per ClientApp when Ray sees GPUs
     ray_address: str = ""  # attach to an existing Ray cluster ('auto' or host:port); '' = start a local one
     round_timeout_s: float = 300.0  # wall seconds the server waits for replies; later ones count as timeouts
