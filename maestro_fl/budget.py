@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .convert import Ranks, _walk, active_ranks, ranks_at_fraction
-from .footprint import footprint
+from .convert import Ranks, _walk, ranks_at_fraction
+from .footprint import footprint, probe_forward
 from .layers import LoDLayer
 
 #: rank fractions a budget can take, from full rank down (fine enough to matter, small enough to tabulate)
@@ -66,29 +66,21 @@ class Cost:
 def activation_count(model: nn.Module, input_shape: tuple[int, ...], ranks: Mapping[str, int] | None = None) -> int:
     """Values per sample that training keeps for backward: every leaf output, plus each LoD layer's inner rank-r map."""
     counts: list[int] = []
+
+    def lod_hook(mod: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        positions = out[0].numel() // mod.fan_out  # type: ignore[operator]
+        counts.append(out[0].numel() + positions * mod.resolve_rank(None))  # type: ignore[operator]
+
+    def leaf_hook(mod: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        counts.append(out[0].numel())
+
     hooks = []
-    for name, module in _walk(model):
-        is_leaf = not any(True for _ in module.children())
+    for _, module in _walk(model):
         if isinstance(module, LoDLayer):
-
-            def hook(mod: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-                positions = out[0].numel() // mod.fan_out  # type: ignore[operator]
-                rank = mod.resolve_rank(None)  # type: ignore[operator]
-                counts.append(out[0].numel() + positions * rank)
-
-            hooks.append(module.register_forward_hook(hook))
-        elif is_leaf and not isinstance(module, nn.Flatten):
-            hooks.append(module.register_forward_hook(lambda m, a, out: counts.append(out[0].numel())))
-    was_training = model.training
-    model.eval()
-    try:
-        x = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
-        with active_ranks(model, ranks):
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+            hooks.append((module, lod_hook))
+        elif not any(True for _ in module.children()) and not isinstance(module, nn.Flatten):
+            hooks.append((module, leaf_hook))
+    probe_forward(model, input_shape, ranks, hooks)
     return sum(counts)
 
 

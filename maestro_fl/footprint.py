@@ -10,7 +10,7 @@ unless its dense form ``m·n`` is smaller.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -82,6 +82,28 @@ def _out_positions(out: torch.Tensor, features: int) -> int:
 
 
 @torch.no_grad()
+def probe_forward(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    ranks: Mapping[str, int] | None,
+    hooks: list[tuple[nn.Module, Callable[..., None]]],
+) -> None:
+    """Run one all-zero sample through the model at ``ranks`` with temporary forward hooks (eval mode)."""
+    handles = [module.register_forward_hook(fn) for module, fn in hooks]
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters())
+        x = torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
+        with active_ranks(model, ranks):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
+@torch.no_grad()
 def footprint(
     model: nn.Module,
     input_shape: tuple[int, ...],
@@ -102,25 +124,15 @@ def footprint(
     ranks = dict(ranks or {})
     modules = [(n, m) for n, m in _walk(model) if isinstance(m, (LoDLayer, nn.Linear, nn.Conv2d))]
     positions: dict[str, int] = {}
-    hooks = []
-    for name, module in modules:
 
-        def hook(mod: nn.Module, args: object, out: torch.Tensor, name: str = name) -> None:
+    def hook_for(name: str):  # type: ignore[no-untyped-def]
+        def hook(mod: nn.Module, args: object, out: torch.Tensor) -> None:
             feats = mod.fan_out if isinstance(mod, LoDLayer) else out.shape[1]
             positions[name] = _out_positions(out, feats)
 
-        hooks.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        param = next(model.parameters())
-        x = torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
-        with active_ranks(model, ranks):
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+        return hook
+
+    probe_forward(model, input_shape, ranks, [(module, hook_for(name)) for name, module in modules])
 
     rows: list[LayerFootprint] = []
     counted: set[int] = set()
