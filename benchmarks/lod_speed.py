@@ -1,4 +1,4 @@
-"""Training-step and inference time of LoD vs dense, against their MAC ratio.
+"""Training-step and inference time of LoD vs dense (and DLRT's KLS step), against their MAC ratio.
 
 For each model and rank fraction p, the LoD model is ``factorize(model, rank=p)``
 (every factorizable layer at ``⌈p·min(m, n)⌉``); a training step is forward +
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from maestro_fl.convert import factorize  # noqa: E402
+from maestro_fl.dlrt import KLSIntegrator, dlrt_factorize  # noqa: E402
 from maestro_fl.footprint import footprint  # noqa: E402
 from maestro_fl.models import InputSpec, build_model  # noqa: E402
 
@@ -53,6 +54,20 @@ def time_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: 
             with torch.no_grad():
                 model(x)
         _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_dlrt_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int) -> float:
+    """One fixed-rank KLS step (K/L pass, QR, S pass) per iteration: the rank stays as built."""
+    integrator = KLSIntegrator(model, lr=0.01, adaptive=False)
+    times = []
+    for i in range(warmup + steps):
+        _sync(x.device)
+        t0 = time.perf_counter()
+        integrator.step(lambda: F.cross_entropy(model(x), y))
+        _sync(x.device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -90,6 +105,9 @@ def main() -> None:
             fp = footprint(lod, spec.shape, as_deployed=False)
             t_train = time_steps(lod, x, y, args.steps, args.warmup, True)
             t_infer = time_steps(lod, x, y, args.steps, args.warmup, False)
+            # DLRT at the same ranks (every layer factorized, as LoD): max_rank large = ⌈p·min(m, n)⌉
+            dlrt = dlrt_factorize(copy.deepcopy(dense).cpu(), p, keep_classifier=False, max_rank=10**9, min_rank=1)
+            t_dlrt = time_dlrt_steps(dlrt.to(device, memory_format=fmt), x, y, args.steps, args.warmup)
             mac_reduction = dense_fp.macs / fp.macs
             row = {
                 "model": name,
@@ -102,6 +120,8 @@ def main() -> None:
                 "dense_train_s": base["train"],
                 "lod_train_s": t_train,
                 "train_speedup": base["train"] / t_train,
+                "dlrt_train_s": t_dlrt,
+                "dlrt_vs_lod": t_dlrt / t_train,
                 "dense_infer_s": base["infer"],
                 "lod_infer_s": t_infer,
                 "infer_speedup": base["infer"] / t_infer,
@@ -113,7 +133,8 @@ def main() -> None:
             rows.append(row)
             print(
                 f"{name:9s} p={p:<4} MACs x{mac_reduction:5.2f}  train {t_train * 1e3:8.1f} ms "
-                f"(x{row['train_speedup']:.2f})  infer {t_infer * 1e3:8.1f} ms (x{row['infer_speedup']:.2f})",
+                f"(x{row['train_speedup']:.2f})  infer {t_infer * 1e3:8.1f} ms (x{row['infer_speedup']:.2f})  "
+                f"dlrt train {t_dlrt * 1e3:8.1f} ms",
                 flush=True,
             )
     out = Path(args.out or Path(__file__).parent / "results" / f"lod_speed-{device.type}.json")

@@ -23,8 +23,9 @@ from torch import nn
 
 from . import config as cfgmod
 from .config import TrainConfig
-from .convert import extract, factorize, model_ranks, ranks_at_fraction, truncate
+from .convert import _set_module, extract, factorize, model_ranks, ranks_at_fraction, truncate
 from .data import Split, batches, load_dataset
+from .dlrt import KLSIntegrator, dlrt_factorize, dlrt_layers, dlrt_to_lod, dlrt_train_epoch
 from .footprint import footprint
 from .models import InputSpec, build_model
 from .results import CsvLog, format_table, new_run_dir, timestamp
@@ -54,11 +55,12 @@ def build_lod_model(cfg: TrainConfig, spec: InputSpec, generator: torch.Generato
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
     """Learning rate of (0-based) ``epoch`` under ``cfg.lr_schedule``."""
+    base = cfg.dlrt_lr if cfg.method == "dlrt" else cfg.lr
     if cfg.lr_schedule == "step":
-        return cfg.lr * (0.1 ** sum(epoch >= m for m in (cfg.epochs // 2, (3 * cfg.epochs) // 4)))
+        return base * (0.1 ** sum(epoch >= m for m in (cfg.epochs // 2, (3 * cfg.epochs) // 4)))
     if cfg.lr_schedule == "cosine":
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * epoch / cfg.epochs))
-    return cfg.lr
+        return 0.5 * base * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    return base
 
 
 @torch.no_grad()
@@ -91,35 +93,55 @@ def run_train(cfg: TrainConfig) -> Path:
     run_dir = new_run_dir(cfg.out_dir, name)
     cfgmod.save(cfg, run_dir / "config.json")
 
-    model = build_lod_model(cfg, data.spec, gen).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.method == "dlrt":
+        dense = build_model(cfg.model, data.spec, None if cfg.norm == "default" else cfg.norm)
+        model = dlrt_factorize(dense, cfg.dlrt_rank_fraction, init=cfg.init, keep_first=cfg.keep_first,
+                               generator=gen).to(device)
+        integrator = KLSIntegrator(model, lr=cfg.dlrt_lr, tau=cfg.dlrt_tau, adaptive=cfg.dlrt_adaptive,
+                                   momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        current_ranks = integrator.ranks
+    else:
+        model = build_lod_model(cfg, data.spec, gen).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        current_ranks = lambda: model_ranks(model)  # noqa: E731
     epochs_log, ranks_log = CsvLog(run_dir / "epochs.csv"), CsvLog(run_dir / "ranks.csv")
-    full_ranks = model_ranks(model)
+    full_ranks = current_ranks()
     bar = _progress(cfg)
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, epoch)
-        sampler = make_sampler(cfg.sampler, model, gen, cfg.sampler_fraction)  # rebuilt: ranks may have shrunk
-        stats = train_epoch(
-            model,
-            data.train,
-            opt,
-            sampler,
-            lambda_gl=cfg.lambda_gl,
-            full_pass=cfg.full_pass,
-            batch_size=cfg.batch_size,
-            generator=gen,
-            augment=data.augment,
-            device=device,
-        )
-        ranks = shrink(model, cfg.shrink_eps, opt) if cfg.shrink_eps > 0 else model_ranks(model)
+        lr = lr_at(cfg, epoch)
+        if cfg.method == "dlrt":
+            integrator.lr = lr
+            for group in integrator.dense_opt.param_groups if integrator.dense_opt else []:
+                group["lr"] = lr
+            stats = dlrt_train_epoch(model, integrator, data.train, batch_size=cfg.batch_size, generator=gen,
+                                     augment=data.augment, device=device)
+            ranks = integrator.ranks()
+            deployable = dlrt_to_lod(model)
+        else:
+            for group in opt.param_groups:
+                group["lr"] = lr
+            sampler = make_sampler(cfg.sampler, model, gen, cfg.sampler_fraction)  # rebuilt: ranks may have shrunk
+            stats = train_epoch(
+                model,
+                data.train,
+                opt,
+                sampler,
+                lambda_gl=cfg.lambda_gl,
+                full_pass=cfg.full_pass,
+                batch_size=cfg.batch_size,
+                generator=gen,
+                augment=data.augment,
+                device=device,
+            )
+            ranks = shrink(model, cfg.shrink_eps, opt) if cfg.shrink_eps > 0 else model_ranks(model)
+            deployable = model
         recalibrate_batchnorm(model, data.train)
         test_loss, test_acc = evaluate(model, data.test, device=device)
-        fp = footprint(model, data.spec.shape)
+        fp = footprint(deployable, data.spec.shape)
         row = {
             "epoch": epoch + 1,
-            "lr": lr_at(cfg, epoch),
+            "lr": lr,
             "train_loss": stats.loss,
             "train_accuracy": stats.accuracy,
             "test_loss": test_loss,
@@ -128,6 +150,7 @@ def run_train(cfg: TrainConfig) -> Path:
             "params": fp.params,
             "macs": fp.macs,
             "dense_params": fp.dense_params,
+            "compression": 1.0 - fp.params / fp.dense_params,
             "seconds": time.perf_counter() - t0,
         }
         epochs_log.append(row)
@@ -138,10 +161,11 @@ def run_train(cfg: TrainConfig) -> Path:
         bar.set_postfix(loss=f"{stats.loss:.3f}", acc=f"{test_acc:.3f}", rank=row["total_rank"])
     bar.close()
 
-    ladder = evaluate_ladder(model, data.train, data.test, data.spec, cfg.eval_fractions, device)
+    final = dlrt_to_lod(model) if cfg.method == "dlrt" else model  # DLRT: factors ordered by singular value
+    ladder = evaluate_ladder(final, data.train, data.test, data.spec, cfg.eval_fractions, device)
     CsvLog(run_dir / "ladder.csv").extend(ladder)
     torch.save(
-        {"config": cfgmod.to_dict(cfg), "ranks": model_ranks(model), "state_dict": model.state_dict()},
+        {"config": cfgmod.to_dict(cfg), "ranks": model_ranks(final), "state_dict": final.state_dict()},
         run_dir / "model.pt",
     )
     print(f"\nrun directory: {run_dir}")
@@ -187,7 +211,13 @@ def load_model(path: str | Path, spec: InputSpec) -> nn.Module:
     """Rebuild a trained LoD model from ``model.pt`` (architecture, learned ranks, weights)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = cfgmod.resolve(TrainConfig, overrides={k: v for k, v in ckpt["config"].items()})
-    model = truncate(build_lod_model(cfg, spec), ckpt["ranks"])
+    if cfg.method == "dlrt":  # saved as LoD factors: the DLRT layers' shapes at their final ranks
+        model = dlrt_factorize(build_model(cfg.model, spec, None if cfg.norm == "default" else cfg.norm),
+                               cfg.dlrt_rank_fraction, keep_first=cfg.keep_first)
+        for name, layer in dlrt_layers(model).items():
+            _set_module(model, name, layer.empty_lod(ckpt["ranks"][name]))
+    else:
+        model = truncate(build_lod_model(cfg, spec), ckpt["ranks"])
     model.load_state_dict(ckpt["state_dict"])
     return model
 

@@ -27,8 +27,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Centralized LoD training (``maestro-fl train``): train once, deploy at many ranks."""
+    """Centralized low-rank training (``maestro-fl train``): train once, deploy at many ranks."""
 
+    method: str = "lod"  # 'lod' (Maestro) or 'dlrt' (rank-adaptive KLS integrator, Schotthöfer et al.)
     dataset: str = "digits"  # embedded in scikit-learn: works offline, trains in seconds
     data_root: str = "data"  # where torchvision datasets are read from (or downloaded to)
     download: bool = False  # never touch the network unless asked
@@ -43,12 +44,16 @@ class TrainConfig:
     lr: float = 0.02  # SGD; 0.05 and up diverge on the norm-free small CNN (the authors use 0.1 with BN)
     momentum: float = 0.9  # the authors' SGD
     weight_decay: float = 1e-4  # the authors' value
-    lr_schedule: str = "step"  # x0.1 at 50% and 75% of the epochs, as the authors' CIFAR runs
+    lr_schedule: str = "step"  # x0.1 at 50% and 75% of the epochs, as the authors' CIFAR runs (DLRT too)
     sampler: str = "per_layer"  # Maestro's default ordered-dropout sampler
     sampler_fraction: float = 0.25  # the rank fraction of the 'fixed' sampler (Pufferfish's p)
     full_pass: bool = False  # self-distillation costs ~2x compute for no gain in the paper's ablation
     lambda_gl: float = 3e-4  # HGL strength: halves the CNN's parameters in 100 epochs at -0.5 pp
     shrink_eps: float = 2e-3  # importance threshold of progressive shrinking (after every epoch)
+    dlrt_tau: float = 0.1  # DLRT's relative truncation tolerance (the authors' CIFAR value)
+    dlrt_lr: float = 0.1  # plain SGD on K, L, S (no momentum); 0.2 stalls at tau >= 0.2 on the small CNN
+    dlrt_rank_fraction: float = 0.5  # DLRT's starting rank, as a fraction of its bound min(m, n)/2
+    dlrt_adaptive: bool = True  # False: DLRT's fixed-rank integrator
     eval_fractions: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25, 0.1)  # the deploy-at-many-ranks ladder
     seed: int = 0  # same seed, same weights
     out_dir: str = "runs"  # run directories go under here
@@ -57,11 +62,15 @@ class TrainConfig:
     progress: bool = True  # a tqdm bar per epoch
 
     def validate(self) -> TrainConfig:
+        check_one_of("method", self.method, ("lod", "dlrt"))
         check_one_of("dataset", self.dataset, DATASETS)
         check_one_of("model", self.model, tuple(MODELS))
         check_one_of("norm", self.norm, ("default", "bn", "gn", "none"))
         check_one_of("init", self.init, ("svd", "random"))
         check_one_of("sampler", self.sampler, SAMPLERS)
+        check_fraction("dlrt_tau", self.dlrt_tau)
+        check_fraction("dlrt_rank_fraction", self.dlrt_rank_fraction)
+        check_positive("dlrt_lr", self.dlrt_lr)
         check_one_of("lr_schedule", self.lr_schedule, ("step", "cosine", "none"))
         check_one_of("device", self.device, ("cpu", "cuda", "auto"))
         check_fraction("rank_fraction", self.rank_fraction)
