@@ -10,7 +10,8 @@ data and aggregation. It reports
 * wall seconds per round and client updates per second (rounds after the first);
 * the overhead ratio = simulation round time / in-process round time (both
   without the central evaluation, which is identical);
-* the peak RSS of the whole process tree (Ray's raylet, GCS and workers included).
+* the peak memory of the whole process tree (Ray's raylet, GCS and workers included), as summed
+  RSS and as summed PSS (shared pages split among the processes that map them).
 
     python benchmarks/sim_throughput.py                 # the full grid (~5 min here)
     python benchmarks/sim_throughput.py --grid 10:10    # one pair
@@ -40,22 +41,30 @@ from strategies.simulation import load_ref, quiet_flower, run_simulation  # noqa
 
 
 class PeakRss:
-    """Polls the RSS of this process and all its descendants."""
+    """Polls the memory of this process and all its descendants.
+
+    ``peak`` sums RSS, which counts shared pages (torch's libraries, Ray's object store) once per
+    process that maps them; ``peak_pss`` sums PSS, which splits each shared page among its users:
+    the tree's actual footprint.
+    """
 
     def __init__(self, period: float = 0.2) -> None:
-        self.period, self.peak, self._stop = period, 0, threading.Event()
+        self.period, self.peak, self.peak_pss, self._stop = period, 0, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
+            total = pss = 0
             for p in [me, *me.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
+                    info = p.memory_full_info()
+                    total += info.rss
+                    pss += getattr(info, "pss", info.rss)
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
+            self.peak_pss = max(self.peak_pss, pss)
             time.sleep(self.period)
 
     def __enter__(self) -> PeakRss:
@@ -126,6 +135,7 @@ def main() -> None:
             "overhead_ratio": float(sim["train_wall_seconds"].mean() / base["train_wall_seconds"].mean()),
             "whole_run_s": sim_total,
             "peak_rss_gb": rss.peak / 1e9,
+            "peak_pss_gb": rss.peak_pss / 1e9,
             "ok_updates": int(sim["ok"].sum()),
         }
         rows.append(row)

@@ -27,7 +27,8 @@ from flwr.clientapp import ClientApp
 from maestro_fl import protocol as P
 from maestro_fl.budget import BACKWARD_FACTOR, transfer_seconds
 from maestro_fl.config import SimConfig, parse_faults, resolve
-from maestro_fl.convert import truncate
+from maestro_fl.convert import lod_layers, truncate
+from maestro_fl.dlrt import KLSIntegrator, dlrt_to_lod, dlrt_train_epoch, lod_to_dlrt
 from maestro_fl.federated import federation, ranks_from_list
 from maestro_fl.footprint import footprint
 from maestro_fl.training import make_sampler, train_epoch
@@ -87,32 +88,21 @@ def handle_train(msg: Message, context: Context) -> Message:
     train, _ = fed.client_split(pid)
     # local randomness (data order, sampled ranks) is a function of (seed, round, client) alone
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, server_round, pid]).generate_state(1)[0]))
-    opt = torch.optim.SGD(
-        model.parameters(), lr=float(conf[P.LR]), momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
     epochs = int(conf[P.LOCAL_EPOCHS])
-    losses = []
-    for _ in range(epochs):
-        stats = train_epoch(
-            model,
-            train,
-            opt,
-            make_sampler(str(conf[P.SAMPLER]), model, gen),  # within this client's budget
-            lambda_gl=float(conf[P.LAMBDA_GL]),
-            full_pass=bool(conf[P.FULL_PASS]),
-            batch_size=int(conf[P.BATCH_SIZE]),
-            generator=gen,
-            augment=fed.data.augment,
-            clip_grad_norm=cfg.clip_grad_norm,
-        )
-        losses.append(stats.loss)
+    if cfg.trainer == "dlrt":
+        model, losses = _train_dlrt(model, train, conf, cfg, gen, fed.data.augment, epochs)
+        for name, layer in lod_layers(model).items():
+            layer.pad_(ranks[name])  # DLRT may have lowered the rank; the reply keeps the shape it was sent
+    else:
+        losses = _train_lod(model, train, conf, cfg, gen, fed.data.augment, epochs)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     _inject_reply_fault(fault, state, fed.layer_names[0] if fed.layer_names else None)
     reply_arrays = ArrayRecord(state)
 
     # what this round cost on the simulated device: forward MACs of the trained (not deployed) factors
     fwd_macs = footprint(model, fed.data.spec.shape, as_deployed=False).macs
-    passes = 2 if bool(conf[P.FULL_PASS]) else 1  # the full-pass distillation runs the model twice
+    # the full-pass distillation and DLRT's KLS step each run the model twice per batch
+    passes = 2 if bool(conf[P.FULL_PASS]) or cfg.trainer == "dlrt" else 1
     macs = BACKWARD_FACTOR * fwd_macs * len(train) * epochs * passes
     bytes_in, bytes_out = received.count_bytes(), reply_arrays.count_bytes()
     metrics = MetricRecord(
@@ -131,6 +121,42 @@ def handle_train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(RecordDict({P.ARRAYS: reply_arrays, P.METRICS: metrics}), reply_to=msg)
+
+
+def _train_lod(model, train, conf, cfg, gen, augment, epochs) -> list[float]:  # type: ignore[no-untyped-def]
+    """Maestro's ordered dropout within the client's budget."""
+    opt = torch.optim.SGD(
+        model.parameters(), lr=float(conf[P.LR]), momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    losses = []
+    for _ in range(epochs):
+        stats = train_epoch(
+            model,
+            train,
+            opt,
+            make_sampler(str(conf[P.SAMPLER]), model, gen),  # within this client's budget
+            lambda_gl=float(conf[P.LAMBDA_GL]),
+            full_pass=bool(conf[P.FULL_PASS]),
+            batch_size=int(conf[P.BATCH_SIZE]),
+            generator=gen,
+            augment=augment,
+            clip_grad_norm=cfg.clip_grad_norm,
+        )
+        losses.append(stats.loss)
+    return losses
+
+
+def _train_dlrt(model, train, conf, cfg, gen, augment, epochs):  # type: ignore[no-untyped-def]
+    """DLRT's KLS integrator with every layer's rank capped at the client's budget."""
+    dl = lod_to_dlrt(model)
+    integrator = KLSIntegrator(dl, lr=float(conf[P.LR]), tau=cfg.dlrt_tau, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    losses = [
+        dlrt_train_epoch(dl, integrator, train, batch_size=int(conf[P.BATCH_SIZE]), generator=gen,
+                         augment=augment).loss
+        for _ in range(epochs)
+    ]
+    return dlrt_to_lod(dl), losses
 
 
 def _inject_reply_fault(fault: str | None, state: dict[str, torch.Tensor], first_layer: str | None) -> None:

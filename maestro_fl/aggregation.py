@@ -179,3 +179,45 @@ def shrink_factors(arrays: Mapping[str, np.ndarray], eps: float) -> tuple[Arrays
             imp = factor_importance(arrays[f"{layer}.out_network.weight"], arrays[name])
             ranks[layer] = max(1, int((imp >= eps).sum()))
     return slice_prefix(arrays, ranks), ranks
+
+
+def aggregate_svd(
+    global_arrays: Mapping[str, np.ndarray],
+    updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
+) -> Arrays:
+    """Rebuild every client's dense ``W = U Vᵀ``, average, and re-factor by truncated SVD.
+
+    The rule of FedHM (Yao et al. 2021) and FlexLoRA: clients may hold factors of
+    any rank in any basis (DLRT clients rotate theirs every step), so only the
+    products are comparable. The average is cut back to the global rank, with
+    components ordered by singular value (``U = P√Σ``, ``Vᵀ = √Σ Qᵀ``), so a
+    prefix of it is the best low-rank approximation at every rank. Dense
+    parameters are averaged as in FedAvg.
+    """
+    axes = rank_axes(list(global_arrays))
+    dense = {k: v for k, v in global_arrays.items() if k not in axes}
+    out = aggregate_nested(dense, [({k: a[k] for k in dense if k in a}, w) for a, w in updates])
+    for vt_name in (n for n in axes if n.endswith("in_network.weight")):
+        u_name = vt_name.replace("in_network", "out_network")
+        g_vt, g_u = global_arrays[vt_name], global_arrays[u_name]
+        rank, fan_out = g_vt.shape[0], g_u.shape[0]
+        total, weight = 0.0, 0.0
+        for arrays, w in updates:
+            if vt_name not in arrays:
+                continue
+            vt, u = arrays[vt_name], arrays[u_name]
+            r = vt.shape[0]
+            total = total + w * (u.reshape(fan_out, r).astype(np.float64) @ vt.reshape(r, -1).astype(np.float64))
+            weight += w
+        if weight == 0:
+            out[vt_name], out[u_name] = g_vt, g_u
+            continue
+        p, s, qt = np.linalg.svd(total / weight, full_matrices=False)
+        k = min(rank, len(s))
+        root = np.sqrt(s[:k])
+        u_new = np.zeros((fan_out, rank))
+        vt_new = np.zeros((rank, qt.shape[1]))
+        u_new[:, :k], vt_new[:k] = p[:, :k] * root, root[:, None] * qt[:k]
+        out[u_name] = u_new.reshape(g_u.shape).astype(g_u.dtype)
+        out[vt_name] = vt_new.reshape(g_vt.shape).astype(g_vt.dtype)
+    return {k: out[k] for k in global_arrays}

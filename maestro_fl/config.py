@@ -215,6 +215,9 @@ class SimConfig:
     classes_per_client: int = 2  # for partition='pathological' (McMahan et al.)
     val_fraction: float = 0.1  # each client's held-out validation share
     # -- local training --
+    trainer: str = "lod"  # 'lod' (Maestro's ordered dropout) or 'dlrt' (KLS integrator, rank capped by the budget)
+    dlrt_tau: float = 0.1  # DLRT clients' relative truncation tolerance
+    dlrt_lr: float = 0.1  # DLRT clients' K/L/S step size (plain SGD)
     local_epochs: int = 3  # ~6 local steps per round; more drifts under non-IID data
     batch_size: int = 16  # clients hold ~29 examples: 2 steps per epoch
     lr: float = 0.15  # local SGD, stable with GroupNorm and clipping; 0.1 needs ~20 more rounds
@@ -232,6 +235,7 @@ class SimConfig:
     compute_budget_s: float = 15.0  # per-round compute a device may spend: tiers land at ~0.15/0.25/0.4/0.7/1 rank
     round_deadline_s: float = 0.0  # drop clients whose simulated round time exceeds this; 0 = no deadline
     # -- server --
+    aggregation: str = "ordered"  # 'ordered': per-component prefix averaging; 'svd': average U Vᵀ, re-factor
     server_shrink_eps: float = 0.0  # server-side progressive shrinking of the aggregate; 0 = off
     # -- engine --
     backend: str = "ray"  # 'ray' (Flower's simulation engine) or 'local' (in-process, for debugging)
@@ -257,6 +261,15 @@ class SimConfig:
         check_one_of("tier_mode", self.tier_mode, ("fixed", "dynamic"))
         check_non_negative("keep_first", self.keep_first)
         check_one_of("backend", self.backend, ("ray", "local"))
+        check_one_of("trainer", self.trainer, ("lod", "dlrt"))
+        check_one_of("aggregation", self.aggregation, ("ordered", "svd"))
+        if self.trainer == "dlrt" and self.aggregation != "svd":
+            raise ConfigError(
+                "aggregation must be 'svd' with trainer='dlrt': DLRT clients rotate their bases, "
+                "so only the products U Vᵀ of different clients can be averaged"
+            )
+        check_fraction("dlrt_tau", self.dlrt_tau)
+        check_positive("dlrt_lr", self.dlrt_lr)
         for name in ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "classes_per_client"):
             check_positive(name, getattr(self, name))
         if self.clients_per_round > self.num_clients:

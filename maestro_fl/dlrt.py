@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .convert import _set_module, _walk
+from .convert import _set_module, _walk, lod_layers
 from .data import Split, batches
 from .layers import LoDConv2d, LoDLayer, LoDLinear
 from .training import EpochStats
@@ -232,6 +232,37 @@ def dlrt_to_lod(model: nn.Module) -> nn.Module:
     out = copy.deepcopy(model)
     for name, layer in dlrt_layers(out).items():
         _set_module(out, name, layer.to_lod())
+    return out
+
+
+@torch.no_grad()
+def lod_to_dlrt(model: nn.Module, min_rank: int = 1) -> nn.Module:
+    """A copy whose LoD layers are DLRT layers of the same product, capped at their current rank.
+
+    ``U Vᵀ`` (LoD) becomes ``Q_u (R_u R_vᵀ) Q_vᵀ`` with ``U = Q_u R_u`` and ``V = Q_v R_v`` (QR):
+    orthonormal bases and a dense S, no SVD of the full weight. The cap is the
+    federated client's budget: DLRT may lower its rank but never exceed what it was sent.
+    """
+    out = copy.deepcopy(model)
+    for name, lod in lod_layers(out).items():
+        r = lod.max_rank
+        new: DLRTLayer
+        if isinstance(lod, LoDConv2d):
+            conv = nn.Conv2d(lod.in_channels, lod.out_channels, lod.kernel_size, stride=lod.in_network.stride,
+                             padding=lod.in_network.padding, dilation=lod.in_network.dilation,
+                             bias=lod.bias is not None, device="meta")
+            new = DLRTConv2d(conv, r, max_rank=r, min_rank=min_rank)
+        else:
+            new = DLRTLinear(lod.fan_in, lod.fan_out, r, bias=lod.bias is not None, max_rank=r, min_rank=min_rank)
+        new = new.to_empty(device=lod.u_matrix().device)
+        qu, ru = torch.linalg.qr(lod.u_matrix())
+        qv, rv = torch.linalg.qr(lod.v_matrix().T)
+        new.U.copy_(qu)
+        new.V.copy_(qv)
+        new.S.copy_(ru @ rv.T)
+        if lod.bias is not None:
+            new.bias.data = lod.bias.detach().clone()
+        _set_module(out, name, new)
     return out
 
 

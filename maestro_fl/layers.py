@@ -142,6 +142,20 @@ class LoDLayer(nn.Module):
         if self.active_rank is not None:
             self.active_rank = min(self.active_rank, rank)
 
+    @torch.no_grad()
+    def pad_(self, rank: int) -> None:
+        """Grow to ``rank`` components with zeros: the outputs do not change (inverse of ``truncate_``)."""
+        extra = rank - self.max_rank
+        if extra <= 0:
+            return
+        w_in, w_out = self.in_network.weight, self.out_network.weight
+        self.in_network.weight = nn.Parameter(torch.cat([w_in, w_in.new_zeros(extra, *w_in.shape[1:])], 0))
+        self.out_network.weight = nn.Parameter(
+            torch.cat([w_out, w_out.new_zeros(w_out.shape[0], extra, *w_out.shape[2:])], 1)
+        )
+        self._set_inner(rank)
+        self.max_rank = rank
+
     def _set_inner(self, rank: int) -> None:
         raise NotImplementedError
 

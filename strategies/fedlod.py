@@ -25,7 +25,13 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from maestro_fl import protocol as P
-from maestro_fl.aggregation import aggregate_ordered_factors, shrink_factors, slice_prefix, validate_update
+from maestro_fl.aggregation import (
+    aggregate_ordered_factors,
+    aggregate_svd,
+    shrink_factors,
+    slice_prefix,
+    validate_update,
+)
 from maestro_fl.budget import Cost, DeviceCapability, affordable, cost_table
 from maestro_fl.config import SimConfig, to_dict
 from maestro_fl.convert import Ranks, lod_layers, model_ranks, truncate
@@ -207,7 +213,7 @@ class FedLoD(FedAvg):
                     P.SERVER_ROUND: server_round,
                     P.RANKS: [int(cost.ranks[n]) for n in self.layer_names],
                     P.LOCAL_EPOCHS: self.cfg.local_epochs,
-                    P.LR: self.cfg.lr,
+                    P.LR: self.cfg.dlrt_lr if self.cfg.trainer == "dlrt" else self.cfg.lr,
                     P.BATCH_SIZE: self.cfg.batch_size,
                     P.LAMBDA_GL: self.cfg.lambda_gl,
                     P.SAMPLER: self.cfg.sampler,
@@ -255,7 +261,8 @@ class FedLoD(FedAvg):
                 self.client_rounds.append(row)
         if not updates:
             return None, None
-        merged = aggregate_ordered_factors(self.current, updates)
+        rule = aggregate_svd if self.cfg.aggregation == "svd" else aggregate_ordered_factors
+        merged = rule(self.current, updates)
         if self.cfg.server_shrink_eps > 0:
             merged, self.global_ranks = shrink_factors(merged, self.cfg.server_shrink_eps)
         ok = [r for r in self.client_rounds if r.status == "ok"]

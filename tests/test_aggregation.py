@@ -120,3 +120,27 @@ def test_server_shrinking_drops_low_importance_tails() -> None:
     out, ranks = shrink_factors(arrays, eps=1e-6)
     assert ranks == {"l": 2}
     assert out["l.in_network.weight"].shape == (2, 3) and out["l.out_network.weight"].shape == (3, 2)
+
+
+def test_svd_aggregation_averages_the_products() -> None:
+    from maestro_fl.aggregation import aggregate_svd
+
+    g = global_model()
+    a = slice_prefix(perturbed(g, 7), {"fc": 1, "conv": 2})
+    b = perturbed(g, 8)
+    out = aggregate_svd(g, [(a, 1.0), (b, 3.0)])
+
+    def dense(arrays: dict[str, np.ndarray], layer: str, out_dim: int) -> np.ndarray:
+        vt = arrays[f"{layer}.in_network.weight"]
+        return arrays[f"{layer}.out_network.weight"].reshape(out_dim, vt.shape[0]) @ vt.reshape(vt.shape[0], -1)
+
+    for layer, m in (("fc", 2), ("conv", 5)):
+        average = (1 * dense(a, layer, m) + 3 * dense(b, layer, m)) / 4
+        rank = g[f"{layer}.in_network.weight"].shape[0]
+        p, s, qt = np.linalg.svd(average, full_matrices=False)
+        expected = (p[:, :rank] * s[:rank]) @ qt[:rank]  # the best rank-`rank` approximation of the average
+        np.testing.assert_allclose(dense(out, layer, m), expected, rtol=1e-4, atol=1e-4)
+        norms = np.linalg.norm(out[f"{layer}.in_network.weight"].reshape(out[f"{layer}.in_network.weight"].shape[0], -1), axis=1)
+        assert np.all(norms[:-1] >= norms[1:] - 1e-6)  # ordered by singular value
+    np.testing.assert_allclose(out["norm.weight"], (a["norm.weight"] + 3 * b["norm.weight"]) / 4, rtol=1e-6)
+    assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in g.items()}

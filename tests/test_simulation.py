@@ -170,3 +170,17 @@ def _cmd(p) -> list[str]:  # type: ignore[no-untyped-def]
         return p.cmdline()
     except Exception:  # noqa: BLE001 - processes come and go
         return []
+
+
+def test_dlrt_clients_with_svd_aggregation(tmp_path: Path) -> None:
+    """DLRT as the client trainer: ranks capped by the budget, replies padded back, SVD re-factoring."""
+    cfg = small(tmp_path, backend="local", rounds=3, trainer="dlrt", aggregation="svd", local_epochs=2)
+    local(cfg, tmp_path / "run")
+    clients = pd.read_csv(tmp_path / "run" / "clients.csv")
+    assert (clients["status"] == "ok").all()
+    assert (clients["bytes_up"] == clients["bytes_down"]).all()
+    tiers = pd.read_csv(tmp_path / "run" / "tiers.csv")
+    full = tiers[tiers["tier"] == 1]
+    assert full["loss"].iloc[-1] < full["loss"].iloc[0]
+    with pytest.raises(Exception, match="aggregation must be 'svd'"):
+        small(tmp_path, trainer="dlrt", aggregation="ordered")
