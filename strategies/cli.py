@@ -17,12 +17,34 @@ from maestro_fl.config import ConfigError, resolve
 
 
 def _split(args: list[str]) -> tuple[str | None, list[str]]:
-    file = args[0] if args and "=" not in args[0] else None
-    return file, args[1:] if file else args
+    """``[CONFIG.toml] key=value ...``; ``--key value`` and ``--key=value`` are accepted too."""
+    overrides: list[str] = []
+    file = None
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            key, sep, value = arg[2:].partition("=")
+            if not sep:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"option {arg} needs a value")
+                value, i = args[i + 1], i + 1
+            overrides.append(f"{key}={value}")
+        elif "=" in arg:
+            overrides.append(arg)
+        elif file is None and not overrides:
+            file = arg
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}; use key=value")
+        i += 1
+    return file, overrides
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="maestro-fl", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="maestro-fl",
+        description="Federated and on-device learning with low-rank ordered decompositions (Maestro) and DLRT.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in [
         ("train", "centralized LoD training, evaluated at a ladder of ranks"),
@@ -31,9 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     ]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("args", nargs="*", metavar="[CONFIG.toml] key=value", help="config file and overrides")
-    ns = parser.parse_args(argv)
-    file, overrides = _split(ns.args)
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in sub.choices or any(a in ("-h", "--help") for a in argv[1:]):
+        parser.parse_args(argv)  # prints usage or help (and exits)
+    command, rest = argv[0], argv[1:]  # the rest is ours: argparse would mistake `--key value` for options
+    ns = argparse.Namespace(command=command)
     try:
+        file, overrides = _split(rest)
         if ns.command == "train":
             from maestro_fl.centralized import run_train
             from maestro_fl.config import TrainConfig

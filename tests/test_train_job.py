@@ -54,3 +54,10 @@ def test_cli_train_and_config_errors(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert (tmp_path / "cli" / "ladder.csv").exists()
     assert main(["train", "model=nope"]) == 2
     assert "model must be one of" in capsys.readouterr().err
+
+
+def test_cli_accepts_double_dash_options(tmp_path: Path) -> None:
+    assert main(["train", "--method", "dlrt", "--epochs=1", "--model", "mlp", "progress=false",
+                 f"out_dir={tmp_path}", "run_name=dd"]) == 0
+    assert pd.read_csv(tmp_path / "dd" / "epochs.csv")["compression"].iloc[0] > 0
+    assert main(["train", "--epochs"]) == 2
