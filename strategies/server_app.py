@@ -39,6 +39,7 @@ from .fedlod import FedLoD, client_round_dicts, to_numpy, to_record
 
 CHECKPOINT = "checkpoint.pt"
 TABLES = ("rounds.csv", "tiers.csv", "clients.csv")
+STATUSES = ("ok", "failed", "timeout", "malformed", "dropped", "unaffordable")  # of a client in a round
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
 
@@ -143,7 +144,7 @@ def run_server(
         clients = client_round_dicts(strategy.client_rounds)
         latency = _round_latency(clients, cfg.round_deadline_s)
         sim_total += latency
-        counts = {s: sum(c["status"] == s for c in clients) for s in ("ok", "failed", "timeout", "malformed", "dropped", "unaffordable")}
+        counts = {s: sum(c["status"] == s for c in clients) for s in STATUSES}
         ok = [c for c in clients if c["status"] == "ok"]
         round_row = {
             "round": server_round,
@@ -160,7 +161,7 @@ def run_server(
             else float("nan"),
             "global_rank": sum(strategy.global_ranks.values()),
         }
-        logs["clients.csv"].extend({"round": server_round} | {k: v for k, v in c.items() if k != "round"} for c in clients)
+        logs["clients.csv"].extend(clients)
         logs["tiers.csv"].extend({"round": server_round} | t for t in tiers)
         logs["rounds.csv"].append(round_row)
         save_checkpoint(run_dir, server_round, strategy, arrays)
