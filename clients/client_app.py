@@ -4,7 +4,7 @@
   :mod:`clients.devices`) and how many training examples it holds.
 * ``train``: the client receives only the factor prefix of its budget plus
   the dense parameters, trains it with Maestro's ordered dropout within that
-  budget, and replies with the trained prefix and what it cost: examples,
+  budget (or with DLRT, its rank capped by the budget), and replies with the trained prefix and what it cost: examples,
   loss, ranks, bytes both ways, MACs, and simulated compute and transfer
   seconds on its device.
 
@@ -21,6 +21,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+from torch import nn
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -28,6 +29,7 @@ from maestro_fl import protocol as P
 from maestro_fl.budget import BACKWARD_FACTOR, transfer_seconds
 from maestro_fl.config import SimConfig, parse_faults, resolve
 from maestro_fl.convert import lod_layers, truncate
+from maestro_fl.data import Split
 from maestro_fl.dlrt import KLSIntegrator, dlrt_to_lod, dlrt_train_epoch, lod_to_dlrt
 from maestro_fl.federated import federation, ranks_from_list
 from maestro_fl.footprint import footprint
@@ -123,7 +125,9 @@ def handle_train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({P.ARRAYS: reply_arrays, P.METRICS: metrics}), reply_to=msg)
 
 
-def _train_lod(model, train, conf, cfg, gen, augment, epochs) -> list[float]:  # type: ignore[no-untyped-def]
+def _train_lod(
+    model: nn.Module, train: Split, conf: ConfigRecord, cfg: SimConfig, gen: torch.Generator, augment: bool, epochs: int
+) -> list[float]:
     """Maestro's ordered dropout within the client's budget."""
     opt = torch.optim.SGD(
         model.parameters(), lr=float(conf[P.LR]), momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -146,7 +150,9 @@ def _train_lod(model, train, conf, cfg, gen, augment, epochs) -> list[float]:  #
     return losses
 
 
-def _train_dlrt(model, train, conf, cfg, gen, augment, epochs):  # type: ignore[no-untyped-def]
+def _train_dlrt(
+    model: nn.Module, train: Split, conf: ConfigRecord, cfg: SimConfig, gen: torch.Generator, augment: bool, epochs: int
+) -> tuple[nn.Module, list[float]]:
     """DLRT's KLS integrator with every layer's rank capped at the client's budget."""
     dl = lod_to_dlrt(model)
     integrator = KLSIntegrator(dl, lr=float(conf[P.LR]), tau=cfg.dlrt_tau, momentum=cfg.momentum,

@@ -5,7 +5,8 @@ keeps its state under ``FLWR_HOME``. This wrapper gives it a Flower home and
 ports of its own (so it never talks to another SuperLink on the machine),
 writes the federation options (one SuperNode per client, the per-client
 resources) on the command line, streams the run, and then stops
-the SuperLink it started, by PID, with everything it spawned.
+the SuperLink it started, by PID, with everything it spawned (found by the
+private ``FLWR_HOME`` in their environment, so orphans are found too).
 """
 
 from __future__ import annotations
@@ -63,13 +64,16 @@ def run_config_arg(overrides: list[str]) -> str:
     return " ".join(parts)
 
 
-def superlinks_under(home: Path) -> list[psutil.Process]:
-    """SuperLink processes whose command line points into ``home`` (ours, and only ours)."""
+def started_under(home: Path) -> list[psutil.Process]:
+    """Every process running with ``FLWR_HOME=home``: the SuperLink, the simulation it spawned
+    (which outlives its launcher), and that simulation's Ray processes. Ours, and only ours."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info.get("cmdline") or []
-        if any("superlink" in part for part in cmd[:2]) and any(str(home) in part for part in cmd):
-            found.append(proc)
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get("FLWR_HOME") == str(home):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
     return found
 
 
@@ -99,6 +103,9 @@ def flwr_run(overrides: list[str]) -> int:
         "FLWR_HOME": str(home),
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+        # Flower's simulation calls ray.init() without an address: make it start its own Ray rather
+        # than join (or hang on) whatever cluster /tmp/ray/ray_current_cluster names
+        "RAY_ADDRESS": cfg.ray_address or "local",
     }
     flwr = shutil.which("flwr", path=os.path.dirname(sys.executable)) or "flwr"
     cmd = [flwr, "run", str(PROJECT_ROOT), "--stream", "--federation-config", federation_config_arg(cfg)]
@@ -107,5 +114,5 @@ def flwr_run(overrides: list[str]) -> int:
     try:
         return subprocess.run(cmd, env=env, check=False).returncode
     finally:
-        stop_tree(superlinks_under(home))
+        stop_tree(started_under(home))
         shutil.rmtree(home, ignore_errors=True)

@@ -93,7 +93,9 @@ def _run_on_ray(cfg: SimConfig, run_dir: Path) -> list[dict[str, object]]:
     if cfg.ray_address:
         init_args["address"] = cfg.ray_address
     else:
-        init_args["num_cpus"] = os.cpu_count() or 1
+        # 'local' starts our own Ray even where another cluster's address file lingers in /tmp/ray
+        # (ray.init() would otherwise try to join it, and hang if it is gone)
+        init_args.update(address="local", num_cpus=os.cpu_count() or 1)
     backend_config = {
         "client_resources": {"num_cpus": cfg.num_cpus_per_client, "num_gpus": cfg.num_gpus_per_client},
         "init_args": init_args,
