@@ -11,12 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: figures are files
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt  # headless, matplotlib picks Agg itself; in a notebook, inline
+import pandas as pd
+from matplotlib.figure import Figure
 
 
 class RunDirError(FileNotFoundError):
@@ -82,4 +79,157 @@ def accuracy_vs_compression(
     ax.set_title("Accuracy vs compression")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+# -- federated runs --------------------------------------------------------------
+TIER_COLORS = plt.get_cmap("viridis")
+
+
+def tier_color(tier: int, tiers: int = 5) -> tuple[float, float, float, float]:
+    """The same colour for a tier in every figure (dark = weak device, light = strong)."""
+    return TIER_COLORS(0.1 + 0.8 * tier / max(tiers - 1, 1))
+
+
+def run_kind(run_dir: str | Path) -> str:
+    """'federated' (tiers.csv), 'centralized' (ladder.csv) or an error naming what is missing."""
+    run = Path(run_dir)
+    if (run / "tiers.csv").is_file():
+        return "federated"
+    if (run / "ladder.csv").is_file():
+        return "centralized"
+    raise RunDirError(f"{run}: neither tiers.csv (a federated run) nor ladder.csv (a centralized run) is there")
+
+
+def footprint_points(run_dir: str | Path, x: str = "params") -> pd.DataFrame:
+    """One row per tier (federated: final round) or rank fraction (centralized): x, accuracy, point label."""
+    if x not in ("params", "macs", "bytes"):
+        raise ValueError(f"x must be one of ['params', 'macs', 'bytes'], got {x!r}")
+    if run_kind(run_dir) == "federated":
+        tiers = read_table(run_dir, "tiers.csv", ("round", "tier", "accuracy", "params", "macs"))
+        last = tiers[tiers["round"] == tiers["round"].max()].copy()
+        if x == "bytes":
+            clients = read_table(run_dir, "clients.csv", ("tier", "status", "bytes_down", "bytes_up"))
+            ok = clients[clients["status"] == "ok"]
+            per_tier = (ok["bytes_down"] + ok["bytes_up"]).groupby(ok["tier"]).mean()
+            last["bytes"] = last["tier"].map(per_tier)
+        last["label"] = "t" + last["tier"].astype(str)
+        return last[[x, "accuracy", "label", "tier"]].rename(columns={x: "x"})
+    ladder = read_table(run_dir, "ladder.csv", ("rank_fraction", "test_accuracy", "params", "macs"))
+    col = "bytes_fp32" if x == "bytes" else x
+    out = pd.DataFrame({"x": ladder[col], "accuracy": ladder["test_accuracy"],
+                        "label": "p=" + ladder["rank_fraction"].astype(str)})
+    out["tier"] = range(len(out))
+    return out
+
+
+X_LABELS = {
+    "params": "parameters of the deployed model",
+    "macs": "MACs per sample",
+    "bytes": "bytes per round (one client, down + up)",
+}
+
+
+def accuracy_vs_footprint(
+    run_dirs: Sequence[str | Path],
+    labels: Sequence[str] | None = None,
+    x: str = "params",
+    out: str | Path | None = None,
+) -> Figure:
+    """The Pareto view: accuracy against a footprint, one curve per method (label), points per tier
+    or rank fraction; runs sharing a label (seeds) are averaged with the spread as error bars."""
+    labels = list(labels) if labels is not None else [Path(r).name for r in run_dirs]
+    frames = [footprint_points(r, x).assign(method=m) for r, m in zip(run_dirs, labels)]
+    data = pd.concat(frames)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, group in data.groupby("method", sort=False):
+        stats = group.groupby("tier").agg(x=("x", "mean"), acc=("accuracy", "mean"), sd=("accuracy", "std"),
+                                          label=("label", "first"))
+        ax.errorbar(stats["x"], 100 * stats["acc"], yerr=100 * stats["sd"].fillna(0.0), marker="o", capsize=3,
+                    label=method)
+        for _, row in stats.iterrows():
+            ax.annotate(row["label"], (row["x"], 100 * row["acc"]), textcoords="offset points", xytext=(3, -10),
+                        fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel(X_LABELS[x] + " (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy vs footprint")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, out)
+
+
+def accuracy_vs_round(run_dir: str | Path, out: str | Path | None = None, time_axis: bool = False) -> Figure:
+    """Test accuracy of the global model at each tier's ranks, per round (or per simulated second)."""
+    tiers = read_table(run_dir, "tiers.csv", ("round", "tier", "accuracy"))
+    if time_axis:
+        rounds = read_table(run_dir, "rounds.csv", ("round", "sim_seconds_total"))
+        tiers = tiers.merge(rounds[["round", "sim_seconds_total"]], on="round")
+    n = tiers["tier"].nunique()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for tier, group in tiers.groupby("tier"):
+        xs = group["sim_seconds_total"] / 60 if time_axis else group["round"]
+        ax.plot(xs, 100 * group["accuracy"], color=tier_color(int(tier), n), label=f"tier {tier}")
+    ax.set_xlabel("simulated wall-clock (minutes)" if time_axis else "round")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy vs " + ("simulated time" if time_axis else "round") + " per tier")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def communication(run_dir: str | Path, out: str | Path | None = None) -> Figure:
+    """Bytes moved per round (down and up) and their cumulative total."""
+    rounds = read_table(run_dir, "rounds.csv", ("round", "bytes_down", "bytes_up"))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.plot(rounds["round"], rounds["bytes_down"] / 1e6, label="server → clients")
+    ax1.plot(rounds["round"], rounds["bytes_up"] / 1e6, label="clients → server")
+    ax1.set_xlabel("round")
+    ax1.set_ylabel("MB per round")
+    ax1.legend(fontsize=8)
+    ax2.plot(rounds["round"], (rounds["bytes_down"] + rounds["bytes_up"]).cumsum() / 1e6, label="total")
+    ax2.set_xlabel("round")
+    ax2.set_ylabel("cumulative MB")
+    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.suptitle("Communication")
+    return _save(fig, out)
+
+
+def participation(run_dir: str | Path, out: str | Path | None = None) -> Figure:
+    """Per tier, how often sampled clients finished, failed, timed out, were dropped or malformed."""
+    clients = read_table(run_dir, "clients.csv", ("tier", "status"))
+    counts = clients.groupby(["tier", "status"]).size().unstack(fill_value=0)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bottom = None
+    for status in counts.columns:
+        ax.bar(counts.index.astype(str), counts[status], bottom=bottom, label=status)
+        bottom = counts[status] if bottom is None else bottom + counts[status]
+    ax.set_xlabel("tier")
+    ax.set_ylabel("client rounds")
+    ax.set_title("Participation per tier")
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def ranks_heatmap(run_dir: str | Path, out: str | Path | None = None) -> Figure:
+    """Ranks per layer: layer × tier (federated, last round) or layer × epoch (centralized)."""
+    if run_kind(run_dir) == "federated":
+        tiers = read_table(run_dir, "tiers.csv", ("round", "tier", "ranks"))
+        last = tiers[tiers["round"] == tiers["round"].max()]
+        matrix = pd.DataFrame([[int(v) for v in str(r).split()] for r in last["ranks"]], index=last["tier"]).T
+        xlabel = "tier"
+    else:
+        ranks = read_table(run_dir, "ranks.csv", ("epoch", "layer", "rank"))
+        matrix = ranks.pivot(index="layer", columns="epoch", values="rank")
+        xlabel = "epoch"
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    image = ax.imshow(matrix.values, aspect="auto", cmap="magma")
+    ax.set_xticks(range(matrix.shape[1]), [str(c) for c in matrix.columns], fontsize=7)
+    ax.set_yticks(range(matrix.shape[0]), [str(i) for i in matrix.index], fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("LoD layer")
+    ax.set_title("Rank per layer")
+    fig.colorbar(image, ax=ax, label="rank")
     return _save(fig, out)

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         ("train", "centralized LoD training, evaluated at a ladder of ranks"),
         ("simulate", "heterogeneous federated LoD training (Flower + Ray)"),
         ("flwr-run", "the same app through `flwr run .` on a local SuperLink, stopped afterwards"),
+        ("report", "figures and a markdown summary for run directories: report RUN_DIR... --out DIR"),
     ]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("args", nargs="*", metavar="[CONFIG.toml] key=value", help="config file and overrides")
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # prints usage or help (and exits)
     command, rest = argv[0], argv[1:]  # the rest is ours: argparse would mistake `--key value` for options
     ns = argparse.Namespace(command=command)
+    if command == "report":
+        return _report(rest)
     try:
         file, overrides = _split(rest)
         if ns.command == "train":
@@ -82,6 +85,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FileNotFoundError as err:
         print(f"maestro-fl {ns.command}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _report(args: list[str]) -> int:
+    from analysis.plots import RunDirError
+    from analysis.report import write_report
+
+    out, runs, i = "report", [], 0
+    while i < len(args):
+        if args[i] == "--out" and i + 1 < len(args):
+            out, i = args[i + 1], i + 2
+        elif args[i].startswith("--out="):
+            out, i = args[i].split("=", 1)[1], i + 1
+        else:
+            runs.append(args[i])
+            i += 1
+    try:
+        print(f"wrote {write_report(runs, out)}")
+    except (RunDirError, ValueError) as err:
+        print(f"maestro-fl report: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -47,3 +47,77 @@ def test_missing_or_corrupt_table_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "ranks.csv").write_text("epoch,layer\n1,a\n")
     with pytest.raises(RunDirError, match=r"ranks.csv: missing columns \['rank'\]"):
         rank_over_epochs(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def fl_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real federated run (in-process grid): 6 clients, 2 tiers, 3 rounds."""
+    from maestro_fl import protocol as P
+    from maestro_fl.config import SimConfig
+    from strategies.local_grid import LocalGrid
+    from strategies.server_app import run_server
+    from strategies.simulation import load_ref
+    from tests.test_simulation import SMALL, always_online_population
+
+    out = tmp_path_factory.mktemp("fl")
+    trace = always_online_population(out / "population.csv")
+    cfg = resolve(SimConfig, overrides=SMALL | {"rounds": 3, "population_csv": str(trace), "backend": "local",
+                                                "fault_injection": "3:raise"})
+    run = out / "fl-run"
+    run.mkdir()
+    from maestro_fl.config import save
+
+    save(cfg, run / "config.json")
+    run_server(LocalGrid(load_ref(P.CLIENTAPP_REF), cfg.num_clients), cfg, run)
+    return run
+
+
+def test_federated_figures_have_their_axes_and_series(fl_run: Path, tmp_path: Path) -> None:
+    from analysis import plots
+
+    fig = plots.accuracy_vs_footprint([fl_run], ["FedLoD"], x="params", out=tmp_path / "pareto")
+    (series,) = fig.axes[0].containers  # one error-bar series per method
+    assert len(series.lines[0].get_xdata()) == 2 and fig.axes[0].get_xscale() == "log"
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["FedLoD"]
+    fig = plots.accuracy_vs_footprint([fl_run, fl_run], ["A", "A"], x="bytes")  # two seeds: one curve
+    assert len(fig.axes[0].containers) == 1
+    fig = plots.accuracy_vs_round(fl_run)
+    assert len(fig.axes[0].get_lines()) == 2 and list(fig.axes[0].get_lines()[0].get_xdata()) == [1, 2, 3]
+    fig = plots.accuracy_vs_round(fl_run, time_axis=True)
+    assert "simulated" in fig.axes[0].get_xlabel()
+    fig = plots.communication(fl_run)
+    assert len(fig.axes) == 2 and len(fig.axes[0].get_lines()) == 2
+    fig = plots.participation(fl_run)
+    statuses = {t.get_text() for t in fig.axes[0].get_legend().get_texts()}
+    assert statuses == {"ok", "failed"}
+    fig = plots.ranks_heatmap(fl_run)
+    assert fig.axes[0].get_xlabel() == "tier"
+    assert (tmp_path / "pareto.png").stat().st_size > 1000 and (tmp_path / "pareto.svg").exists()
+
+
+def test_report_writes_every_figure_and_a_summary(fl_run: Path, dlrt_runs: list[Path], tmp_path: Path) -> None:
+    from strategies.cli import main
+
+    assert main(["report", str(fl_run), str(dlrt_runs[0]), "--out", str(tmp_path / "rep")]) == 0
+    summary = (tmp_path / "rep" / "summary.md").read_text()
+    pngs = sorted(p.name for p in (tmp_path / "rep").glob("*.png"))
+    assert "accuracy_vs_params.png" in pngs and "fl-run_participation.png" in pngs
+    assert "tau0.05_rank_over_epochs.png" in pngs
+    assert all(f"({name})" in summary for name in pngs)
+    assert "| tier | accuracy |" in summary and "| rank_fraction |" in summary
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "x")]) == 2  # not a run directory
+
+
+@pytest.mark.parametrize("notebook,run", [("single_run.ipynb", "fl"), ("train_once_deploy_many.ipynb", "dlrt")])
+def test_notebooks_execute_against_a_real_run(notebook: str, run: str, fl_run: Path, dlrt_runs: list[Path]) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    root = Path(__file__).resolve().parents[1]
+    nb = nbformat.read(root / "analysis" / "notebooks" / notebook, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "notebooks are stored without outputs"
+    assert "parameters" in nb.cells[0].metadata.get("tags", [])
+    nb.cells[0].source = f"RUN_DIR = {str(fl_run if run == 'fl' else dlrt_runs[0])!r}"
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(root)}}).execute()
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert images, "the notebook drew no figure"

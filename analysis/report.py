@@ -1,0 +1,71 @@
+"""``maestro-fl report RUN_DIR... --out DIR``: every figure that applies, plus a markdown summary."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from . import plots
+
+
+def _final_table(run_dir: Path) -> pd.DataFrame:
+    if plots.run_kind(run_dir) == "federated":
+        tiers = plots.read_table(run_dir, "tiers.csv", ("round", "tier", "accuracy", "params", "macs"))
+        last = tiers[tiers["round"] == tiers["round"].max()]
+        cols = ["tier", "accuracy", "params", "params_ratio", "macs", "ranks"]
+        return last[[c for c in cols if c in last.columns]]
+    ladder = plots.read_table(run_dir, "ladder.csv", ("rank_fraction", "test_accuracy", "params", "macs"))
+    cols = ["rank_fraction", "test_accuracy", "params", "params_ratio", "macs", "bytes_fp32"]
+    return ladder[[c for c in cols if c in ladder.columns]]
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    def cell(v: object) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    rows = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    rows += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(rows)
+
+
+def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, labels: Sequence[str] | None = None) -> Path:
+    """Render the figures for ``run_dirs`` into ``out_dir`` and write ``summary.md``; returns its path."""
+    runs = [Path(r) for r in run_dirs]
+    if not runs:
+        raise plots.RunDirError("report needs at least one run directory")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kinds = [plots.run_kind(r) for r in runs]
+    figures: list[tuple[str, str]] = []
+
+    def keep(name: str, title: str, fig: plt.Figure) -> None:
+        plt.close(fig)
+        figures.append((name, title))
+
+    axes = ("params", "macs", "bytes") if all(k == "federated" for k in kinds) else ("params", "macs")
+    for x in axes:
+        name = f"accuracy_vs_{x}"
+        keep(name, f"Accuracy vs {plots.X_LABELS[x]}", plots.accuracy_vs_footprint(runs, labels, x, out / name))
+    for run, kind in zip(runs, kinds):
+        tag = run.name
+        if kind == "federated":
+            keep(f"{tag}_accuracy_vs_round", f"{tag}: accuracy per round", plots.accuracy_vs_round(run, out / f"{tag}_accuracy_vs_round"))
+            keep(f"{tag}_accuracy_vs_time", f"{tag}: accuracy vs simulated time",
+                 plots.accuracy_vs_round(run, out / f"{tag}_accuracy_vs_time", time_axis=True))
+            keep(f"{tag}_communication", f"{tag}: communication", plots.communication(run, out / f"{tag}_communication"))
+            keep(f"{tag}_participation", f"{tag}: participation", plots.participation(run, out / f"{tag}_participation"))
+        else:
+            keep(f"{tag}_rank_over_epochs", f"{tag}: rank per epoch", plots.rank_over_epochs(run, out / f"{tag}_rank_over_epochs"))
+        keep(f"{tag}_ranks", f"{tag}: ranks per layer", plots.ranks_heatmap(run, out / f"{tag}_ranks"))
+
+    lines = ["# maestro-fl report", ""]
+    for run in runs:
+        lines += [f"## {run.name}", "", f"`{run}`", "", _markdown(_final_table(run)), ""]
+    lines += ["## Figures", ""]
+    lines += [f"### {title}\n\n![{title}]({name}.png)\n" for name, title in figures]
+    summary = out / "summary.md"
+    summary.write_text("\n".join(lines))
+    return summary
