@@ -213,6 +213,14 @@ def participation(run_dir: str | Path, out: str | Path | None = None) -> Figure:
     return _save(fig, out)
 
 
+def has_ranks(run_dir: str | Path) -> bool:
+    """Whether the run's model has LoD layers (dense baselines have none)."""
+    if run_kind(run_dir) == "federated":
+        ranks = read_table(run_dir, "tiers.csv", ("ranks",))["ranks"]
+        return bool(ranks.notna().any())
+    return True
+
+
 def ranks_heatmap(run_dir: str | Path, out: str | Path | None = None) -> Figure:
     """Ranks per layer: layer × tier (federated, last round) or layer × epoch (centralized)."""
     if run_kind(run_dir) == "federated":

@@ -59,7 +59,8 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, labels: Se
             keep(f"{tag}_participation", f"{tag}: participation", plots.participation(run, out / f"{tag}_participation"))
         else:
             keep(f"{tag}_rank_over_epochs", f"{tag}: rank per epoch", plots.rank_over_epochs(run, out / f"{tag}_rank_over_epochs"))
-        keep(f"{tag}_ranks", f"{tag}: ranks per layer", plots.ranks_heatmap(run, out / f"{tag}_ranks"))
+        if plots.has_ranks(run):  # dense baselines have no LoD layers
+            keep(f"{tag}_ranks", f"{tag}: ranks per layer", plots.ranks_heatmap(run, out / f"{tag}_ranks"))
 
     lines = ["# maestro-fl report", ""]
     for run in runs:

@@ -21,6 +21,12 @@ from .models import MODELS
 from .training import SAMPLERS
 
 
+#: strategies a simulation can run (the classes are in strategies/; a test keeps the two in step)
+STRATEGIES = ("fedlod", "fedavg_dense", "fedavg_exclusive")
+#: strategies that train the dense model rather than its LoD factorization
+DENSE_STRATEGIES = ("fedavg_dense", "fedavg_exclusive")
+
+
 class ConfigError(ValueError):
     """A config field has a value outside what is allowed."""
 
@@ -197,6 +203,8 @@ def save(cfg: object, path: Path) -> None:
 class SimConfig:
     """Heterogeneous federated LoD training (``maestro-fl simulate``): the main job."""
 
+    strategy: str = "fedlod"  # 'fedlod', or the baselines 'fedavg_dense' (all clients, full dense model) and
+    # 'fedavg_exclusive' (only clients that afford the full dense model); see strategies/baselines.py
     # -- data and model --
     dataset: str = "digits"  # embedded: the main job runs offline
     data_root: str = "data"  # where torchvision datasets are read from (or downloaded to)
@@ -252,6 +260,7 @@ class SimConfig:
     fault_injection: str = ""  # robustness testing: 'partition:kind,...', kind in raise|timeout|nan|shape|rank
 
     def validate(self) -> SimConfig:
+        check_one_of("strategy", self.strategy, STRATEGIES)
         check_one_of("dataset", self.dataset, DATASETS)
         check_one_of("model", self.model, tuple(MODELS))
         check_one_of("norm", self.norm, ("default", "bn", "gn", "none"))

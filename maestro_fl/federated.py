@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import SimConfig, to_dict
+from .config import DENSE_STRATEGIES, SimConfig, to_dict
 from .convert import factorize, lod_layers
 from .data import ImageData, Split, load_dataset
 from .models import build_model
@@ -43,6 +43,8 @@ def build_template(cfg: SimConfig, spec) -> nn.Module:  # type: ignore[no-untype
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, spec, None if cfg.norm == "default" else cfg.norm)
+    if cfg.strategy in DENSE_STRATEGIES:
+        return model
     return factorize(
         model,
         init=cfg.init,  # type: ignore[arg-type]

@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         ("simulate", "heterogeneous federated LoD training (Flower + Ray)"),
         ("flwr-run", "the same app through `flwr run .` on a local SuperLink, stopped afterwards"),
         ("report", "figures and a markdown summary for run directories: report RUN_DIR... --out DIR"),
+        ("sweep", "a grid of federated runs as Ray tasks: sweep SWEEP.toml"),
+        ("compare", "every method on the embedded default, 3 seeds, per-tier accuracy/footprint table"),
     ]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("args", nargs="*", metavar="[CONFIG.toml] key=value", help="config file and overrides")
@@ -74,6 +76,18 @@ def main(argv: list[str] | None = None) -> int:
             from .simulation import run_simulation
 
             run_simulation(resolve(SimConfig, file, overrides))
+        elif ns.command == "sweep":
+            from .sweep import run_sweep
+
+            if file is None or overrides:
+                raise ConfigError("sweep takes one argument, the sweep file (SWEEP.toml)")
+            print(f"results: {run_sweep(file) / 'results.csv'}")
+        elif ns.command == "compare":
+            from .compare import run_compare
+
+            if file is not None:
+                raise ConfigError("compare takes key=value overrides only")
+            run_compare(overrides)
         elif ns.command == "flwr-run":
             from .flwr_local import flwr_run
 

@@ -35,6 +35,7 @@ from maestro_fl.footprint import footprint
 from maestro_fl.results import CsvLog, format_table
 from maestro_fl.training import evaluate
 
+from .baselines import STRATEGY_CLASSES
 from .fedlod import FedLoD, client_round_dicts, to_numpy, to_record
 
 CHECKPOINT = "checkpoint.pt"
@@ -108,7 +109,7 @@ def run_server(
 ) -> list[dict[str, Any]]:
     """Run (or resume) the federation in ``run_dir``; returns the final per-tier rows."""
     fed = federation(cfg)
-    strategy = FedLoD(fed.template, fed.data.spec.shape, cfg)
+    strategy = STRATEGY_CLASSES[cfg.strategy](fed.template, fed.data.spec.shape, cfg)
 
     # registration: every node reports its device
     strategy.register(grid.send_and_receive(strategy.registration_messages(grid), timeout=cfg.round_timeout_s))

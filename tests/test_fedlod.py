@@ -160,3 +160,20 @@ def test_sampling_respects_availability_and_seed() -> None:
     for node in strategy.devices:
         strategy.devices[node] = DeviceCapability(0, 1e9, 1e9, 1e6, 1e6, availability=1e-9)
     assert strategy.sample(2) == []
+
+
+def test_baseline_budgets() -> None:
+    """FedAvg-dense ignores budgets; FedAvg-exclusive admits only devices that afford the full model."""
+    from strategies.baselines import FedAvgDense, FedAvgExclusive
+
+    torch.manual_seed(0)
+    dense_model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))  # not factorized
+    cfg = resolve(SimConfig, overrides={"clients_per_round": 2, "num_clients": 2, "compute_budget_s": 1.0})
+    weak = DeviceCapability(0, macs_per_s=1.0, memory_bytes=1.0, up_bps=1, down_bps=1, availability=1)
+    strong = DeviceCapability(1, macs_per_s=1e12, memory_bytes=1e12, up_bps=1, down_bps=1, availability=1)
+    for cls in (FedAvgDense, FedAvgExclusive):
+        s = cls(dense_model, (6,), cfg)
+        s.examples_of = {1: 10, 2: 10}
+        assert s.budget(strong).fraction == 1.0
+    assert FedAvgDense(dense_model, (6,), cfg).budget(weak).fraction == 1.0
+    assert FedAvgExclusive(dense_model, (6,), cfg).budget(weak) is None

@@ -45,3 +45,10 @@ def test_flower_app_config_mirrors_simconfig() -> None:
     fields = {f.name.replace("_", "-") for f in dataclasses.fields(SimConfig)}
     assert set(app_config) == fields
     assert resolve(SimConfig, overrides={k.replace("-", "_"): v for k, v in app_config.items()}) == SimConfig()
+
+
+def test_strategy_registry_matches_the_config() -> None:
+    from maestro_fl.config import STRATEGIES
+    from strategies.baselines import STRATEGY_CLASSES
+
+    assert tuple(STRATEGY_CLASSES) == STRATEGIES

@@ -1,0 +1,204 @@
+"""``maestro-fl sweep SWEEP.toml``: a grid of federated runs as Ray tasks.
+
+The file has three tables::
+
+    [sweep]                 # where and how
+    name = "compare"
+    out_dir = "runs/sweeps"
+    ray_address = ""        # '' = a local Ray; 'auto' or host:port = an existing cluster
+    cpus_per_run = 1
+
+    [base]                  # SimConfig values shared by every run
+    rounds = 20
+
+    [grid]                  # SimConfig fields, each with a list of values: the runs are their product
+    seed = [0, 1, 2]
+
+    [methods.fedlod_svd]    # optional: named methods, each a table of SimConfig values, crossed with the grid
+    aggregation = "svd"
+
+Every run gets its own run directory under ``out_dir/name`` and runs in-process
+(``backend=local``) inside its Ray task, so a sweep spreads over a machine's
+cores or a cluster's nodes. A run that finished (``result.json``) is skipped
+when the sweep runs again; one that was interrupted resumes from its
+checkpoint; one that fails is recorded with its error and the others go on.
+``results.csv`` holds one row per run and tier, rewritten as runs finish.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shutil
+import time
+import tomllib
+import traceback
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from maestro_fl.config import ConfigError, SimConfig, resolve, to_dict
+
+SWEEP_KEYS = {"name": str, "out_dir": str, "ray_address": str, "cpus_per_run": (int, float)}
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    out_dir: Path
+    ray_address: str
+    cpus_per_run: float
+    runs: tuple[tuple[str, dict[str, Any], SimConfig], ...]  # (run name, grid values, config)
+
+    @property
+    def root(self) -> Path:
+        return self.out_dir / self.name
+
+
+def _run_name(values: dict[str, Any]) -> str:
+    text = ",".join(f"{k}={'-'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in values.items())
+    return re.sub(r"[^A-Za-z0-9=,._-]", "_", text)
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and check a sweep file; every run's config is validated before anything runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {str(path)!r} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"sweep file {str(path)!r} is not valid TOML: {err}") from err
+    unknown = sorted(set(data) - {"sweep", "base", "grid", "methods"})
+    if unknown:
+        raise ConfigError(f"sweep file: unknown table(s) {unknown}; allowed: ['sweep', 'base', 'grid', 'methods']")
+    head = data.get("sweep", {})
+    return build_sweep(
+        head, data.get("base", {}), data.get("grid", {}), data.get("methods", {"": {}}), default_name=path.stem
+    )
+
+
+def build_sweep(
+    head: dict[str, Any],
+    base: dict[str, Any],
+    grid: dict[str, list[Any]],
+    methods: dict[str, dict[str, Any]],
+    default_name: str = "sweep",
+) -> Sweep:
+    """A checked sweep: every run's SimConfig is resolved (and so validated) here."""
+    if not isinstance(methods, dict) or not methods or not all(isinstance(m, dict) for m in methods.values()):
+        raise ConfigError("[methods] must hold at least one table of config values, e.g. [methods.fedlod]")
+    bad = sorted(set(head) - set(SWEEP_KEYS))
+    if bad:
+        raise ConfigError(f"[sweep]: unknown key(s) {bad}; allowed: {sorted(SWEEP_KEYS)}")
+    if not grid:
+        raise ConfigError("[grid] is empty: give at least one SimConfig field with a list of values")
+    names = {f.name for f in fields(SimConfig)}
+    for key, values in grid.items():
+        if key not in names:
+            raise ConfigError(f"[grid]: unknown config key {key!r}; allowed keys: {sorted(names)}")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"[grid].{key} must be a non-empty list of values, got {values!r}")
+    runs = []
+    for method, combo in itertools.product(methods, itertools.product(*grid.values())):
+        values = ({"method": method} if method else {}) | dict(zip(grid, combo))
+        name = _run_name(values)
+        try:
+            overrides = base | methods[method] | dict(zip(grid, combo))
+            cfg = resolve(SimConfig, overrides=overrides | {"backend": "local", "progress": False})
+        except ConfigError as err:
+            raise ConfigError(f"run {name}: {err}") from None
+        runs.append((name, values, cfg))
+    return Sweep(
+        name=str(head.get("name", default_name)),
+        out_dir=Path(head.get("out_dir", "runs/sweeps")),
+        ray_address=str(head.get("ray_address", "")),
+        cpus_per_run=float(head.get("cpus_per_run", 1)),
+        runs=tuple(runs),
+    )
+
+
+def run_one(cfg: SimConfig, run_dir: Path) -> dict[str, Any]:
+    """Run (or resume) one grid point in ``run_dir``; writes ``result.json`` when it finished."""
+    from .simulation import run_simulation
+
+    if run_dir.exists() and not (run_dir / "checkpoint.pt").exists():
+        shutil.rmtree(run_dir)  # died before its first round: nothing to resume
+    if run_dir.exists():
+        cfg = replace(cfg, resume=str(run_dir))
+    else:
+        cfg = replace(cfg, out_dir=str(run_dir.parent), run_name=run_dir.name)
+    started = time.time()
+    run_simulation(cfg)
+    result = {"seconds": time.time() - started, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (run_dir / "result.json").write_text(json.dumps(result))
+    return result
+
+
+def _rows(sweep: Sweep, name: str, values: dict[str, Any], status: str, error: str = "") -> list[dict[str, Any]]:
+    run_dir = sweep.root / name
+    base = {"run": name, **{k: v if not isinstance(v, list) else " ".join(map(str, v)) for k, v in values.items()},
+            "status": status, "error": error}
+    if status != "ok":
+        return [base]
+    from .server_app import final_table
+
+    return [base | row for row in final_table(run_dir)]
+
+
+def run_sweep(path_or_sweep: str | Path | Sweep) -> Path:
+    """Run every grid point not finished yet; returns the sweep directory (with results.csv)."""
+    import ray
+
+    sweep = path_or_sweep if isinstance(path_or_sweep, Sweep) else load_sweep(path_or_sweep)
+    sweep.root.mkdir(parents=True, exist_ok=True)
+    (sweep.root / "sweep.json").write_text(
+        json.dumps({"runs": [{"run": n, "values": v, "config": to_dict(c)} for n, v, c in sweep.runs]}, indent=1)
+    )
+    rows: dict[str, list[dict[str, Any]]] = {}
+    todo = []
+    for name, values, cfg in sweep.runs:
+        if (sweep.root / name / "result.json").exists():
+            rows[name] = _rows(sweep, name, values, "ok")
+        else:
+            todo.append((name, values, cfg))
+    print(f"sweep {sweep.name}: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} finished already", flush=True)
+    if todo:
+        ray.init(address=sweep.ray_address or "local", include_dashboard=False, logging_level="error",
+                 **({} if sweep.ray_address else {"num_cpus": os.cpu_count() or 1}))
+        try:
+            task = ray.remote(num_cpus=sweep.cpus_per_run)(run_one)
+            pending = {task.remote(cfg, sweep.root / name): (name, values) for name, values, cfg in todo}
+            done = 0
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                name, values = pending.pop(ready[0])
+                done += 1
+                try:
+                    ray.get(ready[0])
+                    rows[name] = _rows(sweep, name, values, "ok")
+                    status = "finished"
+                except Exception as err:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
+                    message = "".join(traceback.format_exception_only(type(err), err)).strip()
+                    (sweep.root / name).mkdir(parents=True, exist_ok=True)
+                    (sweep.root / name / "error.txt").write_text(message + "\n")
+                    rows[name] = _rows(sweep, name, values, "failed", message.splitlines()[-1][:300])
+                    status = "FAILED"
+                print(f"[{done}/{len(todo)}] {name}: {status}", flush=True)
+                _write_results(sweep, rows)
+        finally:
+            ray.shutdown()
+    _write_results(sweep, rows)
+    return sweep.root
+
+
+def _write_results(sweep: Sweep, rows: dict[str, list[dict[str, Any]]]) -> None:
+    order = [name for name, _, _ in sweep.runs if name in rows]
+    table = pd.DataFrame([r for name in order for r in rows[name]])
+    tmp = sweep.root / "results.csv.tmp"
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, sweep.root / "results.csv")

@@ -1,0 +1,97 @@
+"""Sweeps on a local Ray: a 2x2 grid, skipping finished runs, a failing run, bad sweep files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from maestro_fl.config import ConfigError
+from strategies.cli import main
+from strategies.sweep import load_sweep
+
+BASE = """
+[base]
+model = "mlp"
+num_clients = 4
+clients_per_round = 4
+rounds = 1
+local_epochs = 1
+partition = "iid"
+tier_shares = [0.5, 0.5]
+tier_fractions = [0.25, 1.0]
+"""
+
+
+def write(tmp_path: Path, grid: str, extra: str = "", name: str = "s.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(f'[sweep]\nname = "t"\nout_dir = "{tmp_path / "out"}"\n{extra}\n{BASE}\n[grid]\n{grid}\n')
+    return path
+
+
+def test_grid_runs_skips_finished_and_records_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad_trace = tmp_path / "bad.csv"  # passes the config check (the file exists), fails every client at run time
+    bad_trace.write_text("client_id,tier,macs_per_s,memory_bytes,up_bps,down_bps,availability\n0,0,1e9,1e9,1e6,1e6,0\n")
+    spec = write(tmp_path, f'seed = [0, 1]\nalpha = [0.5, 1.0]\npopulation_csv = ["", "{bad_trace}"]')
+    assert main(["sweep", str(spec)]) == 0
+    results = pd.read_csv(tmp_path / "out" / "t" / "results.csv")
+    runs = results.drop_duplicates("run")
+    assert len(runs) == 8
+    failed = runs[runs["status"] == "failed"]
+    assert len(failed) == 4 and failed["population_csv"].eq(str(bad_trace)).all()
+    ok = results[results["status"] == "ok"]
+    assert set(ok["tier"]) == {0, 1} and ok["accuracy"].between(0, 1).all()
+    for run in failed["run"]:
+        assert (tmp_path / "out" / "t" / run / "error.txt").read_text().strip()
+    out = capsys.readouterr().out
+    assert "[8/8]" in out and "FAILED" in out
+
+    # again: the four finished runs are skipped, the four failed ones are tried again
+    assert main(["sweep", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "4 finished already" in out and "[4/4]" in out
+    again = pd.read_csv(tmp_path / "out" / "t" / "results.csv")
+    pd.testing.assert_frame_equal(again[again["status"] == "ok"].reset_index(drop=True), ok.reset_index(drop=True))
+
+
+@pytest.mark.parametrize(
+    "grid,extra,message",
+    [
+        ('strategy = ["fedlod", "fedmagic"]', "", "strategy must be one of"),
+        ("", "", r"\[grid\] is empty"),
+        ("seed = []", "", "non-empty list"),
+        ("sead = [0]", "", "unknown config key 'sead'"),
+        ("seed = [0]", "workers = 3", r"\[sweep\]: unknown key"),
+    ],
+)
+def test_bad_sweep_files_fail_before_anything_runs(tmp_path: Path, grid: str, extra: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(write(tmp_path, grid, extra))
+    assert not (tmp_path / "out").exists()
+
+
+def test_methods_cross_the_grid_and_bad_methods_fail(tmp_path: Path) -> None:
+    spec = write(tmp_path, "seed = [0, 1]\n[methods.fedlod]\n[methods.dense]\nstrategy = \"fedavg_dense\"\n")
+    sweep = load_sweep(spec)
+    assert [name for name, _, _ in sweep.runs] == [
+        "method=fedlod,seed=0", "method=fedlod,seed=1", "method=dense,seed=0", "method=dense,seed=1"
+    ]
+    assert [cfg.strategy for _, _, cfg in sweep.runs] == ["fedlod", "fedlod", "fedavg_dense", "fedavg_dense"]
+    bad = write(tmp_path, "seed = [0]\n[methods.x]\nstrategy = \"heterofl2\"\n", name="bad.toml")
+    with pytest.raises(ConfigError, match="run method=x,seed=0: strategy must be one of"):
+        load_sweep(bad)
+
+
+def test_compare_runs_every_method_on_the_same_seeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from strategies.compare import METHODS, run_compare
+
+    overrides = [line.replace(" ", "").replace('"', "") for line in BASE.strip().splitlines()[1:]]
+    overrides = [o.replace("[", "").replace("]", "") for o in overrides]
+    root = run_compare(overrides, seeds=(0,), out_dir=str(tmp_path))
+    table = pd.read_csv(root / "compare.csv")
+    assert list(dict.fromkeys(table["method"])) == list(METHODS)
+    printed = capsys.readouterr().out
+    assert "fedavg_exclusive" in printed and "±" in printed
+    dense = table[table["method"] == "fedavg_dense"]
+    assert (dense["params"] == dense["params"].iloc[0]).all()  # everyone trains the same dense model
