@@ -94,7 +94,7 @@ class FedLoD(FedAvg):
     """
 
     def __init__(self, template: nn.Module, input_shape: tuple[int, ...], cfg: SimConfig) -> None:
-        super().__init__(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
+        super().__init__(min_train_nodes=1, min_available_nodes=1)
         self.template = template
         self.input_shape = input_shape
         self.cfg = cfg
@@ -227,6 +227,12 @@ class FedLoD(FedAvg):
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         log(DEBUG, "configure_train: round %s, %s clients", server_round, len(messages))
         return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """No federated evaluation: the server evaluates the global model at every tier's ranks."""
+        return []
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
