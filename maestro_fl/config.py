@@ -159,20 +159,24 @@ def _coerce(name: str, raw: Any, hint: Any) -> Any:
     raise ConfigError(f"{name}: unsupported field type {hint!r}")
 
 
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """A TOML file's tables, or a ConfigError saying which file is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {err}") from err
+
+
 def resolve(cls: type[C], file: str | Path | None = None, overrides: Sequence[str] | Mapping[str, Any] = ()) -> C:
     """Defaults ← TOML ``file`` ← ``overrides`` (``key=value`` strings or a mapping), validated."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     values: dict[str, Any] = {}
     if file is not None:
-        path = Path(file)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from err
-        values.update(data)
+        values.update(read_toml(file, "config file"))
     if isinstance(overrides, Mapping):
         values.update(overrides)
     else:

@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import time
-import tomllib
 import traceback
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any
 
 import pandas as pd
 
-from maestro_fl.config import ConfigError, SimConfig, resolve, to_dict
+from maestro_fl.config import ConfigError, SimConfig, read_toml, resolve, to_dict
 
 SWEEP_KEYS = {"name": str, "out_dir": str, "ray_address": str, "cpus_per_run": (int, float)}
 
@@ -67,12 +66,7 @@ def _run_name(values: dict[str, Any]) -> str:
 def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep file; every run's config is validated before anything runs."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {str(path)!r} does not exist")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"sweep file {str(path)!r} is not valid TOML: {err}") from err
+    data = read_toml(path, "sweep file")
     unknown = sorted(set(data) - {"sweep", "base", "grid", "methods"})
     if unknown:
         raise ConfigError(f"sweep file: unknown table(s) {unknown}; allowed: ['sweep', 'base', 'grid', 'methods']")
