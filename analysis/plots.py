@@ -101,6 +101,22 @@ def run_kind(run_dir: str | Path) -> str:
     raise RunDirError(f"{run}: neither tiers.csv (a federated run) nor ladder.csv (a centralized run) is there")
 
 
+def sweep_runs(sweep_dir: str | Path) -> tuple[list[Path], list[str]]:
+    """The finished runs of a sweep and their labels (the method, or the grid values without the seed)."""
+    root = Path(sweep_dir)
+    results = read_table(root, "results.csv", ("run", "status"))
+    finished = results[results["status"] == "ok"].drop_duplicates("run")
+    if finished.empty:
+        raise RunDirError(f"{root / 'results.csv'}: no finished run")
+    if "method" in finished.columns:
+        labels = finished["method"].astype(str).tolist()
+    else:
+        keys = [c for c in finished.columns if c not in ("run", "status", "error", "seed", "tier")]
+        keys = [c for c in keys if c in str(finished["run"].iloc[0])]
+        labels = [",".join(f"{k}={row[k]}" for k in keys) or "run" for _, row in finished.iterrows()]
+    return [root / r for r in finished["run"]], labels
+
+
 def footprint_points(run_dir: str | Path, x: str = "params") -> pd.DataFrame:
     """One row per tier (federated: final round) or rank fraction (centralized): x, accuracy, point label."""
     if x not in ("params", "macs", "bytes"):

@@ -1,4 +1,8 @@
-"""``maestro-fl report RUN_DIR... --out DIR``: every figure that applies, plus a markdown summary."""
+"""``maestro-fl report RUN_DIR... --out DIR``: every figure that applies, plus a markdown summary.
+
+A sweep directory (with ``results.csv``) stands for its finished runs, labelled by method, so the
+accuracy-vs-footprint figures get one curve per method with the spread over seeds.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +37,18 @@ def _markdown(df: pd.DataFrame) -> str:
 
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, labels: Sequence[str] | None = None) -> Path:
     """Render the figures for ``run_dirs`` into ``out_dir`` and write ``summary.md``; returns its path."""
-    runs = [Path(r) for r in run_dirs]
+    runs: list[Path] = []
+    given_labels = list(labels) if labels is not None else None
+    labels = []
+    for r in map(Path, run_dirs):
+        if (r / "results.csv").is_file():  # a sweep: its finished runs, labelled by method
+            sweep_dirs, sweep_labels = plots.sweep_runs(r)
+            runs += sweep_dirs
+            labels += sweep_labels
+        else:
+            runs.append(r)
+            labels.append(r.name)
+    labels = given_labels or labels
     if not runs:
         raise plots.RunDirError("report needs at least one run directory")
     out = Path(out_dir)

@@ -108,8 +108,42 @@ def test_report_writes_every_figure_and_a_summary(fl_run: Path, dlrt_runs: list[
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "x")]) == 2  # not a run directory
 
 
-@pytest.mark.parametrize("notebook,run", [("single_run.ipynb", "fl"), ("train_once_deploy_many.ipynb", "dlrt")])
-def test_notebooks_execute_against_a_real_run(notebook: str, run: str, fl_run: Path, dlrt_runs: list[Path]) -> None:
+@pytest.fixture(scope="module")
+def small_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two methods x two seeds on a local Ray (the sweep machinery itself is tested in test_sweep.py)."""
+    from strategies.sweep import build_sweep, run_sweep
+    from tests.test_simulation import SMALL
+
+    out = tmp_path_factory.mktemp("sweep")
+    base = {k: list(v) if isinstance(v, tuple) else v for k, v in SMALL.items()} | {"rounds": 2}
+    base |= {"tier_shares": [0.5, 0.5], "tier_fractions": [0.25, 1.0]}
+    sweep = build_sweep({"name": "s", "out_dir": str(out)}, base, {"seed": [0, 1]},
+                        {"fedlod": {}, "dense": {"strategy": "fedavg_dense"}})
+    return run_sweep(sweep)
+
+
+def test_sweep_figures_average_seeds_per_method(small_sweep: Path, tmp_path: Path) -> None:
+    from analysis import plots
+    from analysis.report import write_report
+
+    runs, labels = plots.sweep_runs(small_sweep)
+    assert sorted(labels) == ["dense", "dense", "fedlod", "fedlod"]
+    fig = plots.accuracy_vs_footprint(runs, labels, x="params")
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["fedlod", "dense"]
+    assert len(fig.axes[0].containers) == 2  # one error-bar series per method, seeds averaged
+    summary = write_report([small_sweep], tmp_path / "rep")
+    text = summary.read_text()
+    assert "accuracy_vs_bytes.png" in text
+    assert sum(line.startswith("## method=") for line in text.splitlines()) == 4  # one table per run
+
+
+@pytest.mark.parametrize(
+    "notebook,run",
+    [("single_run.ipynb", "fl"), ("train_once_deploy_many.ipynb", "dlrt"), ("compare_methods.ipynb", "sweep")],
+)
+def test_notebooks_execute_against_a_real_run(
+    notebook: str, run: str, fl_run: Path, dlrt_runs: list[Path], small_sweep: Path
+) -> None:
     import nbformat
     from nbclient import NotebookClient
 
@@ -117,7 +151,8 @@ def test_notebooks_execute_against_a_real_run(notebook: str, run: str, fl_run: P
     nb = nbformat.read(root / "analysis" / "notebooks" / notebook, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "notebooks are stored without outputs"
     assert "parameters" in nb.cells[0].metadata.get("tags", [])
-    nb.cells[0].source = f"RUN_DIR = {str(fl_run if run == 'fl' else dlrt_runs[0])!r}"
+    target = {"fl": fl_run, "dlrt": dlrt_runs[0], "sweep": small_sweep}[run]
+    nb.cells[0].source = f"{'SWEEP_DIR' if run == 'sweep' else 'RUN_DIR'} = {str(target)!r}"
     NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(root)}}).execute()
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, "the notebook drew no figure"
