@@ -221,3 +221,33 @@ def aggregate_svd(
         out[u_name] = u_new.reshape(g_u.shape).astype(g_u.dtype)
         out[vt_name] = vt_new.reshape(g_vt.shape).astype(g_vt.dtype)
     return {k: out[k] for k in global_arrays}
+
+
+def aggregate_zero_padded(
+    global_arrays: Mapping[str, np.ndarray],
+    updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
+) -> Arrays:
+    """Zero-pad every client's factors to the global rank, then take the weighted mean over all clients.
+
+    The heterogeneous-LoRA rule (HetLoRA, FederatedLLM's ``ZeroPad2d``): a component a client did not
+    train counts as zero for it, so component ``k`` is shrunk by the share of examples held by clients
+    of rank ≤ ``k``. Dense parameters are averaged as in FedAvg. Compare
+    :func:`aggregate_ordered_factors`, which averages each component over its trainers only.
+    """
+    axes = rank_axes(list(global_arrays))
+    total = sum(w for _, w in updates)
+    out: Arrays = {}
+    for name, current in global_arrays.items():
+        holders = [(a[name], w) for a, w in updates if name in a]
+        if not holders:
+            out[name] = np.array(current, copy=True)
+            continue
+        if name not in axes:
+            weight = sum(w for _, w in holders)
+            out[name] = (sum(w * b.astype(np.float64) for b, w in holders) / weight).astype(current.dtype)
+            continue
+        acc = np.zeros(current.shape, dtype=np.float64)
+        for block, w in holders:
+            acc[tuple(slice(0, d) for d in block.shape)] += w * block
+        out[name] = (acc / total).astype(current.dtype)
+    return out

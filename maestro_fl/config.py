@@ -247,7 +247,8 @@ class SimConfig:
     compute_budget_s: float = 15.0  # per-round compute a device may spend: tiers land at ~0.15/0.25/0.4/0.7/1 rank
     round_deadline_s: float = 0.0  # drop clients whose simulated round time exceeds this; 0 = no deadline
     # -- server --
-    aggregation: str = "ordered"  # 'ordered': per-component prefix averaging; 'svd': average U Vᵀ, re-factor
+    aggregation: str = "ordered"  # 'ordered': per-component prefix averaging; 'svd': average U Vᵀ and
+    # re-factor; 'zero_pad': pad factors with zeros to the global rank, average over all clients
     server_shrink_eps: float = 0.0  # server-side progressive shrinking of the aggregate; 0 = off
     # -- engine --
     backend: str = "ray"  # 'ray' (Flower's simulation engine) or 'local' (in-process, for debugging)
@@ -275,7 +276,7 @@ class SimConfig:
         check_non_negative("keep_first", self.keep_first)
         check_one_of("backend", self.backend, ("ray", "local"))
         check_one_of("trainer", self.trainer, ("lod", "dlrt"))
-        check_one_of("aggregation", self.aggregation, ("ordered", "svd"))
+        check_one_of("aggregation", self.aggregation, ("ordered", "svd", "zero_pad"))
         if self.trainer == "dlrt" and self.aggregation != "svd":
             raise ConfigError(
                 "aggregation must be 'svd' with trainer='dlrt': DLRT clients rotate their bases, "

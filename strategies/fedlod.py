@@ -28,6 +28,7 @@ from maestro_fl import protocol as P
 from maestro_fl.aggregation import (
     aggregate_ordered_factors,
     aggregate_svd,
+    aggregate_zero_padded,
     shrink_factors,
     slice_prefix,
     validate_update,
@@ -267,8 +268,8 @@ class FedLoD(FedAvg):
                 self.client_rounds.append(row)
         if not updates:
             return None, None
-        rule = aggregate_svd if self.cfg.aggregation == "svd" else aggregate_ordered_factors
-        merged = rule(self.current, updates)
+        rules = {"ordered": aggregate_ordered_factors, "svd": aggregate_svd, "zero_pad": aggregate_zero_padded}
+        merged = rules[self.cfg.aggregation](self.current, updates)
         if self.cfg.server_shrink_eps > 0:
             merged, self.global_ranks = shrink_factors(merged, self.cfg.server_shrink_eps)
         ok = [r for r in self.client_rounds if r.status == "ok"]

@@ -144,3 +144,20 @@ def test_svd_aggregation_averages_the_products() -> None:
         assert np.all(norms[:-1] >= norms[1:] - 1e-6)  # ordered by singular value
     np.testing.assert_allclose(out["norm.weight"], (a["norm.weight"] + 3 * b["norm.weight"]) / 4, rtol=1e-6)
     assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in g.items()}
+
+
+def test_zero_padding_shrinks_components_few_clients_trained() -> None:
+    from maestro_fl.aggregation import aggregate_zero_padded
+
+    g = {"l.in_network.weight": np.zeros((3, 2)), "l.out_network.weight": np.full((2, 3), 9.0), "b": np.zeros(2)}
+    a = {"l.in_network.weight": np.ones((1, 2)), "l.out_network.weight": np.ones((2, 1)), "b": np.ones(2)}
+    b = {"l.in_network.weight": np.full((2, 2), 2.0), "l.out_network.weight": np.full((2, 2), 2.0), "b": np.full(2, 3.0)}
+    out = aggregate_zero_padded(g, [(a, 1.0), (b, 3.0)])
+    # component 0: (1·1 + 3·2)/4 = 1.75; component 1: (1·0 + 3·2)/4 = 1.5 (a counts as zero); component 2: 0
+    np.testing.assert_allclose(out["l.in_network.weight"], [[1.75, 1.75], [1.5, 1.5], [0.0, 0.0]])
+    np.testing.assert_allclose(out["l.out_network.weight"], [[1.75, 1.5, 0.0], [1.75, 1.5, 0.0]])
+    np.testing.assert_allclose(out["b"], [2.5, 2.5])
+    full = global_model()
+    updates = [(perturbed(full, s), float(n)) for s, n in [(1, 10), (2, 30)]]
+    for k, v in aggregate_zero_padded(full, updates).items():  # all at full rank: plain FedAvg
+        np.testing.assert_allclose(v, fedavg(updates)[k], rtol=1e-6, atol=1e-6)
