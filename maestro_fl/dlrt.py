@@ -25,6 +25,8 @@ plain SGD step with the S-step's gradients.
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
+
 import copy
 from collections.abc import Callable
 
@@ -43,7 +45,7 @@ def _orth(a: torch.Tensor) -> torch.Tensor:
     return q
 
 
-class DLRTLayer(nn.Module):
+class DLRTLayer(nn.Module, metaclass=ABCMeta):
     """``W = U S Vᵀ`` with orthonormal bases; a Linear or (unfolded-kernel) Conv2d layer.
 
     Attributes
@@ -76,9 +78,9 @@ class DLRTLayer(nn.Module):
     def rank(self) -> int:
         return int(self.S.shape[0])
 
+    @abstractmethod
     def _apply_factors(self, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """``x ↦ left · (rightᵀ x)`` through the layer's own input map; ``left`` out × q, ``right`` fan_in × q."""
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "kl":
@@ -91,8 +93,9 @@ class DLRTLayer(nn.Module):
             y = self._apply_factors(x, self.U @ self.S, self.V)
         return self._add_bias(y)
 
+    @abstractmethod
     def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
     @torch.no_grad()
     def init_from_weight(self, w: torch.Tensor) -> None:
@@ -117,9 +120,9 @@ class DLRTLayer(nn.Module):
         """Deployed weights: ``K = U S`` and ``V``, i.e. ``r·(m + n)``, plus the bias."""
         return self.rank * (self.fan_out + self.fan_in) + (0 if self.bias is None else self.bias.numel())
 
+    @abstractmethod
     def empty_lod(self, rank: int) -> LoDLayer:
         """An LoD layer of this shape at ``rank`` (weights uninitialized)."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def to_lod(self) -> LoDLayer:

@@ -18,6 +18,8 @@ relies on that.
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
+
 import math
 from typing import Literal
 
@@ -28,7 +30,7 @@ from torch import nn
 Init = Literal["svd", "random"]
 
 
-class LoDLayer(nn.Module):
+class LoDLayer(nn.Module, metaclass=ABCMeta):
     """Base class of the LoD layers.
 
     Attributes
@@ -53,14 +55,14 @@ class LoDLayer(nn.Module):
 
     # -- shapes ---------------------------------------------------------
     @property
+    @abstractmethod
     def fan_in(self) -> int:
         """Columns of the unfolded dense weight (``in`` or ``in·k·k``)."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def fan_out(self) -> int:
         """Rows of the dense weight (output features or channels)."""
-        raise NotImplementedError
 
     @property
     def full_rank(self) -> int:
@@ -91,8 +93,9 @@ class LoDLayer(nn.Module):
         r = self.resolve_rank(rank)
         return (self.u_matrix(r) @ self.v_matrix(r)).reshape(self._dense_shape())
 
+    @abstractmethod
     def _dense_shape(self) -> tuple[int, ...]:
-        raise NotImplementedError
+        ...
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -156,12 +159,13 @@ class LoDLayer(nn.Module):
         self._set_inner(rank)
         self.max_rank = rank
 
+    @abstractmethod
     def _set_inner(self, rank: int) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def to_dense_module(self, rank: int | None = None) -> nn.Module:
         """A plain ``nn.Linear``/``nn.Conv2d`` computing this layer at ``rank``."""
-        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"max_rank={self.max_rank}, active_rank={self.active_rank}"
