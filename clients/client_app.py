@@ -2,11 +2,13 @@
 
 * ``query``: registration. The client reports its device (from
   :mod:`clients.devices`) and how many training examples it holds.
-* ``train``: the client receives only the factor prefix of its budget plus
-  the dense parameters, trains it with Maestro's ordered dropout within that
-  budget (or with DLRT, its rank capped by the budget), and replies with the trained prefix and what it cost: examples,
-  loss, ranks, bytes both ways, MACs, and simulated compute and transfer
-  seconds on its device.
+* ``train``: the client receives only the sub-model of its budget and
+  trains it: a factor prefix plus the dense parameters, with Maestro's
+  ordered dropout within that budget (or with DLRT, its rank capped by the
+  budget); or a width slice of the dense model (HeteroFL; FjORD's ordered
+  dropout over width levels). It replies with the trained sub-model and what
+  it cost: examples, loss, ranks, bytes both ways, MACs, and simulated
+  compute and transfer seconds on its device.
 
 The run's :class:`~maestro_fl.config.SimConfig` arrives with every message
 (``run-config``), so the same ClientApp serves ``maestro-fl simulate`` and
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 import torch
@@ -31,9 +33,10 @@ from maestro_fl.config import SimConfig, parse_faults, resolve
 from maestro_fl.convert import lod_layers, truncate
 from maestro_fl.data import Split
 from maestro_fl.dlrt import KLSIntegrator, dlrt_to_lod, dlrt_train_epoch, lod_to_dlrt
-from maestro_fl.federated import federation, ranks_from_list
+from maestro_fl.federated import Federation, federation, model_at_width, ranks_from_list
 from maestro_fl.footprint import footprint
 from maestro_fl.training import make_sampler, train_epoch
+from maestro_fl.width import OrderedDropout, ordered_dropout_epoch
 
 from .devices import device_for
 
@@ -83,15 +86,18 @@ def handle_train(msg: Message, context: Context) -> Message:
     conf: ConfigRecord = msg.content[P.CONFIG]
     received: ArrayRecord = msg.content[P.ARRAYS]
     server_round = int(conf[P.SERVER_ROUND])
-    ranks = ranks_from_list(fed.layer_names, list(conf[P.RANKS]))
-    model = truncate(fed.template, ranks)
+    width = float(conf[P.WIDTH]) if P.WIDTH in conf else None
+    ranks = {} if width is not None else ranks_from_list(fed.layer_names, list(conf[P.RANKS]))
+    model = truncate(fed.template, ranks) if width is None else model_at_width(cfg, fed.data.spec, width)
     model.load_state_dict(received.to_torch_state_dict())
 
     train, _ = fed.client_split(pid)
     # local randomness (data order, sampled ranks) is a function of (seed, round, client) alone
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, server_round, pid]).generate_state(1)[0]))
     epochs = int(conf[P.LOCAL_EPOCHS])
-    if cfg.trainer == "dlrt":
+    if width is not None:
+        losses = _train_width(model, fed, train, conf, cfg, gen, epochs)
+    elif cfg.trainer == "dlrt":
         model, losses = _train_dlrt(model, train, conf, cfg, gen, fed.data.augment, epochs)
         for name, layer in lod_layers(model).items():
             layer.pad_(ranks[name])  # DLRT may have lowered the rank; the reply keeps the shape it was sent
@@ -113,6 +119,7 @@ def handle_train(msg: Message, context: Context) -> Message:
             P.TRAIN_LOSS: float(np.mean(losses)) if losses else 0.0,
             P.PARTITION_ID: pid,
             P.RANKS: [int(r) for r in ranks.values()],
+            **({P.WIDTH: width} if width is not None else {}),
             P.BYTES_RECEIVED: bytes_in,
             P.BYTES_SENT: bytes_out,
             P.MACS: float(macs),
@@ -148,6 +155,35 @@ def _train_lod(
         )
         losses.append(stats.loss)
     return losses
+
+
+@lru_cache(maxsize=16)
+def _architecture(cfg: SimConfig, spec: object, width: float) -> nn.Module:
+    """The model at ``width``, for its structure only (ordered dropout runs it on sliced weights)."""
+    return model_at_width(cfg, spec, width)
+
+
+def _train_width(
+    model: nn.Module, fed: Federation, train: Split, conf: ConfigRecord, cfg: SimConfig, gen: torch.Generator, epochs: int
+) -> list[float]:
+    """A width slice: plain SGD at its width (HeteroFL) or ordered dropout over width levels (FjORD)."""
+    od = OrderedDropout(model, partial(_architecture, cfg, fed.data.spec), [float(w) for w in conf[P.WIDTHS]], gen)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=float(conf[P.LR]), momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    return [
+        ordered_dropout_epoch(
+            od,
+            train,
+            opt,
+            distill=bool(conf[P.FULL_PASS]),
+            batch_size=int(conf[P.BATCH_SIZE]),
+            generator=gen,
+            augment=fed.data.augment,
+            clip_grad_norm=cfg.clip_grad_norm,
+        ).loss
+        for _ in range(epochs)
+    ]
 
 
 def _train_dlrt(

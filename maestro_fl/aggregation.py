@@ -94,6 +94,35 @@ def aggregate_nested(
     return out
 
 
+def aggregate_heterofl(
+    global_arrays: Mapping[str, np.ndarray],
+    updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
+) -> Arrays:
+    """HeteroFL's server rule (Diao et al., ICLR 2021): unweighted count-averaging of width slices.
+
+    Every element becomes the plain mean over the clients whose slice holds it
+    (the reference code's ``tmp_v / count``), whatever their example counts;
+    elements no client holds keep their value. Label masking of the output
+    layer is not applied: every client's classifier rows are averaged.
+    """
+    return aggregate_nested(global_arrays, [(arrays, 1.0) for arrays, _ in updates])
+
+
+def aggregate_fjord(
+    global_arrays: Mapping[str, np.ndarray],
+    updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
+) -> Arrays:
+    """FjORD's server rule (Horváth et al., NeurIPS 2021, ``fjord_average``): nested, example-weighted.
+
+    The reference loops over width levels from the largest down, averaging
+    slice ``p`` over the clients with ``p_max ≥ p`` and letting smaller slices
+    overwrite larger ones. An element therefore ends up averaged over exactly
+    the clients whose slice contains it, weighted by examples: the per-element
+    form computed here, independent of the level grid.
+    """
+    return aggregate_nested(global_arrays, updates)
+
+
 def aggregate_ordered_factors(
     global_arrays: Mapping[str, np.ndarray],
     updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
@@ -251,3 +280,28 @@ def aggregate_zero_padded(
             acc[tuple(slice(0, d) for d in block.shape)] += w * block
         out[name] = (acc / total).astype(current.dtype)
     return out
+
+
+def aggregate_fedhm(
+    global_arrays: Mapping[str, np.ndarray],
+    updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
+) -> Arrays:
+    """FedHM's server rule (Yao et al., arXiv 2111.14655, ``svd_agg.py``).
+
+    The server's model is dense, kept as its exact full-rank SVD factors (so a
+    client's truncated-SVD factorization at rank ``r`` is a prefix of them).
+    Each client's factors are rebuilt into ``W = U Vᵀ`` and the dense matrices
+    averaged with weight ``1/n``; the average is re-factored by SVD at full rank
+    (:func:`aggregate_svd`, exact). When no client trained every layer at full
+    rank, the server's own model joins the average as one more client, as the
+    reference does to keep the directions no client could train.
+    """
+    axes = rank_axes(list(global_arrays))
+
+    def full_rank(arrays: Mapping[str, np.ndarray]) -> bool:
+        return all(arrays[n].shape[a] == global_arrays[n].shape[a] for n, a in axes.items() if n in arrays)
+
+    uniform = [(arrays, 1.0) for arrays, _ in updates]
+    if not any(full_rank(arrays) for arrays, _ in updates):
+        uniform.append((dict(global_arrays), 1.0))
+    return aggregate_svd(global_arrays, uniform)

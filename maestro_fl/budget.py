@@ -15,7 +15,7 @@ compute time + download + upload over the device's bandwidth.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +91,23 @@ def cost_table(model: nn.Module, input_shape: tuple[int, ...], fractions: Sequen
         ranks = ranks_at_fraction(model, p)
         fp = footprint(model, input_shape, ranks, as_deployed=False)
         table.append(Cost(p, ranks, fp.params, fp.macs, activation_count(model, input_shape, ranks)))
+    return table
+
+
+def width_cost_table(
+    build: Callable[[float], nn.Module], input_shape: tuple[int, ...], fractions: Sequence[float] = FRACTION_GRID
+) -> list[Cost]:
+    """Training cost of the width-sliced model (HeteroFL, FjORD) at each width fraction (largest first).
+
+    ``build(p)`` is the dense model at width ``p``; it is measured by the same
+    :func:`~maestro_fl.footprint.footprint` and :func:`activation_count` as the
+    LoD model, so a tier's costs are comparable across methods. ``ranks`` is empty.
+    """
+    table = []
+    for p in sorted(set(fractions), reverse=True):
+        model = build(p)
+        fp = footprint(model, input_shape)
+        table.append(Cost(p, {}, fp.params, fp.macs, activation_count(model, input_shape)))
     return table
 
 

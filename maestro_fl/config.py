@@ -17,14 +17,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .data import DATASETS
-from .models import MODELS
+from .models import MODELS, NORMS
 from .training import SAMPLERS
 
 
 #: strategies a simulation can run (the classes are in strategies/; a test keeps the two in step)
-STRATEGIES = ("fedlod", "fedavg_dense", "fedavg_exclusive")
-#: strategies that train the dense model rather than its LoD factorization
-DENSE_STRATEGIES = ("fedavg_dense", "fedavg_exclusive")
+STRATEGIES = ("fedlod", "fedavg_dense", "fedavg_exclusive", "heterofl", "fjord", "fedhm")
+#: strategies whose clients train width slices of the dense model
+WIDTH_STRATEGIES = ("heterofl", "fjord")
+#: strategies whose server model is the dense model (full-width for the width-sliced ones)
+DENSE_STRATEGIES = ("fedavg_dense", "fedavg_exclusive", *WIDTH_STRATEGIES)
 
 
 class ConfigError(ValueError):
@@ -71,7 +73,7 @@ class TrainConfig:
         check_one_of("method", self.method, ("lod", "dlrt"))
         check_one_of("dataset", self.dataset, DATASETS)
         check_one_of("model", self.model, tuple(MODELS))
-        check_one_of("norm", self.norm, ("default", "bn", "gn", "none"))
+        check_one_of("norm", self.norm, ("default", *NORMS))
         check_one_of("init", self.init, ("svd", "random"))
         check_one_of("sampler", self.sampler, SAMPLERS)
         check_fraction("dlrt_tau", self.dlrt_tau)
@@ -207,8 +209,9 @@ def save(cfg: object, path: Path) -> None:
 class SimConfig:
     """Heterogeneous federated LoD training (``maestro-fl simulate``): the main job."""
 
-    strategy: str = "fedlod"  # 'fedlod', or the baselines 'fedavg_dense' (all clients, full dense model) and
-    # 'fedavg_exclusive' (only clients that afford the full dense model); see strategies/baselines.py
+    strategy: str = "fedlod"  # 'fedlod', or the baselines 'fedavg_dense' (all clients, full dense model),
+    # 'fedavg_exclusive' (only clients that afford it), 'heterofl', 'fjord' (width slices) and 'fedhm'
+    # (truncated SVD of a dense server model); see strategies/baselines.py
     # -- data and model --
     dataset: str = "digits"  # embedded: the main job runs offline
     data_root: str = "data"  # where torchvision datasets are read from (or downloaded to)
@@ -238,7 +241,7 @@ class SimConfig:
     sampler: str = "nested"  # one rank fraction for all layers per step: the weakest tier +4 pp over per_layer
     clip_grad_norm: float = 2.0  # products of factors spike the gradient; unclipped runs diverge at lr 0.1
     lambda_gl: float = 0.0  # group lasso off: budgets, not learned ranks, set the federated footprint
-    full_pass: bool = False  # self-distillation doubles client compute for no gain in Maestro's ablation
+    full_pass: bool = False  # self-distillation (FjORD's KD too) doubles client compute for no gain in Maestro's ablation
     # -- devices --
     tier_shares: tuple[float, ...] = (0.2, 0.2, 0.2, 0.2, 0.2)  # five tiers in equal shares (FjORD, HeteroFL)
     population_csv: str = ""  # per-client capabilities (a FedScale-like trace); overrides tier_shares
@@ -268,7 +271,7 @@ class SimConfig:
         check_one_of("strategy", self.strategy, STRATEGIES)
         check_one_of("dataset", self.dataset, DATASETS)
         check_one_of("model", self.model, tuple(MODELS))
-        check_one_of("norm", self.norm, ("default", "bn", "gn", "none"))
+        check_one_of("norm", self.norm, ("default", *NORMS))
         check_one_of("init", self.init, ("svd", "random"))
         check_one_of("partition", self.partition, ("iid", "dirichlet", "pathological"))
         check_one_of("sampler", self.sampler, SAMPLERS)
@@ -277,6 +280,11 @@ class SimConfig:
         check_one_of("backend", self.backend, ("ray", "local"))
         check_one_of("trainer", self.trainer, ("lod", "dlrt"))
         check_one_of("aggregation", self.aggregation, ("ordered", "svd", "zero_pad"))
+        if self.strategy in ("heterofl", "fjord", "fedhm") and (self.aggregation != "ordered" or self.trainer != "lod"):
+            raise ConfigError(
+                f"strategy {self.strategy!r} has its own server rule and local training: "
+                "aggregation and trainer apply to 'fedlod' only (leave them at 'ordered' and 'lod')"
+            )
         if self.trainer == "dlrt" and self.aggregation != "svd":
             raise ConfigError(
                 "aggregation must be 'svd' with trainer='dlrt': DLRT clients rotate their bases, "

@@ -8,6 +8,7 @@ client it runs.
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -16,10 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import DENSE_STRATEGIES, SimConfig, to_dict
+from .config import DENSE_STRATEGIES, WIDTH_STRATEGIES, SimConfig, to_dict
 from .convert import factorize, lod_layers
 from .data import ImageData, Split, load_dataset
-from .models import build_model
+from .models import MODELS, build_model
 from .partition import partition_indices, train_val_split
 
 
@@ -39,15 +40,28 @@ class Federation:
         return int(round(np.mean([len(t) for t, _ in self.partitions])))
 
 
+def model_at_width(cfg: SimConfig, spec, width: float) -> nn.Module:  # type: ignore[no-untyped-def]
+    """The dense model at hidden-width fraction ``width`` (HeteroFL/FjORD sub-models; 1.0 = full).
+
+    Width-sliced strategies replace BatchNorm by HeteroFL's static BN
+    (``'sbn'``): running statistics of different widths cannot be averaged.
+    """
+    norm = inspect.signature(MODELS[cfg.model]).parameters["norm"].default if cfg.norm == "default" else cfg.norm
+    if cfg.strategy in WIDTH_STRATEGIES and norm == "bn":
+        norm = "sbn"
+    return build_model(cfg.model, spec, norm, width=width)
+
+
 def build_template(cfg: SimConfig, spec) -> nn.Module:  # type: ignore[no-untyped-def]
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, spec, None if cfg.norm == "default" else cfg.norm)
+    model = model_at_width(cfg, spec, 1.0)
     if cfg.strategy in DENSE_STRATEGIES:
         return model
     return factorize(
         model,
-        init=cfg.init,  # type: ignore[arg-type]
+        # FedHM's server model is dense: its factors are the exact SVD of the initial weights
+        init="svd" if cfg.strategy == "fedhm" else cfg.init,  # type: ignore[arg-type]
         keep_first=cfg.keep_first,
         keep_classifier=cfg.keep_classifier,
         generator=gen,

@@ -20,6 +20,8 @@ CLIENTAPP_REF = "clients.client_app:app"
 RUN_CONFIG = "run-config"  # the SimConfig as JSON: clients build data and model from it
 SERVER_ROUND = "server-round"
 RANKS = "ranks"  # list[int]: the client's rank per LoD layer, in lod_layers() order
+WIDTH = "width"  # float: the client's hidden-width fraction (HeteroFL, FjORD); replaces RANKS
+WIDTHS = "widths"  # list[float]: the width levels its ordered dropout samples from (FjORD; [WIDTH] = none)
 LOCAL_EPOCHS = "local-epochs"
 LR = "lr"
 BATCH_SIZE = "batch-size"

@@ -15,17 +15,21 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from logging import DEBUG, INFO
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+import torch
 from torch import nn
 
 from maestro_fl import protocol as P
 from maestro_fl.aggregation import (
+    Arrays,
     aggregate_ordered_factors,
     aggregate_svd,
     aggregate_zero_padded,
@@ -36,6 +40,9 @@ from maestro_fl.aggregation import (
 from maestro_fl.budget import Cost, DeviceCapability, affordable, cost_table
 from maestro_fl.config import SimConfig, to_dict
 from maestro_fl.convert import Ranks, lod_layers, model_ranks, truncate
+from maestro_fl.footprint import Footprint, footprint
+
+Updates = list[tuple[dict[str, np.ndarray], float]]
 
 
 @dataclass
@@ -48,6 +55,7 @@ class ClientRound:
     tier: int
     ranks: list[int]
     status: str  # ok | failed | timeout | malformed | dropped | unaffordable
+    fraction: float = float("nan")  # the budget's rank (or width) fraction; NaN when unaffordable
     reason: str = ""
     num_examples: int = 0
     train_loss: float = float("nan")
@@ -67,7 +75,7 @@ class ClientRound:
 @dataclass
 class _Assignment:
     device: DeviceCapability
-    ranks: Ranks
+    cost: Cost
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     bytes_down: int = 0
 
@@ -159,14 +167,42 @@ class FedLoD(FedAvg):
             deadline_s=self.cfg.compute_budget_s,
         )
 
-    def tier_ranks(self) -> dict[int, Ranks]:
-        """Per tier, the ranks every member can afford (the tier's weakest member's budget)."""
-        out: dict[int, tuple[float, Ranks]] = {}
+    def tier_costs(self) -> dict[int, Cost]:
+        """Per tier, the budget every member can afford (the tier's weakest member's)."""
+        out: dict[int, Cost] = {}
         for device in self.devices.values():
             cost = self.budget(device)
-            if cost is not None and (device.tier not in out or cost.fraction < out[device.tier][0]):
-                out[device.tier] = (cost.fraction, cost.ranks)
-        return {t: r for t, (_, r) in sorted(out.items())}
+            if cost is not None and (device.tier not in out or cost.fraction < out[device.tier].fraction):
+                out[device.tier] = cost
+        return dict(sorted(out.items()))
+
+    def tier_ranks(self) -> dict[int, Ranks]:
+        return {t: c.ranks for t, c in self.tier_costs().items()}
+
+    # -- the sub-model family (override these to train other sub-models) --------
+    def sub_model(self, cost: Cost) -> dict[str, np.ndarray]:
+        """The arrays a client at ``cost`` receives: its factor prefixes and every dense parameter."""
+        return slice_prefix(self.current, cost.ranks)
+
+    def train_settings(self, cost: Cost) -> dict[str, Any]:
+        """The config entries that tell a client at ``cost`` which sub-model it holds and how to train it."""
+        return {P.RANKS: [int(cost.ranks[n]) for n in self.layer_names], P.SAMPLER: self.cfg.sampler}
+
+    def merge(self, updates: Updates) -> Arrays:
+        """The new global arrays from the good replies (``cfg.aggregation``'s rule)."""
+        rules = {"ordered": aggregate_ordered_factors, "svd": aggregate_svd, "zero_pad": aggregate_zero_padded}
+        return rules[self.cfg.aggregation](self.current, updates)
+
+    def deployed(self, arrays: dict[str, np.ndarray], cost: Cost) -> tuple[nn.Module, Ranks | None]:
+        """The model a tier at ``cost`` runs, and the ranks to run it at (for evaluation and footprint)."""
+        model = truncate(self.template, self.global_ranks)
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+        return model, cost.ranks
+
+    @cached_property
+    def reference(self) -> Footprint:
+        """The full dense model's footprint: the denominator of every method's ratios."""
+        return footprint(self.template, self.input_shape)
 
     # -- sampling ----------------------------------------------------------------
     def nodes_by_partition(self) -> list[int]:
@@ -201,28 +237,27 @@ class FedLoD(FedAvg):
             device = self.device_this_round(node, server_round)
             cost = self.budget(device)
             if cost is None:
-                self.client_rounds.append(self._row(server_round, node, device, {}, "unaffordable"))
+                self.client_rounds.append(self._row(server_round, node, device, None, "unaffordable"))
                 continue
-            sub = slice_prefix(self.current, cost.ranks)
+            sub = self.sub_model(cost)
             assignment = _Assignment(
-                device, cost.ranks, {k: v.shape for k, v in sub.items()}, sum(v.nbytes for v in sub.values())
+                device, cost, {k: v.shape for k, v in sub.items()}, sum(v.nbytes for v in sub.values())
             )
             self.assignments[node] = assignment
             conf = ConfigRecord(
                 {
                     P.RUN_CONFIG: self._config_json,
                     P.SERVER_ROUND: server_round,
-                    P.RANKS: [int(cost.ranks[n]) for n in self.layer_names],
                     P.LOCAL_EPOCHS: self.cfg.local_epochs,
                     P.LR: self.cfg.dlrt_lr if self.cfg.trainer == "dlrt" else self.cfg.lr,
                     P.BATCH_SIZE: self.cfg.batch_size,
                     P.LAMBDA_GL: self.cfg.lambda_gl,
-                    P.SAMPLER: self.cfg.sampler,
                     P.FULL_PASS: self.cfg.full_pass,
                     P.DEVICE_MACS_PER_S: device.macs_per_s,
                     P.DEVICE_UP_BPS: device.up_bps,
                     P.DEVICE_DOWN_BPS: device.down_bps,
                 }
+                | self.train_settings(cost)
             )
             content = RecordDict({P.ARRAYS: to_record(sub), P.CONFIG: conf})
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
@@ -238,8 +273,8 @@ class FedLoD(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Check every reply, then average the ordered factors of the good ones."""
-        updates: list[tuple[dict[str, np.ndarray], float]] = []
+        """Check every reply, then merge the good ones (:meth:`merge`)."""
+        updates: Updates = []
         answered = set()
         for msg in sorted(replies, key=lambda m: self.partition_of.get(m.metadata.src_node_id, -1)):
             node = msg.metadata.src_node_id
@@ -247,7 +282,7 @@ class FedLoD(FedAvg):
             assignment = self.assignments.get(node)
             if assignment is None:
                 continue  # a reply to nothing this round asked for
-            row = self._row(server_round, node, assignment.device, assignment.ranks, "ok")
+            row = self._row(server_round, node, assignment.device, assignment.cost, "ok")
             row.bytes_down = assignment.bytes_down
             if msg.has_error():
                 row.status, row.reason = "failed", msg.error.reason[-300:]
@@ -263,13 +298,12 @@ class FedLoD(FedAvg):
             self.client_rounds.append(row)
         for node, assignment in self.assignments.items():
             if node not in answered:
-                row = self._row(server_round, node, assignment.device, assignment.ranks, "timeout")
+                row = self._row(server_round, node, assignment.device, assignment.cost, "timeout")
                 row.bytes_down, row.reason = assignment.bytes_down, "no reply within round_timeout_s"
                 self.client_rounds.append(row)
         if not updates:
             return None, None
-        rules = {"ordered": aggregate_ordered_factors, "svd": aggregate_svd, "zero_pad": aggregate_zero_padded}
-        merged = rules[self.cfg.aggregation](self.current, updates)
+        merged = self.merge(updates)
         if self.cfg.server_shrink_eps > 0:
             merged, self.global_ranks = shrink_factors(merged, self.cfg.server_shrink_eps)
         ok = [r for r in self.client_rounds if r.status == "ok"]
@@ -280,14 +314,17 @@ class FedLoD(FedAvg):
         return to_record(merged), metrics
 
     # -- helpers -----------------------------------------------------------------
-    def _row(self, server_round: int, node: int, device: DeviceCapability, ranks: Ranks, status: str) -> ClientRound:
+    def _row(
+        self, server_round: int, node: int, device: DeviceCapability, cost: Cost | None, status: str
+    ) -> ClientRound:
         return ClientRound(
             server_round,
             node,
             self.partition_of.get(node, -1),
             device.tier,
-            [int(ranks[n]) for n in self.layer_names] if ranks else [],
+            [int(cost.ranks[n]) for n in self.layer_names] if cost is not None and cost.ranks else [],
             status,
+            cost.fraction if cost is not None else float("nan"),
         )
 
     def _read_reply(

@@ -29,13 +29,12 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from maestro_fl.config import SimConfig, resolve, save
-from maestro_fl.convert import Ranks, truncate
 from maestro_fl.federated import Federation, federation
 from maestro_fl.footprint import footprint
 from maestro_fl.results import CsvLog, format_table
 from maestro_fl.training import evaluate
 
-from .baselines import STRATEGY_CLASSES
+from .baselines import make_strategy
 from .fedlod import FedLoD, client_round_dicts, to_numpy, to_record
 
 CHECKPOINT = "checkpoint.pt"
@@ -45,17 +44,18 @@ STATUSES = ("ok", "failed", "timeout", "malformed", "dropped", "unaffordable")  
 RoundCallback = Callable[[int, dict[str, Any]], None]
 
 
-def global_model(fed: Federation, strategy: FedLoD, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
-    model = truncate(fed.template, strategy.global_ranks)
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
-    return model
-
-
 def evaluate_tiers(fed: Federation, strategy: FedLoD, arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Test accuracy and deployed footprint of the global model at every tier's ranks."""
-    model = global_model(fed, strategy, arrays)
+    """Test accuracy and deployed footprint of the global model at every tier's budget.
+
+    The model a tier runs comes from the strategy (rank prefixes, width slices
+    or the dense model); its footprint is measured by the one
+    :func:`~maestro_fl.footprint.footprint` and divided by the full dense
+    model's, so ratios compare across methods.
+    """
     rows = []
-    for tier, ranks in strategy.tier_ranks().items():
+    reference = strategy.reference
+    for tier, cost in strategy.tier_costs().items():
+        model, ranks = strategy.deployed(arrays, cost)
         loss, acc = evaluate(model, fed.data.test, ranks)
         fp = footprint(model, fed.data.spec.shape, ranks)
         rows.append(
@@ -63,12 +63,13 @@ def evaluate_tiers(fed: Federation, strategy: FedLoD, arrays: dict[str, np.ndarr
                 "tier": tier,
                 "accuracy": acc,
                 "loss": loss,
-                "ranks": [ranks[n] for n in strategy.layer_names],
+                "fraction": cost.fraction,
+                "ranks": [ranks[n] for n in strategy.layer_names] if ranks else [],
                 "params": fp.params,
                 "macs": fp.macs,
                 "bytes_fp32": fp.bytes("fp32"),
-                "params_ratio": fp.params / fp.dense_params,
-                "macs_ratio": fp.macs / fp.dense_macs,
+                "params_ratio": fp.params / reference.dense_params,
+                "macs_ratio": fp.macs / reference.dense_macs,
             }
         )
     return rows
@@ -109,7 +110,7 @@ def run_server(
 ) -> list[dict[str, Any]]:
     """Run (or resume) the federation in ``run_dir``; returns the final per-tier rows."""
     fed = federation(cfg)
-    strategy = STRATEGY_CLASSES[cfg.strategy](fed.template, fed.data.spec.shape, cfg)
+    strategy = make_strategy(cfg, fed)
 
     # registration: every node reports its device
     strategy.register(grid.send_and_receive(strategy.registration_messages(grid), timeout=cfg.round_timeout_s))

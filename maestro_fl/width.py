@@ -1,0 +1,151 @@
+"""Width-sliced sub-models: HeteroFL (Diao et al., ICLR 2021) and FjORD (Horváth et al., NeurIPS 2021).
+
+A client at width ``p`` holds the first ``⌈p·c⌉`` channels (units) of every
+hidden layer of the full model; the model builders of :mod:`maestro_fl.models`
+build that network directly (``width=p``). Every tensor of it is the leading
+corner ``[:d0, :d1, ...]`` of the full model's tensor of the same name, so
+a sub-model is cut out by :func:`slice_corners` and put back by the nested
+averaging of :mod:`maestro_fl.aggregation`.
+
+FjORD's ordered dropout trains, at each step, the sub-model of one width
+``p ≤ p_max`` drawn uniformly from the federation's width levels, as a
+corner of the client's own ``p_max`` parameters (:class:`OrderedDropout`);
+its optional self-distillation uses the ``p_max`` output as the teacher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .data import Split, batches
+from .training import EpochStats
+
+Arrays = dict[str, np.ndarray]
+ModelAtWidth = Callable[[float], nn.Module]
+
+
+def corner(shape: Sequence[int]) -> tuple[slice, ...]:
+    """The index of the leading block of ``shape``: ``[:d0, :d1, ...]``."""
+    return tuple(slice(0, int(d)) for d in shape)
+
+
+def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Shape of every entry of the model's state dict (what a client at this width holds)."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def slice_corners(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, Sequence[int]]) -> Arrays:
+    """The sub-model of ``shapes`` cut out of the full model's ``arrays`` (leading corners).
+
+    Raises
+    ------
+    ValueError
+        A name the full model lacks, or a shape that is not a corner of it.
+    """
+    out: Arrays = {}
+    for name, shape in shapes.items():
+        if name not in arrays:
+            raise ValueError(f"sub-model parameter {name!r} is not in the full model")
+        full = arrays[name]
+        if len(shape) != full.ndim or any(s > f for s, f in zip(shape, full.shape)):
+            raise ValueError(f"{name}: {tuple(shape)} is not a leading corner of the full shape {full.shape}")
+        out[name] = full[corner(shape)]
+    return out
+
+
+class OrderedDropout:
+    """FjORD's ordered dropout for a client whose largest sub-model is ``model`` (width ``widths[-1]``).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The client's model at its maximum width ``p_max``.
+    build : callable
+        ``build(p)`` returns the architecture at width ``p`` of the full model
+        (weights unused: they are taken from ``model``'s leading corners).
+    widths : sequence of float
+        The width levels the client samples from, all ``≤ p_max``; FjORD's
+        ``p_s`` restricted to the client's budget.
+    generator : torch.Generator
+        Drives the per-step width draws (determinism).
+    """
+
+    def __init__(self, model: nn.Module, build: ModelAtWidth, widths: Sequence[float], generator: torch.Generator):
+        if not widths:
+            raise ValueError("widths must name at least one width level")
+        self.model = model
+        self.widths = tuple(sorted(widths))
+        self.generator = generator
+        self._shapes = state_shapes(model)
+        self._arch: dict[float, nn.Module] = {}
+        for p in self.widths[:-1]:
+            arch = build(p)
+            for name, shape in state_shapes(arch).items():
+                if name not in self._shapes or any(s > f for s, f in zip(shape, self._shapes[name])):
+                    raise ValueError(f"width {p}: {name} {shape} is not a corner of the client's model")
+            self._arch[p] = arch
+
+    def sample(self) -> float:
+        """A width level drawn uniformly from ``widths`` (FjORD's per-batch p)."""
+        return self.widths[int(torch.randint(len(self.widths), (1,), generator=self.generator))]
+
+    def forward(self, x: torch.Tensor, width: float) -> torch.Tensor:
+        """The output of the width-``width`` sub-model; gradients reach the corners of ``model``'s tensors."""
+        if width == self.widths[-1]:
+            return self.model(x)
+        arch = self._arch[width]
+        arch.train(self.model.training)
+        own = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        sliced = {name: own[name][corner(t.shape)] for name, t in arch.state_dict().items()}
+        return functional_call(arch, sliced, (x,))
+
+
+def ordered_dropout_epoch(
+    od: OrderedDropout,
+    data: Split | Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    distill: bool = False,
+    batch_size: int = 32,
+    generator: torch.Generator | None = None,
+    augment: bool = False,
+    clip_grad_norm: float = 0.0,
+) -> EpochStats:
+    """One epoch of FjORD training: each step trains one sampled width.
+
+    With ``distill`` (FjORD's self-distillation) a step whose width is below
+    ``p_max`` minimises ``CE(f_max(x), y) + CE(f_p(x), softmax(f_max(x)).detach())``;
+    otherwise ``CE(f_p(x), y)``. With a single width level this is plain SGD
+    on the client's sub-model (HeteroFL's local training).
+    """
+    model = od.model
+    model.train()
+    it = batches(data, batch_size, generator=generator, augment=augment) if isinstance(data, Split) else data
+    total_loss, correct, seen, steps, passes = 0.0, 0, 0, 0, 0
+    for x, y in it:
+        width = od.sample() if len(od.widths) > 1 else od.widths[0]
+        optimizer.zero_grad(set_to_none=True)
+        if distill and width != od.widths[-1]:
+            teacher = model(x)
+            out = od.forward(x, width)
+            loss = F.cross_entropy(teacher, y) + F.cross_entropy(out, teacher.detach().softmax(-1))
+            passes += 2
+        else:
+            out = od.forward(x, width)
+            loss = F.cross_entropy(out, y)
+            passes += 1
+        loss.backward()
+        if clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        optimizer.step()
+        total_loss += float(loss.detach()) * len(y)
+        correct += int((out.argmax(-1) == y).sum())
+        seen += len(y)
+        steps += 1
+    return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1), steps, seen, passes)

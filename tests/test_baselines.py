@@ -1,0 +1,340 @@
+"""Baselines' aggregate_train fed with fake replies (Flower's fedavgm_test.py style), hand-computed.
+
+HeteroFL and FjORD on width slices, FedHM on truncated SVD factors, FedAvg
+dense and exclusive on the dense model; plus the width-sliced models, the
+bytes each client moves, and FjORD's ordered dropout.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from torch import nn
+
+from maestro_fl import protocol as P
+from maestro_fl.budget import DeviceCapability
+from maestro_fl.config import ConfigError, SimConfig, resolve
+from maestro_fl.convert import factorize
+from maestro_fl.data import Split
+from maestro_fl.footprint import footprint
+from maestro_fl.models import InputSpec, build_model, scaled
+from maestro_fl.width import OrderedDropout, ordered_dropout_epoch, slice_corners
+from strategies.baselines import FedAvgDense, FedAvgExclusive, FedHM, FjORD, HeteroFL
+from strategies.fedlod import FedLoD, to_numpy
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> None:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+def tiny_at_width(p: float) -> nn.Module:
+    """6 inputs → 8 hidden (⌈8p⌉ at width p) → 4 classes."""
+    h = scaled(8, p)
+    return nn.Sequential(nn.Linear(6, h), nn.ReLU(), nn.Linear(h, 4))
+
+
+def populate(strategy: FedLoD, fractions: list[float], examples: list[int] | None = None) -> ArrayRecord:
+    for i, p in enumerate(fractions):
+        node = 100 + i
+        strategy.partition_of[node] = i
+        strategy.examples_of[node] = (examples or [10] * len(fractions))[i]
+        strategy.devices[node] = DeviceCapability(i, 1e9, 1e9, 1e6, 1e6, availability=1.0, rank_fraction=p)
+    return ArrayRecord({k: Array(v.detach().numpy().copy()) for k, v in strategy.template.state_dict().items()})
+
+
+def config(n: int, **kw: object) -> SimConfig:
+    return resolve(SimConfig, overrides={"clients_per_round": n, "num_clients": n} | kw)
+
+
+def width_strategy(cls: type, fractions: list[float]) -> tuple[FedLoD, ArrayRecord]:
+    torch.manual_seed(0)
+    strategy = cls(tiny_at_width(1.0), (6,), config(len(fractions)), build=tiny_at_width)
+    return strategy, populate(strategy, fractions)
+
+
+def reply(msg: Message, arrays: dict[str, np.ndarray], n: int) -> Message:
+    metrics = MetricRecord(
+        {P.NUM_EXAMPLES: n, P.TRAIN_LOSS: 0.5, P.MACS: 1.0, P.COMPUTE_SECONDS: 1.0, P.DOWNLOAD_SECONDS: 0.5,
+         P.UPLOAD_SECONDS: 0.5}
+    )
+    record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return Message(RecordDict({P.ARRAYS: record, P.METRICS: metrics}), reply_to=msg)
+
+
+def filled(msg: Message, value: float) -> dict[str, np.ndarray]:
+    """A client's reply: every entry of what it was sent, set to ``value``."""
+    return {k: np.full_like(v, value) for k, v in to_numpy(msg.content[P.ARRAYS]).items()}
+
+
+def by_partition(msgs: list[Message], strategy: FedLoD) -> list[Message]:
+    return sorted(msgs, key=lambda m: strategy.partition_of[m.metadata.dst_node_id])
+
+
+# -- HeteroFL and FjORD -----------------------------------------------------------
+@pytest.mark.parametrize("cls,corner_value", [(HeteroFL, 2.0), (FjORD, 2.5)])
+def test_width_slices_average_over_their_holders(cls: type, corner_value: float) -> None:
+    """Client A (width 0.5, 10 examples) sends 1s, B (full, 30 examples) sends 3s.
+
+    HeteroFL counts: the block both hold is (1+3)/2 = 2. FjORD weights by
+    examples: (10·1 + 30·3)/40 = 2.5. Elements only B holds are 3.
+    """
+    strategy, arrays = width_strategy(cls, [0.5, 1.0])
+    a, b = by_partition(list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None)), strategy)
+    assert float(a.content[P.CONFIG][P.WIDTH]) == 0.5
+    assert to_numpy(a.content[P.ARRAYS])["0.weight"].shape == (4, 6)
+    out, _ = strategy.aggregate_train(1, [reply(a, filled(a, 1.0), 10), reply(b, filled(b, 3.0), 30)])
+    g = to_numpy(out)
+    np.testing.assert_allclose(g["0.weight"][:4], corner_value)
+    np.testing.assert_allclose(g["0.weight"][4:], 3.0)
+    np.testing.assert_allclose(g["0.bias"], [corner_value] * 4 + [3.0] * 4)
+    np.testing.assert_allclose(g["2.weight"][:, :4], corner_value)  # input side of the last layer is sliced
+    np.testing.assert_allclose(g["2.weight"][:, 4:], 3.0)
+    np.testing.assert_allclose(g["2.bias"], corner_value)  # classes are never sliced: both hold it
+
+
+@pytest.mark.parametrize("cls", [HeteroFL, FjORD])
+def test_width_elements_nobody_trained_keep_their_values(cls: type) -> None:
+    strategy, arrays = width_strategy(cls, [0.5, 1.0])
+    before = to_numpy(arrays)
+    a, b = by_partition(list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None)), strategy)
+    out, _ = strategy.aggregate_train(1, [reply(a, filled(a, 1.0), 10), Message(Error(code=1, reason="x"), reply_to=b)])
+    g = to_numpy(out)
+    np.testing.assert_allclose(g["0.weight"][:4], 1.0)
+    np.testing.assert_array_equal(g["0.weight"][4:], before["0.weight"][4:])
+    np.testing.assert_array_equal(g["2.weight"][:, 4:], before["2.weight"][:, 4:])
+
+
+@pytest.mark.parametrize("cls", [HeteroFL, FjORD])
+def test_width_bytes_per_client_are_the_slice_sizes(cls: type) -> None:
+    """Each client receives and sends exactly its slice: 4·(6h + h + 4h + 4) bytes, h = ⌈8p⌉."""
+    fractions = [0.25, 0.5, 0.75, 1.0]
+    strategy, arrays = width_strategy(cls, fractions)
+    msgs = list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None))
+    strategy.aggregate_train(1, [reply(m, filled(m, 0.0), 10) for m in msgs])
+    rows = sorted(strategy.client_rounds, key=lambda r: r.partition_id)
+    for row, p in zip(rows, fractions):
+        h = scaled(8, p)
+        assert row.status == "ok" and row.fraction == p
+        assert row.bytes_down == row.bytes_up == 4 * (6 * h + h + 4 * h + 4)
+        # the same accounting as every other method: the sub-model's footprint, in fp32
+        assert row.bytes_down == footprint(tiny_at_width(p), (6,)).bytes("fp32")
+    assert [r.bytes_down for r in rows] == sorted(r.bytes_down for r in rows)
+    assert rows[0].bytes_down < rows[-1].bytes_down
+
+
+def test_fjord_samples_the_federations_widths_up_to_its_own() -> None:
+    for cls, expected in [(FjORD, [[0.25], [0.25, 0.5], [0.25, 0.5, 1.0]]), (HeteroFL, [[0.25], [0.5], [1.0]])]:
+        strategy, arrays = width_strategy(cls, [0.25, 0.5, 1.0])
+        msgs = by_partition(list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None)), strategy)
+        assert [list(m.content[P.CONFIG][P.WIDTHS]) for m in msgs] == expected
+
+
+def test_width_reply_with_a_wrong_slice_is_malformed() -> None:
+    strategy, arrays = width_strategy(HeteroFL, [0.5, 1.0])
+    a, b = by_partition(list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None)), strategy)
+    wrong = filled(b, 1.0)  # the full slice, from the client that was sent half
+    strategy.aggregate_train(1, [reply(a, wrong, 10), reply(b, filled(b, 3.0), 10)])
+    rows = {r.partition_id: r for r in strategy.client_rounds}
+    assert rows[0].status == "malformed" and "wrong shape" in rows[0].reason
+    assert rows[1].status == "ok"
+
+
+# -- FedHM ---------------------------------------------------------------------------
+def fedhm(fractions: list[float]) -> tuple[FedHM, ArrayRecord]:
+    torch.manual_seed(0)
+    template = factorize(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)), init="svd")
+    strategy = FedHM(template, (6,), config(len(fractions)))
+    return strategy, populate(strategy, fractions, [10, 30, 60][: len(fractions)])
+
+
+def dense(arrays: dict[str, np.ndarray], layer: str) -> np.ndarray:
+    return arrays[f"{layer}.out_network.weight"].astype(np.float64) @ arrays[f"{layer}.in_network.weight"]
+
+
+def moved(msg: Message, seed: int) -> dict[str, np.ndarray]:
+    r = np.random.default_rng(seed)
+    return {k: (v + r.normal(size=v.shape)).astype(np.float32) for k, v in to_numpy(msg.content[P.ARRAYS]).items()}
+
+
+def test_fedhm_sends_the_truncated_svd_of_the_dense_model() -> None:
+    strategy, arrays = fedhm([0.4, 1.0])
+    w = dense(to_numpy(arrays), "0")
+    a, _ = by_partition(list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None)), strategy)
+    sent = to_numpy(a.content[P.ARRAYS])
+    assert sent["0.in_network.weight"].shape == (2, 6)  # rank ⌈0.4·5⌉ = 2
+    p, s, qt = np.linalg.svd(w)
+    np.testing.assert_allclose(dense(sent, "0"), (p[:, :2] * s[:2]) @ qt[:2], atol=1e-5)
+    assert a.content[P.CONFIG][P.SAMPLER] == "none"  # clients train their factors at that rank
+
+
+def test_fedhm_averages_rebuilt_dense_updates_uniformly() -> None:
+    """A rank-2 client (10 examples) and a full-rank one (30): W = (U_a V_aᵀ + U_b V_bᵀ)/2, not 1:3."""
+    strategy, arrays = fedhm([0.4, 1.0])
+    a, b = by_partition(list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None)), strategy)
+    ua, ub = moved(a, 1), moved(b, 2)
+    out, _ = strategy.aggregate_train(1, [reply(a, ua, 10), reply(b, ub, 30)])
+    g = to_numpy(out)
+    for layer in ("0", "2"):
+        np.testing.assert_allclose(dense(g, layer), (dense(ua, layer) + dense(ub, layer)) / 2, atol=1e-4)
+        np.testing.assert_allclose(g[f"{layer}.out_network.bias"], (ua[f"{layer}.out_network.bias"] + ub[f"{layer}.out_network.bias"]) / 2, atol=1e-6)
+    # the result is again an exact SVD: its components are ordered by singular value
+    norms = np.linalg.norm(g["0.in_network.weight"], axis=1)
+    assert (np.diff(norms) <= 1e-5).all()
+
+
+def test_fedhm_keeps_the_server_model_when_no_client_had_full_rank() -> None:
+    strategy, arrays = fedhm([0.4, 0.4])
+    before = to_numpy(arrays)
+    a, b = by_partition(list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None)), strategy)
+    ua, ub = moved(a, 1), moved(b, 2)
+    out, _ = strategy.aggregate_train(1, [reply(a, ua, 10), reply(b, ub, 30)])
+    expected = (dense(ua, "0") + dense(ub, "0") + dense(before, "0")) / 3
+    np.testing.assert_allclose(dense(to_numpy(out), "0"), expected, atol=1e-4)
+
+
+# -- FedAvg dense and exclusive --------------------------------------------------------
+def dense_strategy(cls: type, fractions: list[float]) -> tuple[FedLoD, ArrayRecord]:
+    torch.manual_seed(0)
+    strategy = cls(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)), (6,), config(len(fractions)))
+    return strategy, populate(strategy, fractions)
+
+
+def test_fedavg_dense_gives_everyone_the_full_model_and_averages_by_examples() -> None:
+    strategy, arrays = dense_strategy(FedAvgDense, [0.2, 0.5, 1.0])
+    msgs = by_partition(list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None)), strategy)
+    assert all(to_numpy(m.content[P.ARRAYS])["0.weight"].shape == (5, 6) for m in msgs)
+    out, _ = strategy.aggregate_train(1, [reply(m, filled(m, v), n) for m, v, n in zip(msgs, [1.0, 2.0, 4.0], [10, 10, 20])])
+    for v in to_numpy(out).values():
+        np.testing.assert_allclose(v, (10 * 1 + 10 * 2 + 20 * 4) / 40)
+
+
+def test_fedavg_exclusive_trains_only_clients_that_afford_the_full_model() -> None:
+    strategy, arrays = dense_strategy(FedAvgExclusive, [0.5, 1.0, 1.0])
+    msgs = by_partition(list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None)), strategy)
+    assert [strategy.partition_of[m.metadata.dst_node_id] for m in msgs] == [1, 2]
+    out, _ = strategy.aggregate_train(1, [reply(m, filled(m, v), n) for m, v, n in zip(msgs, [1.0, 4.0], [10, 20])])
+    for v in to_numpy(out).values():
+        np.testing.assert_allclose(v, 3.0)
+    statuses = {r.partition_id: r.status for r in strategy.client_rounds}
+    assert statuses == {0: "unaffordable", 1: "ok", 2: "ok"}
+
+
+# -- width-sliced models and ordered dropout ---------------------------------------------------
+WIDTH_MODELS = [
+    ("mlp", InputSpec(1, 8, 10), None),
+    ("cnn", InputSpec(1, 8, 10), "gn"),
+    ("lenet5", InputSpec(1, 28, 10), None),
+    ("resnet18", InputSpec(3, 32, 10), "sbn"),
+    ("vgg19", InputSpec(3, 32, 10), "gn"),
+]
+
+
+@pytest.mark.parametrize("name,spec,norm", WIDTH_MODELS)
+def test_a_model_at_width_p_is_the_leading_corner_of_the_full_model(name: str, spec: InputSpec, norm: str | None) -> None:
+    full = build_model(name, spec, norm)
+    sub = build_model(name, spec, norm, width=0.3)
+    full_state = {k: v.numpy() for k, v in full.state_dict().items()}
+    sliced = slice_corners(full_state, {k: tuple(v.shape) for k, v in sub.state_dict().items()})
+    assert sliced.keys() == full_state.keys()
+    sub.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sliced.items()})
+    out = sub.eval()(torch.randn(2, *spec.shape))
+    assert out.shape == (2, spec.num_classes)
+    ratio = footprint(sub, spec.shape).params / footprint(full, spec.shape).params
+    assert 0.3**2 * 0.8 < ratio < 0.3 * 1.2  # hidden-to-hidden weights scale as p², input/output layers as p
+
+
+def test_width_mlp_footprint_by_hand() -> None:
+    spec = InputSpec(1, 8, 10)
+    fp = footprint(build_model("mlp", spec, width=0.5), spec.shape)
+    assert fp.params == (64 * 128 + 128) + (128 * 64 + 64) + (64 * 10 + 10)
+    assert fp.macs == 64 * 128 + 128 * 64 + 64 * 10
+
+
+def test_slice_corners_rejects_what_is_not_a_corner() -> None:
+    full = {"w": np.zeros((4, 3))}
+    with pytest.raises(ValueError, match="not a leading corner"):
+        slice_corners(full, {"w": (5, 3)})
+    with pytest.raises(ValueError, match="not in the full model"):
+        slice_corners(full, {"v": (1, 1)})
+
+
+def digits_like(n: int = 48) -> Split:
+    g = torch.Generator().manual_seed(0)
+    return Split(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+def test_ordered_dropout_runs_the_corner_of_the_clients_weights() -> None:
+    spec = InputSpec(1, 8, 10)
+    build = partial(build_model, "cnn", spec, "gn")
+    torch.manual_seed(0)
+    model = build(width=0.75)
+    od = OrderedDropout(model, lambda p: build(width=p), [0.25, 0.5, 0.75], torch.Generator().manual_seed(0))
+    x = torch.randn(3, *spec.shape)
+    reference = build(width=0.5)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    reference.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
+                               slice_corners(state, {k: tuple(v.shape) for k, v in reference.state_dict().items()}).items()})
+    torch.testing.assert_close(od.forward(x, 0.5), reference(x))
+    od.forward(x, 0.5).sum().backward()
+    w = model[0].weight  # 24 output channels at width 0.75; width 0.5 uses the first 16
+    assert w.grad[:16].abs().sum() > 0 and w.grad[16:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_ordered_dropout_epoch_is_deterministic_and_learns(distill: bool) -> None:
+    spec = InputSpec(1, 8, 10)
+
+    def run() -> tuple[list[float], torch.Tensor]:
+        torch.manual_seed(0)
+        model = build_model("cnn", spec, "gn", width=0.5)
+        gen = torch.Generator().manual_seed(1)
+        od = OrderedDropout(model, partial(lambda p: build_model("cnn", spec, "gn", width=p)), [0.25, 0.5], gen)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
+        data = digits_like()
+        losses = [ordered_dropout_epoch(od, data, opt, distill=distill, batch_size=8, generator=gen).loss
+                  for _ in range(8)]
+        return losses, model[0].weight.detach().clone()
+
+    (l1, w1), (l2, w2) = run(), run()
+    assert l1 == l2 and torch.equal(w1, w2)
+    assert l1[-1] < l1[0]
+
+
+# -- config and end to end ------------------------------------------------------------------
+def test_baselines_reject_fedlod_only_settings() -> None:
+    for strategy in ("heterofl", "fjord", "fedhm"):
+        with pytest.raises(ConfigError, match="aggregation and trainer apply to 'fedlod' only"):
+            resolve(SimConfig, overrides={"strategy": strategy, "aggregation": "svd"})
+
+
+@pytest.mark.parametrize("strategy", ["heterofl", "fjord", "fedhm"])
+def test_baseline_runs_end_to_end_on_the_in_process_grid(tmp_path: Path, strategy: str) -> None:
+    """Real clients: sub-models of the right size travel, every tier is evaluated, accuracy beats chance."""
+    from tests.test_simulation import local, small
+    from maestro_fl.federated import federation, model_at_width
+
+    cfg = small(tmp_path, strategy=strategy, backend="local", rounds=3, model="cnn")
+    run = tmp_path / strategy
+    local(cfg, run)
+    clients = pd.read_csv(run / "clients.csv")
+    tiers = pd.read_csv(run / "tiers.csv")
+    assert (clients["status"] == "ok").all() and len(clients) == 18
+    last = tiers[tiers["round"] == 3]
+    assert sorted(last["tier"]) == [0, 1] and (last["accuracy"] > 0.2).all()
+    # the weak tier (fraction 0.25) holds fewer parameters and moves fewer bytes
+    assert last["params"].iloc[0] < last["params"].iloc[1]
+    per_tier = clients.groupby("tier")[["bytes_down", "bytes_up"]].mean()
+    assert per_tier.loc[0, "bytes_down"] < per_tier.loc[1, "bytes_down"]
+    if strategy != "fedhm":
+        fed = federation(cfg)
+        for _, row in clients.iterrows():
+            expected = footprint(model_at_width(cfg, fed.data.spec, row["fraction"]), fed.data.spec.shape).bytes("fp32")
+            assert row["bytes_down"] == row["bytes_up"] == expected
