@@ -145,7 +145,7 @@ def _train_lod(
             model,
             train,
             opt,
-            make_sampler(str(conf[P.SAMPLER]), model, gen),  # within this client's budget
+            make_sampler(str(conf[P.SAMPLER]), model, gen, levels=_rank_levels(conf, list(lod_layers(model)))),
             lambda_gl=float(conf[P.LAMBDA_GL]),
             full_pass=bool(conf[P.FULL_PASS]),
             batch_size=int(conf[P.BATCH_SIZE]),
@@ -184,6 +184,14 @@ def _train_width(
         ).loss
         for _ in range(epochs)
     ]
+
+
+def _rank_levels(conf: ConfigRecord, names: list[str]) -> list[dict[str, int]]:
+    """Sampler ``tiers``: the flat ``rank-levels`` list back into one ranks dict per level."""
+    flat = [int(r) for r in conf[P.RANK_LEVELS]] if P.RANK_LEVELS in conf else []
+    if not names or len(flat) % len(names):
+        return []
+    return [dict(zip(names, flat[i : i + len(names)])) for i in range(0, len(flat), len(names))]
 
 
 def _train_dlrt(

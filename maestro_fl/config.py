@@ -76,6 +76,8 @@ class TrainConfig:
         check_one_of("norm", self.norm, ("default", *NORMS))
         check_one_of("init", self.init, ("svd", "random"))
         check_one_of("sampler", self.sampler, SAMPLERS)
+        if self.sampler == "tiers":
+            raise ConfigError("sampler 'tiers' samples a federation's tier ranks; use it with 'simulate', not 'train'")
         check_fraction("dlrt_tau", self.dlrt_tau)
         check_fraction("dlrt_rank_fraction", self.dlrt_rank_fraction)
         check_positive("dlrt_lr", self.dlrt_lr)
@@ -238,7 +240,7 @@ class SimConfig:
     lr: float = 0.15  # local SGD, stable with GroupNorm and clipping; 0.1 needs ~20 more rounds
     momentum: float = 0.5  # local momentum (reset every round): faster than plain SGD at 6 steps
     weight_decay: float = 1e-4  # the authors' value
-    sampler: str = "nested"  # one rank fraction for all layers per step: the weakest tier +4 pp over per_layer
+    sampler: str = "tiers"  # FjORD's rule on ranks (a tier's ranks per step): +0.3-1.6 pp per tier over 'nested' (3 seeds)
     clip_grad_norm: float = 2.0  # products of factors spike the gradient; unclipped runs diverge at lr 0.1
     lambda_gl: float = 0.0  # group lasso off: budgets, not learned ranks, set the federated footprint
     full_pass: bool = False  # self-distillation (FjORD's KD too) doubles client compute for no gain in Maestro's ablation

@@ -8,20 +8,25 @@ client it runs.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import DENSE_STRATEGIES, WIDTH_STRATEGIES, SimConfig, to_dict
-from .convert import factorize, lod_layers
+from .config import DENSE_STRATEGIES, WIDTH_STRATEGIES, SimConfig, resolve, to_dict
+from .convert import factorize, lod_layers, ranks_at_fraction, truncate
+from .footprint import footprint
 from .data import ImageData, Split, load_dataset
 from .models import MODELS, build_model
 from .partition import partition_indices, train_val_split
+from .training import evaluate
 
 
 @dataclass(frozen=True)
@@ -97,3 +102,46 @@ def ranks_from_list(names: tuple[str, ...], values: list[int]) -> dict[str, int]
     if len(values) != len(names):
         raise ValueError(f"ranks: expected {len(names)} values (one per LoD layer), got {len(values)}")
     return dict(zip(names, (int(v) for v in values)))
+
+
+# -- a finished run's global model, deployed after the fact ------------------------------------
+def load_global_model(run_dir: str | Path) -> tuple[SimConfig, Federation, nn.Module]:
+    """The config, federation and global model of a run directory (its last checkpoint).
+
+    Raises
+    ------
+    FileNotFoundError
+        ``run_dir`` lacks ``config.json`` or ``checkpoint.pt``.
+    """
+    run_dir = Path(run_dir)
+    for name in ("config.json", "checkpoint.pt"):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir} is not a finished run directory: no {name}")
+    cfg = resolve(SimConfig, overrides=json.loads((run_dir / "config.json").read_text()) | {"resume": ""})
+    fed = federation(cfg)
+    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    model = truncate(fed.template, dict(ckpt["global_ranks"])) if fed.layer_names else copy.deepcopy(fed.template)
+    model.load_state_dict(ckpt["arrays"])
+    return cfg, fed, model
+
+
+def deploy_ladder(run_dir: str | Path, fractions: Sequence[float]) -> list[dict[str, float]]:
+    """Test accuracy and deployed footprint of a LoD run's global model at each rank fraction.
+
+    Train once, deploy at any budget: the global model of a FedLoD run can be
+    cut at any rank prefix, not only at the tiers' ranks. Ratios are of the
+    full dense model.
+    """
+    cfg, fed, model = load_global_model(run_dir)
+    if not fed.layer_names:
+        raise ValueError(f"{run_dir}: strategy {cfg.strategy!r} trained no LoD model; it has no rank ladder")
+    shape = fed.data.spec.shape
+    dense = footprint(model, shape).dense_params
+    rows = []
+    for p in sorted(set(fractions)):
+        ranks = ranks_at_fraction(model, p)
+        loss, acc = evaluate(model, fed.data.test, ranks)
+        fp = footprint(model, shape, ranks)
+        rows.append({"fraction": p, "accuracy": acc, "loss": loss, "params": fp.params, "macs": fp.macs,
+                     "params_ratio": fp.params / dense})
+    return rows

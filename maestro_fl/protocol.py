@@ -20,6 +20,7 @@ CLIENTAPP_REF = "clients.client_app:app"
 RUN_CONFIG = "run-config"  # the SimConfig as JSON: clients build data and model from it
 SERVER_ROUND = "server-round"
 RANKS = "ranks"  # list[int]: the client's rank per LoD layer, in lod_layers() order
+RANK_LEVELS = "rank-levels"  # list[int]: sampler 'tiers': the tiers' ranks up to the client's, level after level
 WIDTH = "width"  # float: the client's hidden-width fraction (HeteroFL, FjORD); replaces RANKS
 WIDTHS = "widths"  # list[float]: the width levels its ordered dropout samples from (FjORD; [WIDTH] = none)
 LOCAL_EPOCHS = "local-epochs"

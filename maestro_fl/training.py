@@ -8,7 +8,7 @@ both call :func:`train_epoch`.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +20,7 @@ from .convert import Ranks, active_ranks, lod_layers, model_ranks
 from .data import Split, batches
 from .layers import ceil_rank
 
-SAMPLERS = ("per_layer", "across_layers", "nested", "fixed", "none")
+SAMPLERS = ("per_layer", "across_layers", "nested", "tiers", "fixed", "none")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -101,6 +101,27 @@ class NestedFractionSampler(RankSampler):
         return {n: ceil_rank(p, r) for n, r in self.max_ranks.items()}
 
 
+class TierLevelSampler(RankSampler):
+    """``tiers``: FjORD's own rule, ``p ~ U{p_s : p ≤ p_max}``, on the federation's tier ranks.
+
+    Each step trains one of the given rank levels (the ranks the tiers at or
+    below this client deploy), so every tier's exact sub-model is trained by
+    every client that holds it. :class:`NestedFractionSampler` instead draws
+    fractions of the client's *own* ranks, which no weaker tier deploys.
+    """
+
+    def __init__(self, max_ranks: Mapping[str, int], generator: torch.Generator, levels: Sequence[Ranks]) -> None:
+        super().__init__(max_ranks, generator)
+        for level in levels:
+            over = {n: r for n, r in level.items() if r > max_ranks.get(n, 0)}
+            if over:
+                raise ValueError(f"rank level {dict(level)} exceeds the model's ranks at {over}")
+        self.levels = list(levels) or [dict(max_ranks)]
+
+    def __call__(self) -> Ranks | None:
+        return dict(self.levels[int(torch.randint(len(self.levels), (1,), generator=self.generator))])
+
+
 class FullRankSampler(RankSampler):
     """``none``: no ordered dropout, always full rank (plain low-rank training)."""
 
@@ -108,7 +129,14 @@ class FullRankSampler(RankSampler):
         return None
 
 
-def make_sampler(name: str, model: nn.Module, generator: torch.Generator, fraction: float = 0.25) -> RankSampler:
+def make_sampler(
+    name: str,
+    model: nn.Module,
+    generator: torch.Generator,
+    fraction: float = 0.25,
+    levels: Sequence[Ranks] = (),
+) -> RankSampler:
+    """The sampler ``name`` over ``model``'s ranks; ``levels`` are the rank levels of ``tiers``."""
     ranks = model_ranks(model)
     if name == "per_layer":
         return PerLayerSampler(ranks, generator)
@@ -120,6 +148,8 @@ def make_sampler(name: str, model: nn.Module, generator: torch.Generator, fracti
         return FixedFractionSampler(ranks, generator, fraction)
     if name == "none":
         return FullRankSampler(ranks, generator)
+    if name == "tiers":
+        return TierLevelSampler(ranks, generator, levels)
     raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {name!r}")
 
 

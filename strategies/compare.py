@@ -5,6 +5,12 @@ the embedded default (or whatever the overrides say), with identical
 partitions and device populations (both follow the seed). Prints, per method
 and tier, the accuracy (mean ± standard deviation over seeds) and footprint,
 and writes ``compare.csv`` beside the sweep's ``results.csv``.
+
+It then answers the question a width baseline raises: at each HeteroFL/FjORD
+tier's footprint, what does FedLoD's global model give? FedLoD's model can be
+cut at any rank prefix (:func:`maestro_fl.federated.deploy_ladder`), so for
+every such tier and seed it is deployed at the largest rank fraction whose
+parameters *and* MACs are both at most that tier's; ``matched.csv``.
 """
 
 from __future__ import annotations
@@ -14,15 +20,22 @@ from typing import Any
 
 import pandas as pd
 
+from maestro_fl.federated import deploy_ladder
 from maestro_fl.results import format_table
 
 from .sweep import build_sweep, run_sweep
 
-#: method name -> SimConfig values. HeteroFL, FjORD and FedHM are not implemented yet.
+#: method name -> SimConfig values; every method sees the same data, partitions, devices and budgets
 METHODS: dict[str, dict[str, Any]] = {
     "fedlod": {},
+    "fedlod_nested_sampler": {"sampler": "nested"},
     "fedlod_svd_aggregation": {"aggregation": "svd"},
+    "fedlod_zero_pad_aggregation": {"aggregation": "zero_pad"},
     "dlrt_clients": {"trainer": "dlrt", "aggregation": "svd"},
+    "heterofl": {"strategy": "heterofl"},
+    "fjord": {"strategy": "fjord"},
+    "fjord_kd": {"strategy": "fjord", "full_pass": True},
+    "fedhm": {"strategy": "fedhm"},
     "fedavg_dense": {"strategy": "fedavg_dense"},
     "fedavg_exclusive": {"strategy": "fedavg_exclusive"},
 }
@@ -53,6 +66,56 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+#: methods whose tiers FedLoD is matched against at equal or smaller footprint
+MATCHED = ("heterofl", "fjord", "fjord_kd")
+LADDER = tuple(i / 100 for i in range(1, 101))  # rank fractions FedLoD may be deployed at
+
+MATCHED_COLUMNS = [
+    ("method", "method", ""),
+    ("tier", "tier", ""),
+    ("params", "params", ",.0f"),
+    ("macs", "MACs", ",.0f"),
+    ("their_accuracy", "their accuracy", ""),
+    ("fedlod_params", "FedLoD params", ",.0f"),
+    ("fedlod_macs", "FedLoD MACs", ",.0f"),
+    ("fedlod_accuracy", "FedLoD accuracy", ""),
+    ("difference", "FedLoD - theirs", "+.4f"),
+    ("seeds", "seeds", "d"),
+]
+
+
+def _mean_std(values: pd.Series) -> str:
+    std = values.std()
+    return f"{values.mean():.4f} ± {0.0 if pd.isna(std) else std:.4f}"
+
+
+def matched_footprint(root: Path, results: pd.DataFrame, reference: str = "fedlod") -> pd.DataFrame:
+    """FedLoD (method ``reference``) deployed at each width-baseline tier's footprint, seed by seed."""
+    ok = results[results["status"] == "ok"]
+    rows = []
+    for seed, ref_runs in ok[ok["method"] == reference].groupby("seed"):
+        ladder = pd.DataFrame(deploy_ladder(root / ref_runs["run"].iloc[0], LADDER))
+        for _, t in ok[(ok["seed"] == seed) & ok["method"].isin(MATCHED)].iterrows():
+            fits = ladder[(ladder["params"] <= t["params"]) & (ladder["macs"] <= t["macs"])]
+            if fits.empty:
+                continue
+            best = fits.iloc[-1]  # the largest fraction within the footprint
+            rows.append({"method": t["method"], "tier": t["tier"], "seed": seed, "params": t["params"],
+                         "macs": t["macs"], "accuracy": t["accuracy"], "fedlod_fraction": best["fraction"],
+                         "fedlod_params": best["params"], "fedlod_macs": best["macs"],
+                         "fedlod_accuracy": best["accuracy"]})
+    if not rows:
+        return pd.DataFrame(columns=[c for c, _, _ in MATCHED_COLUMNS])
+    per_seed = pd.DataFrame(rows)
+    grouped = per_seed.groupby(["method", "tier"], sort=False)
+    table = grouped.agg(params=("params", "mean"), macs=("macs", "mean"), fedlod_params=("fedlod_params", "mean"),
+                        fedlod_macs=("fedlod_macs", "mean"), seeds=("seed", "nunique")).reset_index()
+    table["their_accuracy"] = list(grouped["accuracy"].apply(_mean_std))
+    table["fedlod_accuracy"] = list(grouped["fedlod_accuracy"].apply(_mean_std))
+    table["difference"] = list(grouped.apply(lambda g: (g["fedlod_accuracy"] - g["accuracy"]).mean()))
+    return table
+
+
 def run_compare(overrides: list[str], seeds: tuple[int, ...] = (0, 1, 2), out_dir: str = "runs") -> Path:
     base: dict[str, Any] = {}
     for item in overrides:
@@ -61,7 +124,13 @@ def run_compare(overrides: list[str], seeds: tuple[int, ...] = (0, 1, 2), out_di
     head = {"name": "compare", "out_dir": out_dir}
     sweep = build_sweep(head, base, {"seed": list(seeds)}, METHODS)
     root = run_sweep(sweep)
-    table = summarize(pd.read_csv(root / "results.csv"))
+    results = pd.read_csv(root / "results.csv")
+    table = summarize(results)
     table.to_csv(root / "compare.csv", index=False)
     print(format_table(table.to_dict("records"), COLUMNS))
+    if "fedlod" in METHODS and any(m in METHODS for m in MATCHED):
+        matched = matched_footprint(root, results)
+        matched.to_csv(root / "matched.csv", index=False)
+        print("\nFedLoD's global model deployed at each width tier's footprint (params and MACs both <=):")
+        print(format_table(matched.to_dict("records"), MATCHED_COLUMNS))
     return root

@@ -186,7 +186,15 @@ class FedLoD(FedAvg):
 
     def train_settings(self, cost: Cost) -> dict[str, Any]:
         """The config entries that tell a client at ``cost`` which sub-model it holds and how to train it."""
-        return {P.RANKS: [int(cost.ranks[n]) for n in self.layer_names], P.SAMPLER: self.cfg.sampler}
+        settings: dict[str, Any] = {
+            P.RANKS: [int(cost.ranks[n]) for n in self.layer_names],
+            P.SAMPLER: self.cfg.sampler,
+        }
+        if self.cfg.sampler == "tiers":  # the tiers' ranks up to this client's own, flattened level by level
+            levels = {c.fraction: c.ranks for c in self.tier_costs().values() if c.fraction <= cost.fraction}
+            levels[cost.fraction] = cost.ranks
+            settings[P.RANK_LEVELS] = [int(levels[f][n]) for f in sorted(levels) for n in self.layer_names]
+        return settings
 
     def merge(self, updates: Updates) -> Arrays:
         """The new global arrays from the good replies (``cfg.aggregation``'s rule)."""

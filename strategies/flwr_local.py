@@ -106,6 +106,8 @@ def flwr_run(overrides: list[str]) -> int:
         # Flower's simulation calls ray.init() without an address: make it start its own Ray rather
         # than join (or hang on) whatever cluster /tmp/ray/ray_current_cluster names
         "RAY_ADDRESS": cfg.ray_address or "local",
+        # flwr starts `flower-superlink` by name: find it beside this interpreter even in an unactivated venv
+        "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
     }
     flwr = shutil.which("flwr", path=os.path.dirname(sys.executable)) or "flwr"
     cmd = [flwr, "run", str(PROJECT_ROOT), "--stream", "--federation-config", federation_config_arg(cfg)]

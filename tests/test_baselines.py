@@ -338,3 +338,24 @@ def test_baseline_runs_end_to_end_on_the_in_process_grid(tmp_path: Path, strateg
         for _, row in clients.iterrows():
             expected = footprint(model_at_width(cfg, fed.data.spec, row["fraction"]), fed.data.spec.shape).bytes("fp32")
             assert row["bytes_down"] == row["bytes_up"] == expected
+
+
+def test_deploy_ladder_reproduces_the_tiers_of_a_finished_run(tmp_path: Path) -> None:
+    """The global model reloaded from the checkpoint, cut at a tier's fraction, gives that tier's row."""
+    from tests.test_simulation import local, small
+    from maestro_fl.federated import deploy_ladder
+
+    from maestro_fl.config import save
+
+    cfg = small(tmp_path, backend="local", rounds=2, model="cnn")
+    local(cfg, tmp_path / "run")
+    save(cfg, tmp_path / "run" / "config.json")
+    last = pd.read_csv(tmp_path / "run" / "tiers.csv").query("round == 2")
+    ladder = pd.DataFrame(deploy_ladder(tmp_path / "run", list(last["fraction"]) + [0.05]))
+    for _, tier in last.iterrows():
+        row = ladder[ladder["fraction"] == tier["fraction"]].iloc[0]
+        assert row["accuracy"] == pytest.approx(tier["accuracy"]) and row["params"] == tier["params"]
+    assert ladder["params"].is_monotonic_increasing
+    (tmp_path / "run" / "checkpoint.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
+        deploy_ladder(tmp_path / "run", [0.5])

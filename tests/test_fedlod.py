@@ -177,3 +177,11 @@ def test_baseline_budgets() -> None:
         assert s.budget(strong).fraction == 1.0
     assert FedAvgDense(dense_model, (6,), cfg).budget(weak).fraction == 1.0
     assert FedAvgExclusive(dense_model, (6,), cfg).budget(weak) is None
+
+
+def test_tiers_sampler_sends_the_tier_ranks_up_to_the_clients_own() -> None:
+    strategy, arrays = make_strategy([0.2, 0.4, 1.0], sampler="tiers")
+    msgs = sorted(strategy.configure_train(1, arrays, ConfigRecord(), grid=None),
+                  key=lambda m: strategy.partition_of[m.metadata.dst_node_id])
+    # two LoD layers: ranks at 0.2 are (1, 1), at 0.4 (2, 2), at 1.0 (5, 4)
+    assert [list(m.content[P.CONFIG][P.RANK_LEVELS]) for m in msgs] == [[1, 1], [1, 1, 2, 2], [1, 1, 2, 2, 5, 4]]

@@ -95,3 +95,8 @@ def test_compare_runs_every_method_on_the_same_seeds(tmp_path: Path, capsys: pyt
     assert "fedavg_exclusive" in printed and "±" in printed
     dense = table[table["method"] == "fedavg_dense"]
     assert (dense["params"] == dense["params"].iloc[0]).all()  # everyone trains the same dense model
+    # FedLoD deployed at every width baseline's tier footprint: never larger, in params or MACs
+    matched = pd.read_csv(root / "matched.csv")
+    assert set(matched["method"]) == {"heterofl", "fjord", "fjord_kd"}
+    assert (matched["fedlod_params"] <= matched["params"]).all() and (matched["fedlod_macs"] <= matched["macs"]).all()
+    assert "FedLoD's global model deployed" in printed

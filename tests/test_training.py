@@ -48,6 +48,19 @@ def test_across_layers_and_fixed_samplers_stay_in_bounds() -> None:
     assert FixedFractionSampler({"a": 3, "b": 8}, g, 0.25)() == {"a": 1, "b": 2}
 
 
+def test_tier_level_sampler_draws_exactly_the_given_levels() -> None:
+    from maestro_fl.training import TierLevelSampler
+
+    levels = [{"a": 1, "b": 2}, {"a": 2, "b": 4}, {"a": 3, "b": 8}]
+    sampler = TierLevelSampler({"a": 3, "b": 8}, torch.Generator().manual_seed(0), levels)
+    draws = Counter(tuple(sampler().items()) for _ in range(300))
+    assert set(draws) == {tuple(level.items()) for level in levels}
+    assert min(draws.values()) > 60  # uniform: ~100 each
+    with pytest.raises(ValueError, match="exceeds the model's ranks"):
+        TierLevelSampler({"a": 3, "b": 8}, torch.Generator(), [{"a": 4, "b": 1}])
+    assert TierLevelSampler({"a": 3}, torch.Generator(), [])() == {"a": 3}  # no levels: its own ranks
+
+
 def test_group_lasso_matches_hand_computation() -> None:
     layer = LoDLinear(2, 2, max_rank=2, bias=False)
     with torch.no_grad():
