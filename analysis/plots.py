@@ -157,12 +157,15 @@ def accuracy_vs_footprint(
     labels = list(labels) if labels is not None else [Path(r).name for r in run_dirs]
     frames = [footprint_points(r, x).assign(method=m) for r, m in zip(run_dirs, labels)]
     data = pd.concat(frames)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, group in data.groupby("method", sort=False):
+    methods = list(dict.fromkeys(data["method"]))
+    many = len(methods) > 5  # a legend beside the axes, and 20 distinct colours past the default 10
+    fig, ax = plt.subplots(figsize=(8.5, 4.5) if many else (6, 4))
+    colors = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
+    for i, (method, group) in enumerate(data.groupby("method", sort=False)):
         stats = group.groupby("tier").agg(x=("x", "mean"), acc=("accuracy", "mean"), sd=("accuracy", "std"),
                                           label=("label", "first"))
         ax.errorbar(stats["x"], 100 * stats["acc"], yerr=100 * stats["sd"].fillna(0.0), marker="o", capsize=3,
-                    label=method)
+                    label=method, color=colors(i))
         for _, row in stats.iterrows():
             ax.annotate(row["label"], (row["x"], 100 * row["acc"]), textcoords="offset points", xytext=(3, -10),
                         fontsize=7)
@@ -170,7 +173,11 @@ def accuracy_vs_footprint(
     ax.set_xlabel(X_LABELS[x] + " (log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Accuracy vs footprint")
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        fig.tight_layout()
+    else:
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     return _save(fig, out)
 
