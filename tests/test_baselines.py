@@ -359,3 +359,14 @@ def test_deploy_ladder_reproduces_the_tiers_of_a_finished_run(tmp_path: Path) ->
     (tmp_path / "run" / "checkpoint.pt").unlink()
     with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
         deploy_ladder(tmp_path / "run", [0.5])
+
+
+def test_width_baselines_use_static_batchnorm() -> None:
+    """HeteroFL's sBN: running statistics of different widths are never averaged, so none are kept."""
+    from maestro_fl.federated import model_at_width
+
+    spec = InputSpec(3, 32, 10)
+    for strategy, tracks in [("heterofl", False), ("fjord", False), ("fedlod", True)]:
+        cfg = resolve(SimConfig, overrides={"strategy": strategy, "model": "resnet18", "norm": "default"})
+        norms = [m for m in model_at_width(cfg, spec, 0.25).modules() if isinstance(m, nn.BatchNorm2d)]
+        assert norms and all(m.track_running_stats is tracks for m in norms)

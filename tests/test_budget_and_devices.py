@@ -9,7 +9,7 @@ import pytest
 from torch import nn
 
 from clients.devices import DEFAULT_TIERS, device_for, load_trace, tier_assignment, tier_table
-from maestro_fl.budget import FP32, Cost, DeviceCapability, activation_count, affordable, cost_table
+from maestro_fl.budget import FP32, DeviceCapability, activation_count, affordable, cost_table
 from maestro_fl.config import ConfigError, SimConfig, resolve
 from maestro_fl.convert import factorize
 

@@ -91,7 +91,7 @@ def test_same_seed_same_final_accuracy(tmp_path: Path) -> None:
     cfg = small(tmp_path, rounds=3, backend="local", partition="dirichlet")
     a = local(cfg, tmp_path / "a")
     b = local(cfg, tmp_path / "b")
-    c = local(small(tmp_path, rounds=3, backend="local", partition="dirichlet", seed=1), tmp_path / "c")
+    local(small(tmp_path, rounds=3, backend="local", partition="dirichlet", seed=1), tmp_path / "c")
     assert [r["accuracy"] for r in a] == [r["accuracy"] for r in b]
     la, lc = (pd.read_csv(tmp_path / d / "tiers.csv")["loss"].tolist() for d in ("a", "c"))
     assert la != lc
