@@ -8,6 +8,9 @@ FjORD's nested rule on the rank dimension).
 
 The class only orchestrates: sampling, per-client sub-models, reply checks.
 The maths live in :mod:`maestro_fl.aggregation` and :mod:`maestro_fl.budget`.
+Other sub-model families (width slices, a dense server model) subclass it and
+override the four hooks :meth:`FedLoD.sub_model`, :meth:`FedLoD.train_settings`,
+:meth:`FedLoD.merge` and :meth:`FedLoD.deployed` (see ``strategies/baselines.py``).
 """
 
 from __future__ import annotations
