@@ -210,10 +210,19 @@ def _train_dlrt(
 
 
 def _inject_reply_fault(fault: str | None, state: dict[str, torch.Tensor], first_layer: str | None) -> None:
-    """Corrupt a reply on purpose (``fault_injection``), to test the server's checks."""
-    if fault is None or first_layer is None:
+    """Corrupt a reply on purpose (``fault_injection``), to test the server's checks.
+
+    The first LoD layer's ``Vᵀ`` is corrupted, or, in a model without LoD
+    layers (dense or width-sliced baselines), its first weight matrix.
+    """
+    if fault is None:
         return
-    name = f"{first_layer}.in_network.weight"
+    if first_layer is not None:
+        name = f"{first_layer}.in_network.weight"
+    else:
+        name = next((k for k, v in state.items() if v.ndim >= 2), "")
+        if not name:
+            return
     if fault == "nan":
         state[name] = state[name].clone().fill_(float("nan"))
     elif fault == "shape":  # a wrong non-rank dimension

@@ -370,3 +370,18 @@ def test_width_baselines_use_static_batchnorm() -> None:
         cfg = resolve(SimConfig, overrides={"strategy": strategy, "model": "resnet18", "norm": "default"})
         norms = [m for m in model_at_width(cfg, spec, 0.25).modules() if isinstance(m, nn.BatchNorm2d)]
         assert norms and all(m.track_running_stats is tracks for m in norms)
+
+
+@pytest.mark.parametrize("strategy", ["heterofl", "fjord", "fedavg_dense"])
+def test_faulty_baseline_clients_are_recorded_and_the_run_goes_on(tmp_path: Path, strategy: str) -> None:
+    from tests.test_simulation import local, small
+
+    cfg = small(tmp_path, strategy=strategy, backend="local", rounds=2, fault_injection="1:raise,2:nan,3:shape")
+    local(cfg, tmp_path / "run")
+    clients = pd.read_csv(tmp_path / "run" / "clients.csv", keep_default_na=False)
+    status = clients.groupby("partition_id")["status"].agg(set).to_dict()
+    assert status[1] == {"failed"} and status[2] == {"malformed"} and status[3] == {"malformed"}
+    assert {status[p].pop() for p in (0, 4, 5)} == {"ok"}
+    assert "non-finite" in clients.loc[clients["partition_id"] == 2, "reason"].iloc[0]
+    assert "wrong shape" in clients.loc[clients["partition_id"] == 3, "reason"].iloc[0]
+    assert len(pd.read_csv(tmp_path / "run" / "tiers.csv")) == 4  # both rounds evaluated both tiers

@@ -67,8 +67,9 @@ class Interrupt(Exception):
     pass
 
 
-def test_interrupted_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
-    cfg = small(tmp_path, rounds=4, backend="local")
+@pytest.mark.parametrize("strategy", ["fedlod", "heterofl", "fjord", "fedhm"])
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path: Path, strategy: str) -> None:
+    cfg = small(tmp_path, rounds=4, backend="local", strategy=strategy)
     full = tmp_path / "full"
     local(cfg, full)
 
