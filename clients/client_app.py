@@ -120,6 +120,7 @@ def handle_train(msg: Message, context: Context) -> Message:
             P.PARTITION_ID: pid,
             P.RANKS: [int(r) for r in ranks.values()],
             **({P.WIDTH: width} if width is not None else {}),
+            **({P.LABELS: [int(c) for c in train.y.unique()]} if bool(conf.get(P.LABEL_MASK, False)) else {}),
             P.BYTES_RECEIVED: bytes_in,
             P.BYTES_SENT: bytes_out,
             P.MACS: float(macs),
@@ -168,6 +169,10 @@ def _train_width(
 ) -> list[float]:
     """A width slice: plain SGD at its width (HeteroFL) or ordered dropout over width levels (FjORD)."""
     od = OrderedDropout(model, partial(_architecture, cfg, fed.data.spec), [float(w) for w in conf[P.WIDTHS]], gen)
+    class_mask = None
+    if bool(conf.get(P.LABEL_MASK, False)):  # HeteroFL: only the client's own classes have logits
+        class_mask = torch.zeros(fed.data.spec.num_classes, dtype=torch.bool)
+        class_mask[train.y.unique()] = True
     opt = torch.optim.SGD(
         model.parameters(), lr=float(conf[P.LR]), momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
@@ -181,6 +186,7 @@ def _train_width(
             generator=gen,
             augment=fed.data.augment,
             clip_grad_norm=cfg.clip_grad_norm,
+            class_mask=class_mask,
         ).loss
         for _ in range(epochs)
     ]

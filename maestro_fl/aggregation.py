@@ -97,15 +97,43 @@ def aggregate_nested(
 def aggregate_heterofl(
     global_arrays: Mapping[str, np.ndarray],
     updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
+    label_sets: Sequence[Sequence[int]] | None = None,
+    classifier: Sequence[str] = (),
 ) -> Arrays:
     """HeteroFL's server rule (Diao et al., ICLR 2021): unweighted count-averaging of width slices.
 
     Every element becomes the plain mean over the clients whose slice holds it
     (the reference code's ``tmp_v / count``), whatever their example counts;
-    elements no client holds keep their value. Label masking of the output
-    layer is not applied: every client's classifier rows are averaged.
+    elements no client holds keep their value. With ``label_sets`` (one per
+    update), row ``c`` of the ``classifier`` parameters (output weight and
+    bias, classes on axis 0) counts only for clients that hold class ``c``:
+    the reference's masked output layer. An empty label set means unknown:
+    all of that client's rows count.
     """
-    return aggregate_nested(global_arrays, [(arrays, 1.0) for arrays, _ in updates])
+    uniform = [(arrays, 1.0) for arrays, _ in updates]
+    if label_sets is None or not classifier:
+        return aggregate_nested(global_arrays, uniform)
+    if len(label_sets) != len(updates):
+        raise ValueError(f"label_sets: expected one per update ({len(updates)}), got {len(label_sets)}")
+    rest = {k: v for k, v in global_arrays.items() if k not in classifier}
+    out = aggregate_nested(rest, [({k: v for k, v in a.items() if k in rest}, w) for a, w in uniform])
+    for name in classifier:
+        current = global_arrays[name]
+        total = np.zeros(current.shape, dtype=np.float64)
+        count = np.zeros(current.shape, dtype=np.float64)
+        for (arrays, _), labels in zip(updates, label_sets):
+            if name not in arrays:
+                continue
+            block = arrays[name]
+            rows = np.asarray(sorted(set(labels)) if labels else range(block.shape[0]), dtype=int)
+            region = (rows, *(slice(0, d) for d in block.shape[1:]))
+            total[region] += block[rows]
+            count[region] += 1.0
+        merged = np.array(current, dtype=np.float64, copy=True)
+        held = count > 0
+        merged[held] = total[held] / count[held]
+        out[name] = merged.astype(current.dtype, copy=False)
+    return {k: out[k] for k in global_arrays}
 
 
 def aggregate_fjord(

@@ -22,6 +22,7 @@ SERVER_ROUND = "server-round"
 RANKS = "ranks"  # list[int]: the client's rank per LoD layer, in lod_layers() order
 RANK_LEVELS = "rank-levels"  # list[int]: sampler 'tiers': the tiers' ranks up to the client's, level after level
 WIDTH = "width"  # float: the client's hidden-width fraction (HeteroFL, FjORD); replaces RANKS
+LABEL_MASK = "label-mask"  # bool: train only the logits of the client's own classes (HeteroFL's masked classifier)
 WIDTHS = "widths"  # list[float]: the width levels its ordered dropout samples from (FjORD; [WIDTH] = none)
 LOCAL_EPOCHS = "local-epochs"
 LR = "lr"
@@ -43,6 +44,7 @@ MACS = "macs"  # multiply-accumulates spent in local training
 COMPUTE_SECONDS = "compute-seconds"  # simulated, from the device profile
 DOWNLOAD_SECONDS = "download-seconds"
 UPLOAD_SECONDS = "upload-seconds"
+LABELS = "labels"  # list[int]: the classes in the client's training data (sent when asked for a label mask)
 WALL_SECONDS = "wall-seconds"  # real seconds the ClientApp spent on the message (profiling the engine)
 
 # Query (registration) reply keys: the device a client runs on

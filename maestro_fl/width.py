@@ -116,14 +116,21 @@ def ordered_dropout_epoch(
     generator: torch.Generator | None = None,
     augment: bool = False,
     clip_grad_norm: float = 0.0,
+    class_mask: torch.Tensor | None = None,
 ) -> EpochStats:
     """One epoch of FjORD training: each step trains one sampled width.
 
     With ``distill`` (FjORD's self-distillation) a step whose width is below
     ``p_max`` minimises ``CE(f_max(x), y) + CE(f_p(x), softmax(f_max(x)).detach())``;
     otherwise ``CE(f_p(x), y)``. With a single width level this is plain SGD
-    on the client's sub-model (HeteroFL's local training).
+    on the client's sub-model (HeteroFL's local training). ``class_mask``
+    (bool, one entry per class) zeroes the logits of the other classes, as
+    HeteroFL's masked classifier does for a client's label split.
     """
+
+    def logits(out: torch.Tensor) -> torch.Tensor:
+        return out if class_mask is None else out.masked_fill(~class_mask, 0.0)
+
     model = od.model
     model.train()
     it = batches(data, batch_size, generator=generator, augment=augment) if isinstance(data, Split) else data
@@ -132,12 +139,12 @@ def ordered_dropout_epoch(
         width = od.sample() if len(od.widths) > 1 else od.widths[0]
         optimizer.zero_grad(set_to_none=True)
         if distill and width != od.widths[-1]:
-            teacher = model(x)
-            out = od.forward(x, width)
+            teacher = logits(model(x))
+            out = logits(od.forward(x, width))
             loss = F.cross_entropy(teacher, y) + F.cross_entropy(out, teacher.detach().softmax(-1))
             passes += 2
         else:
-            out = od.forward(x, width)
+            out = logits(od.forward(x, width))
             loss = F.cross_entropy(out, y)
             passes += 1
         loss.backward()

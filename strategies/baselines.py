@@ -100,7 +100,27 @@ class WidthSliced(FedLoD):
 
 
 class HeteroFL(WidthSliced):
-    """HeteroFL (Diao et al., ICLR 2021): width slices, unweighted count-averaging, static BN."""
+    """HeteroFL (Diao et al., ICLR 2021): width slices, unweighted count-averaging, static BN.
+
+    As in the reference code, each client trains only the logits of its own
+    classes and the server averages each output row over the clients that
+    hold that class (the masked classifier).
+    """
+
+    def train_settings(self, cost: Cost) -> dict[str, Any]:
+        return super().train_settings(cost) | {P.LABEL_MASK: True}
+
+    def merge(self, updates: Updates) -> Arrays:
+        return aggregate_heterofl(self.current, updates, self.update_labels, self.classifier)
+
+    @property
+    def classifier(self) -> tuple[str, ...]:
+        """The output layer's parameters: the last Linear layer's weight and bias."""
+        linears = [(n, m) for n, m in self.template.named_modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            return ()
+        name, layer = linears[-1]
+        return tuple(f"{name}.{p}" for p, _ in layer.named_parameters())
 
 
 class FjORD(WidthSliced):

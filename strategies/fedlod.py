@@ -118,6 +118,7 @@ class FedLoD(FedAvg):
         self.current: dict[str, np.ndarray] = {}
         self.assignments: dict[int, _Assignment] = {}
         self.client_rounds: list[ClientRound] = []
+        self.update_labels: list[list[int]] = []  # per accepted update, the classes it reported (if asked)
         self._costs: tuple[tuple[int, ...], list[Cost]] | None = None
         self._config_json = json.dumps(to_dict(cfg))
 
@@ -286,6 +287,7 @@ class FedLoD(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check every reply, then merge the good ones (:meth:`merge`)."""
         updates: Updates = []
+        self.update_labels = []
         answered = set()
         for msg in sorted(replies, key=lambda m: self.partition_of.get(m.metadata.src_node_id, -1)):
             node = msg.metadata.src_node_id
@@ -306,6 +308,8 @@ class FedLoD(FedAvg):
                     row.reason = f"{row.round_seconds:.1f}s > deadline {self.cfg.round_deadline_s:.1f}s"
                 else:
                     updates.append((arrays, float(row.num_examples)))
+                    labels = msg.content[P.METRICS].get(P.LABELS, [])
+                    self.update_labels.append([int(c) for c in labels])
             self.client_rounds.append(row)
         for node, assignment in self.assignments.items():
             if node not in answered:

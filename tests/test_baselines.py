@@ -100,6 +100,32 @@ def test_width_slices_average_over_their_holders(cls: type, corner_value: float)
     np.testing.assert_allclose(g["2.bias"], corner_value)  # classes are never sliced: both hold it
 
 
+def test_heterofl_averages_each_output_row_over_the_clients_holding_that_class() -> None:
+    """A (width 0.5, classes {0, 1}) sends 1s, B (full, classes {1, 2}) sends 3s; 4 classes.
+
+    Output rows: class 0 only A (1 on A's corner, old values beyond it), class 1 both (2 on the
+    corner, 3 beyond), class 2 only B (3), class 3 nobody (old values). Hidden layers as before.
+    """
+    strategy, arrays = width_strategy(HeteroFL, [0.5, 1.0])
+    before = to_numpy(arrays)
+    assert strategy.classifier == ("2.weight", "2.bias")
+    a, b = by_partition(list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None)), strategy)
+    assert bool(a.content[P.CONFIG][P.LABEL_MASK])
+    ra, rb = reply(a, filled(a, 1.0), 10), reply(b, filled(b, 3.0), 30)
+    ra.content[P.METRICS][P.LABELS] = [0, 1]
+    rb.content[P.METRICS][P.LABELS] = [1, 2]
+    g = to_numpy(strategy.aggregate_train(1, [ra, rb])[0])
+    w, bias = g["2.weight"], g["2.bias"]
+    np.testing.assert_allclose(w[0, :4], 1.0)
+    np.testing.assert_array_equal(w[0, 4:], before["2.weight"][0, 4:])
+    np.testing.assert_allclose(w[1], [2.0] * 4 + [3.0] * 4)
+    np.testing.assert_allclose(w[2], 3.0)
+    np.testing.assert_array_equal(w[3], before["2.weight"][3])
+    np.testing.assert_allclose(bias[:3], [1.0, 2.0, 3.0])
+    assert bias[3] == before["2.bias"][3]
+    np.testing.assert_allclose(g["0.weight"][:4], 2.0)  # hidden layers are not masked
+
+
 @pytest.mark.parametrize("cls", [HeteroFL, FjORD])
 def test_width_elements_nobody_trained_keep_their_values(cls: type) -> None:
     strategy, arrays = width_strategy(cls, [0.5, 1.0])
@@ -385,3 +411,18 @@ def test_faulty_baseline_clients_are_recorded_and_the_run_goes_on(tmp_path: Path
     assert "non-finite" in clients.loc[clients["partition_id"] == 2, "reason"].iloc[0]
     assert "wrong shape" in clients.loc[clients["partition_id"] == 3, "reason"].iloc[0]
     assert len(pd.read_csv(tmp_path / "run" / "tiers.csv")) == 4  # both rounds evaluated both tiers
+
+
+def test_class_mask_trains_only_the_clients_own_output_rows() -> None:
+    spec = InputSpec(1, 8, 10)
+    torch.manual_seed(0)
+    model = build_model("mlp", spec, width=0.25)
+    before = model[-1].weight.detach().clone()
+    od = OrderedDropout(model, lambda p: build_model("mlp", spec, width=p), [0.25], torch.Generator().manual_seed(0))
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[[2, 5]] = True
+    data = Split(torch.randn(16, 1, 8, 8), torch.tensor([2, 5] * 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # no weight decay: untouched rows stay exactly
+    ordered_dropout_epoch(od, data, opt, batch_size=8, class_mask=mask, generator=torch.Generator().manual_seed(0))
+    changed = (model[-1].weight.detach() != before).any(dim=1)
+    assert changed.tolist() == mask.tolist()
