@@ -102,13 +102,13 @@ class WidthSliced(FedLoD):
 class HeteroFL(WidthSliced):
     """HeteroFL (Diao et al., ICLR 2021): width slices, unweighted count-averaging, static BN.
 
-    As in the reference code, each client trains only the logits of its own
-    classes and the server averages each output row over the clients that
-    hold that class (the masked classifier).
+    With ``heterofl_label_mask`` (the reference code's default), each client
+    trains only the logits of its own classes and the server averages each
+    output row over the clients that hold that class (the masked classifier).
     """
 
     def train_settings(self, cost: Cost) -> dict[str, Any]:
-        return super().train_settings(cost) | {P.LABEL_MASK: True}
+        return super().train_settings(cost) | {P.LABEL_MASK: self.cfg.heterofl_label_mask}
 
     def merge(self, updates: Updates) -> Arrays:
         return aggregate_heterofl(self.current, updates, self.update_labels, self.classifier)

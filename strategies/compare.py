@@ -33,6 +33,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "fedlod_zero_pad_aggregation": {"aggregation": "zero_pad"},
     "dlrt_clients": {"trainer": "dlrt", "aggregation": "svd"},
     "heterofl": {"strategy": "heterofl"},
+    "heterofl_masked": {"strategy": "heterofl", "heterofl_label_mask": True},
     "fjord": {"strategy": "fjord"},
     "fjord_kd": {"strategy": "fjord", "full_pass": True},
     "fedhm": {"strategy": "fedhm"},
@@ -67,7 +68,7 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
 
 
 #: methods whose tiers FedLoD is matched against at equal or smaller footprint
-MATCHED = ("heterofl", "fjord", "fjord_kd")
+MATCHED = ("heterofl", "heterofl_masked", "fjord", "fjord_kd")
 LADDER = tuple(i / 100 for i in range(1, 101))  # rank fractions FedLoD may be deployed at
 
 MATCHED_COLUMNS = [

@@ -54,9 +54,9 @@ def config(n: int, **kw: object) -> SimConfig:
     return resolve(SimConfig, overrides={"clients_per_round": n, "num_clients": n} | kw)
 
 
-def width_strategy(cls: type, fractions: list[float]) -> tuple[FedLoD, ArrayRecord]:
+def width_strategy(cls: type, fractions: list[float], **cfg: object) -> tuple[FedLoD, ArrayRecord]:
     torch.manual_seed(0)
-    strategy = cls(tiny_at_width(1.0), (6,), config(len(fractions)), build=tiny_at_width)
+    strategy = cls(tiny_at_width(1.0), (6,), config(len(fractions), **cfg), build=tiny_at_width)
     return strategy, populate(strategy, fractions)
 
 
@@ -106,7 +106,7 @@ def test_heterofl_averages_each_output_row_over_the_clients_holding_that_class()
     Output rows: class 0 only A (1 on A's corner, old values beyond it), class 1 both (2 on the
     corner, 3 beyond), class 2 only B (3), class 3 nobody (old values). Hidden layers as before.
     """
-    strategy, arrays = width_strategy(HeteroFL, [0.5, 1.0])
+    strategy, arrays = width_strategy(HeteroFL, [0.5, 1.0], heterofl_label_mask=True)
     before = to_numpy(arrays)
     assert strategy.classifier == ("2.weight", "2.bias")
     a, b = by_partition(list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None)), strategy)
@@ -341,13 +341,14 @@ def test_baselines_reject_fedlod_only_settings() -> None:
             resolve(SimConfig, overrides={"strategy": strategy, "aggregation": "svd"})
 
 
-@pytest.mark.parametrize("strategy", ["heterofl", "fjord", "fedhm"])
-def test_baseline_runs_end_to_end_on_the_in_process_grid(tmp_path: Path, strategy: str) -> None:
+@pytest.mark.parametrize("strategy,extra", [("heterofl", {}), ("heterofl", {"heterofl_label_mask": True}),
+                                            ("fjord", {}), ("fedhm", {})])
+def test_baseline_runs_end_to_end_on_the_in_process_grid(tmp_path: Path, strategy: str, extra: dict) -> None:
     """Real clients: sub-models of the right size travel, every tier is evaluated, accuracy beats chance."""
     from tests.test_simulation import local, small
     from maestro_fl.federated import federation, model_at_width
 
-    cfg = small(tmp_path, strategy=strategy, backend="local", rounds=3, model="cnn")
+    cfg = small(tmp_path, strategy=strategy, backend="local", rounds=3, model="cnn", **extra)
     run = tmp_path / strategy
     local(cfg, run)
     clients = pd.read_csv(run / "clients.csv")

@@ -97,6 +97,6 @@ def test_compare_runs_every_method_on_the_same_seeds(tmp_path: Path, capsys: pyt
     assert (dense["params"] == dense["params"].iloc[0]).all()  # everyone trains the same dense model
     # FedLoD deployed at every width baseline's tier footprint: never larger, in params or MACs
     matched = pd.read_csv(root / "matched.csv")
-    assert set(matched["method"]) == {"heterofl", "fjord", "fjord_kd"}
+    assert set(matched["method"]) == {"heterofl", "heterofl_masked", "fjord", "fjord_kd"}
     assert (matched["fedlod_params"] <= matched["params"]).all() and (matched["fedlod_macs"] <= matched["macs"]).all()
     assert "FedLoD's global model deployed" in printed
