@@ -244,7 +244,7 @@ class SimConfig:
     clip_grad_norm: float = 2.0  # products of factors spike the gradient; unclipped runs diverge at lr 0.1
     lambda_gl: float = 0.0  # group lasso off: budgets, not learned ranks, set the federated footprint
     full_pass: bool = False  # self-distillation (FjORD's KD too) doubles client compute for no gain in Maestro's ablation
-    heterofl_label_mask: bool = False  # HeteroFL's masked classifier: 1.4-3.8 pp lower per tier here (3 seeds)
+    heterofl_label_mask: bool = False  # HeteroFL's masked classifier: 0.7-1.9 pp lower per tier here (3 seeds)
     # -- devices --
     tier_shares: tuple[float, ...] = (0.2, 0.2, 0.2, 0.2, 0.2)  # five tiers in equal shares (FjORD, HeteroFL)
     population_csv: str = ""  # per-client capabilities (a FedScale-like trace); overrides tier_shares
