@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from maestro_fl.config import ConfigError
 from maestro_fl.federated import deploy_ladder
 from maestro_fl.results import format_table
 
@@ -117,19 +118,42 @@ def matched_footprint(root: Path, results: pd.DataFrame, reference: str = "fedlo
     return table
 
 
-def run_compare(overrides: list[str], seeds: tuple[int, ...] = (0, 1, 2), out_dir: str = "runs") -> Path:
+def run_compare(
+    overrides: list[str],
+    seeds: tuple[int, ...] = (0, 1, 2),
+    out_dir: str = "runs",
+    methods: tuple[str, ...] | None = None,
+) -> Path:
+    """Run ``methods`` (default: all of :data:`METHODS`) × ``seeds`` with the SimConfig ``overrides``.
+
+    Two overrides are the comparison's own: ``methods=fedlod,fjord`` and ``seeds=0,1``.
+    """
     base: dict[str, Any] = {}
     for item in overrides:
         key, _, value = item.partition("=")
-        base[key.strip().replace("-", "_")] = value
+        key = key.strip().replace("-", "_")
+        if key == "methods":
+            methods = tuple(m.strip() for m in value.split(",") if m.strip())
+        elif key == "seeds":
+            try:
+                seeds = tuple(int(v) for v in value.split(",") if v.strip())
+            except ValueError as err:
+                raise ConfigError(f"seeds must be comma-separated integers, got {value!r}") from err
+        else:
+            base[key] = value
+    chosen = list(METHODS) if methods is None else list(methods)
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown or not chosen or not seeds:
+        raise ConfigError(f"methods must be a non-empty subset of {list(METHODS)} and seeds non-empty; "
+                          f"got methods={chosen}, seeds={list(seeds)}")
     head = {"name": "compare", "out_dir": out_dir}
-    sweep = build_sweep(head, base, {"seed": list(seeds)}, METHODS)
+    sweep = build_sweep(head, base, {"seed": list(seeds)}, {m: METHODS[m] for m in chosen})
     root = run_sweep(sweep)
     results = pd.read_csv(root / "results.csv")
     table = summarize(results)
     table.to_csv(root / "compare.csv", index=False)
     print(format_table(table.to_dict("records"), COLUMNS))
-    if "fedlod" in METHODS and any(m in METHODS for m in MATCHED):
+    if "fedlod" in chosen and any(m in chosen for m in MATCHED):
         matched = matched_footprint(root, results)
         matched.to_csv(root / "matched.csv", index=False)
         print("\nFedLoD's global model deployed at each width tier's footprint (params and MACs both <=):")

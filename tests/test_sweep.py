@@ -100,3 +100,18 @@ def test_compare_runs_every_method_on_the_same_seeds(tmp_path: Path, capsys: pyt
     assert set(matched["method"]) == {"heterofl", "heterofl_masked", "fjord", "fjord_kd"}
     assert (matched["fedlod_params"] <= matched["params"]).all() and (matched["fedlod_macs"] <= matched["macs"]).all()
     assert "FedLoD's global model deployed" in printed
+
+
+def test_compare_takes_a_subset_of_methods_and_seeds(tmp_path: Path) -> None:
+    from maestro_fl.config import ConfigError
+    from strategies.compare import run_compare
+
+    overrides = [line.replace(" ", "").replace('"', "") for line in BASE.strip().splitlines()[1:]]
+    overrides = [o.replace("[", "").replace("]", "") for o in overrides]
+    root = run_compare(overrides + ["methods=fedlod,fjord", "seeds=3"], out_dir=str(tmp_path))
+    results = pd.read_csv(root / "results.csv")
+    assert set(results["method"]) == {"fedlod", "fjord"} and set(results["seed"]) == {3}
+    assert (root / "matched.csv").exists()
+    for bad in (["methods=fedlod,nope"], ["methods="], ["seeds=a"]):
+        with pytest.raises(ConfigError, match="methods must be|seeds must be"):
+            run_compare(overrides + bad, out_dir=str(tmp_path))
