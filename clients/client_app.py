@@ -41,6 +41,11 @@ from maestro_fl.width import OrderedDropout, ordered_dropout_epoch
 from .devices import device_for
 
 
+def training_device(cfg: SimConfig) -> torch.device:
+    """CUDA when the run gives each client a GPU share (``num_gpus_per_client > 0``) and one is visible."""
+    return torch.device("cuda" if cfg.num_gpus_per_client > 0 and torch.cuda.is_available() else "cpu")
+
+
 @lru_cache(maxsize=4)
 def _config(text: str) -> SimConfig:
     return resolve(SimConfig, overrides=json.loads(text))
@@ -92,18 +97,21 @@ def handle_train(msg: Message, context: Context) -> Message:
     model.load_state_dict(received.to_torch_state_dict())
 
     train, _ = fed.client_split(pid)
+    # DLRT's integrator is not checked on a GPU here: DLRT clients stay on the CPU
+    device = training_device(cfg) if cfg.trainer != "dlrt" else torch.device("cpu")
+    model.to(device)
     # local randomness (data order, sampled ranks) is a function of (seed, round, client) alone
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, server_round, pid]).generate_state(1)[0]))
     epochs = int(conf[P.LOCAL_EPOCHS])
     if width is not None:
-        losses = _train_width(model, fed, train, conf, cfg, gen, epochs)
+        losses = _train_width(model, fed, train, conf, cfg, gen, epochs, device)
     elif cfg.trainer == "dlrt":
-        model, losses = _train_dlrt(model, train, conf, cfg, gen, fed.data.augment, epochs)
+        model, losses = _train_dlrt(model, train, conf, cfg, gen, fed.data.augment, epochs, device)
         for name, layer in lod_layers(model).items():
             layer.pad_(ranks[name])  # DLRT may have lowered the rank; the reply keeps the shape it was sent
     else:
-        losses = _train_lod(model, train, conf, cfg, gen, fed.data.augment, epochs)
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+        losses = _train_lod(model, train, conf, cfg, gen, fed.data.augment, epochs, device)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     _inject_reply_fault(fault, state, fed.layer_names[0] if fed.layer_names else None)
     reply_arrays = ArrayRecord(state)
 
@@ -134,7 +142,14 @@ def handle_train(msg: Message, context: Context) -> Message:
 
 
 def _train_lod(
-    model: nn.Module, train: Split, conf: ConfigRecord, cfg: SimConfig, gen: torch.Generator, augment: bool, epochs: int
+    model: nn.Module,
+    train: Split,
+    conf: ConfigRecord,
+    cfg: SimConfig,
+    gen: torch.Generator,
+    augment: bool,
+    epochs: int,
+    device: torch.device,
 ) -> list[float]:
     """Maestro's ordered dropout within the client's budget."""
     opt = torch.optim.SGD(
@@ -153,6 +168,7 @@ def _train_lod(
             generator=gen,
             augment=augment,
             clip_grad_norm=cfg.clip_grad_norm,
+            device=device,
         )
         losses.append(stats.loss)
     return losses
@@ -165,7 +181,14 @@ def _architecture(cfg: SimConfig, spec: object, width: float) -> nn.Module:
 
 
 def _train_width(
-    model: nn.Module, fed: Federation, train: Split, conf: ConfigRecord, cfg: SimConfig, gen: torch.Generator, epochs: int
+    model: nn.Module,
+    fed: Federation,
+    train: Split,
+    conf: ConfigRecord,
+    cfg: SimConfig,
+    gen: torch.Generator,
+    epochs: int,
+    device: torch.device,
 ) -> list[float]:
     """A width slice: plain SGD at its width (HeteroFL) or ordered dropout over width levels (FjORD)."""
     od = OrderedDropout(model, partial(_architecture, cfg, fed.data.spec), [float(w) for w in conf[P.WIDTHS]], gen)
@@ -187,6 +210,7 @@ def _train_width(
             augment=fed.data.augment,
             clip_grad_norm=cfg.clip_grad_norm,
             class_mask=class_mask,
+            device=device,
         ).loss
         for _ in range(epochs)
     ]
@@ -201,7 +225,14 @@ def _rank_levels(conf: ConfigRecord, names: list[str]) -> list[dict[str, int]]:
 
 
 def _train_dlrt(
-    model: nn.Module, train: Split, conf: ConfigRecord, cfg: SimConfig, gen: torch.Generator, augment: bool, epochs: int
+    model: nn.Module,
+    train: Split,
+    conf: ConfigRecord,
+    cfg: SimConfig,
+    gen: torch.Generator,
+    augment: bool,
+    epochs: int,
+    device: torch.device,
 ) -> tuple[nn.Module, list[float]]:
     """DLRT's KLS integrator with every layer's rank capped at the client's budget."""
     dl = lod_to_dlrt(model)
@@ -209,7 +240,7 @@ def _train_dlrt(
                                weight_decay=cfg.weight_decay)
     losses = [
         dlrt_train_epoch(dl, integrator, train, batch_size=int(conf[P.BATCH_SIZE]), generator=gen,
-                         augment=augment).loss
+                         augment=augment, device=device).loss
         for _ in range(epochs)
     ]
     return dlrt_to_lod(dl), losses

@@ -117,6 +117,7 @@ def ordered_dropout_epoch(
     augment: bool = False,
     clip_grad_norm: float = 0.0,
     class_mask: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
 ) -> EpochStats:
     """One epoch of FjORD training: each step trains one sampled width.
 
@@ -135,7 +136,10 @@ def ordered_dropout_epoch(
     model.train()
     it = batches(data, batch_size, generator=generator, augment=augment) if isinstance(data, Split) else data
     total_loss, correct, seen, steps, passes = 0.0, 0, 0, 0, 0
+    if class_mask is not None:
+        class_mask = class_mask.to(device)
     for x, y in it:
+        x, y = x.to(device), y.to(device)
         width = od.sample() if len(od.widths) > 1 else od.widths[0]
         optimizer.zero_grad(set_to_none=True)
         if distill and width != od.widths[-1]:

@@ -7,6 +7,7 @@ The file has three tables::
     out_dir = "runs/sweeps"
     ray_address = ""        # '' = a local Ray; 'auto' or host:port = an existing cluster
     cpus_per_run = 1
+    gpus_per_run = 0        # a GPU share per run; its clients train on it when num_gpus_per_client > 0
 
     [base]                  # SimConfig values shared by every run
     rounds = 20
@@ -42,7 +43,7 @@ import pandas as pd
 
 from maestro_fl.config import ConfigError, SimConfig, read_toml, resolve, to_dict
 
-SWEEP_KEYS = {"name": str, "out_dir": str, "ray_address": str, "cpus_per_run": (int, float)}
+SWEEP_KEYS = {"name": str, "out_dir": str, "ray_address": str, "cpus_per_run": (int, float), "gpus_per_run": (int, float)}
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Sweep:
     out_dir: Path
     ray_address: str
     cpus_per_run: float
+    gpus_per_run: float
     runs: tuple[tuple[str, dict[str, Any], SimConfig], ...]  # (run name, grid values, config)
 
     @property
@@ -112,6 +114,7 @@ def build_sweep(
         out_dir=Path(head.get("out_dir", "runs/sweeps")),
         ray_address=str(head.get("ray_address", "")),
         cpus_per_run=float(head.get("cpus_per_run", 1)),
+        gpus_per_run=float(head.get("gpus_per_run", 0)),
         runs=tuple(runs),
     )
 
@@ -165,7 +168,7 @@ def run_sweep(path_or_sweep: str | Path | Sweep) -> Path:
         ray.init(address=sweep.ray_address or "local", include_dashboard=False, logging_level="error",
                  **({} if sweep.ray_address else {"num_cpus": os.cpu_count() or 1}))
         try:
-            task = ray.remote(num_cpus=sweep.cpus_per_run)(run_one)
+            task = ray.remote(num_cpus=sweep.cpus_per_run, num_gpus=sweep.gpus_per_run)(run_one)
             pending = {task.remote(cfg, sweep.root / name): (name, values) for name, values, cfg in todo}
             done = 0
             while pending:

@@ -185,3 +185,15 @@ def test_dlrt_clients_with_svd_aggregation(tmp_path: Path) -> None:
     assert full["loss"].iloc[-1] < full["loss"].iloc[0]
     with pytest.raises(Exception, match="aggregation must be 'svd'"):
         small(tmp_path, trainer="dlrt", aggregation="ordered")
+
+
+def test_clients_train_on_a_gpu_only_when_given_a_share_of_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from clients.client_app import training_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training_device(resolve(SimConfig, overrides={"num_gpus_per_client": 0.25})).type == "cuda"
+    assert training_device(resolve(SimConfig)).type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training_device(resolve(SimConfig, overrides={"num_gpus_per_client": 0.25})).type == "cpu"

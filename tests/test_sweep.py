@@ -115,3 +115,12 @@ def test_compare_takes_a_subset_of_methods_and_seeds(tmp_path: Path) -> None:
     for bad in (["methods=fedlod,nope"], ["methods="], ["seeds=a"]):
         with pytest.raises(ConfigError, match="methods must be|seeds must be"):
             run_compare(overrides + bad, out_dir=str(tmp_path))
+
+
+def test_shipped_sweep_files_are_valid() -> None:
+    """The sweep files in benchmarks/sweeps/ parse and every run's config validates (nothing runs)."""
+    files = sorted((Path(__file__).parents[1] / "benchmarks" / "sweeps").glob("*.toml"))
+    assert files
+    for path in files:
+        sweep = load_sweep(path)
+        assert len(sweep.runs) >= 3 and sweep.gpus_per_run >= 0
