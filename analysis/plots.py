@@ -182,6 +182,50 @@ def accuracy_vs_footprint(
     return _save(fig, out)
 
 
+def ladder_vs_tiers(
+    ladder_runs: Sequence[str | Path],
+    tier_runs: Sequence[str | Path],
+    tier_labels: Sequence[str],
+    fractions: Sequence[float] = tuple(i / 100 for i in range(5, 101)),
+    x: str = "params",
+    out: str | Path | None = None,
+    ylim: tuple[float, float] | None = None,
+) -> Figure:
+    """FedLoD's global model cut at every rank fraction (a curve) against other methods' tier points.
+
+    The curve is what one FedLoD training deploys at any budget
+    (:func:`maestro_fl.federated.deploy_ladder`, mean over ``ladder_runs`` with
+    the spread shaded); each label of ``tier_runs`` is a method whose tiers
+    are the only sizes it deploys (mean ± spread over its runs).
+    """
+    from maestro_fl.federated import deploy_ladder  # evaluates models: only this figure needs torch
+
+    if x not in ("params", "macs"):
+        raise ValueError(f"x must be one of ['params', 'macs'], got {x!r}")
+    ladder = pd.concat([pd.DataFrame(deploy_ladder(r, fractions)) for r in ladder_runs])
+    curve = ladder.groupby("fraction").agg(x=(x, "mean"), acc=("accuracy", "mean"), sd=("accuracy", "std"))
+    curve = curve.fillna(0.0)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(curve["x"], 100 * curve["acc"], color="black", label="FedLoD, cut at any rank")
+    ax.fill_between(curve["x"], 100 * (curve["acc"] - curve["sd"]), 100 * (curve["acc"] + curve["sd"]),
+                    color="black", alpha=0.15, linewidth=0)
+    frames = [footprint_points(r, x).assign(method=m) for r, m in zip(tier_runs, tier_labels)]
+    if frames:
+        for method, group in pd.concat(frames).groupby("method", sort=False):
+            stats = group.groupby("tier").agg(x=("x", "mean"), acc=("accuracy", "mean"), sd=("accuracy", "std"))
+            ax.errorbar(stats["x"], 100 * stats["acc"], yerr=100 * stats["sd"].fillna(0.0), marker="o",
+                        linestyle="none", capsize=3, label=f"{method} tiers")
+    ax.set_xscale("log")
+    ax.set_xlabel(X_LABELS[x] + " (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("One FedLoD model at every budget vs per-tier sub-models")
+    if ylim is not None:  # zoom on the tiers; what lies outside is clipped, not dropped
+        ax.set_ylim(*ylim)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, out)
+
+
 def accuracy_vs_round(run_dir: str | Path, out: str | Path | None = None, time_axis: bool = False) -> Figure:
     """Test accuracy of the global model at each tier's ranks, per round (or per simulated second)."""
     tiers = read_table(run_dir, "tiers.csv", ("round", "tier", "accuracy"))

@@ -95,6 +95,20 @@ def test_federated_figures_have_their_axes_and_series(fl_run: Path, tmp_path: Pa
     assert (tmp_path / "pareto.png").stat().st_size > 1000 and (tmp_path / "pareto.svg").exists()
 
 
+def test_ladder_vs_tiers_draws_the_rank_curve_and_each_methods_tiers(fl_run: Path, small_sweep: Path) -> None:
+    from analysis import plots
+
+    runs, labels = plots.sweep_runs(small_sweep)
+    dense = [r for r, m in zip(runs, labels) if m == "dense"]
+    fig = plots.ladder_vs_tiers([fl_run], dense, ["dense"] * len(dense), fractions=(0.1, 0.5, 1.0))
+    ax = fig.axes[0]
+    (curve,) = [line for line in ax.get_lines() if line.get_label() == "FedLoD, cut at any rank"]
+    xs = list(curve.get_xdata())
+    assert len(xs) == 3 and xs == sorted(xs)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["FedLoD, cut at any rank", "dense tiers"]
+    assert len(ax.containers) == 1 and ax.get_xscale() == "log"
+
+
 def test_report_writes_every_figure_and_a_summary(fl_run: Path, dlrt_runs: list[Path], tmp_path: Path) -> None:
     from strategies.cli import main
 
