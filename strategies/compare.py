@@ -134,6 +134,8 @@ def run_compare(
         key = key.strip().replace("-", "_")
         if key == "methods":
             methods = tuple(m.strip() for m in value.split(",") if m.strip())
+        elif key == "out_dir":  # where the comparison's sweep directory goes
+            out_dir = value
         elif key == "seeds":
             try:
                 seeds = tuple(int(v) for v in value.split(",") if v.strip())

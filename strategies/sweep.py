@@ -147,6 +147,31 @@ def _rows(sweep: Sweep, name: str, values: dict[str, Any], status: str, error: s
     return [base | row for row in final_table(run_dir)]
 
 
+#: SimConfig fields that say where and how a run executes, not what it computes
+RUN_LOCATION_FIELDS = ("out_dir", "run_name", "resume", "progress", "backend")
+
+
+def _check_existing_runs(sweep: Sweep) -> None:
+    """A run directory left by an earlier sweep must hold the same experiment, or nothing runs.
+
+    Otherwise changing ``[base]`` and running the sweep again would silently
+    reuse (skip or resume) runs made with the old settings.
+    """
+    for name, _, cfg in sweep.runs:
+        stored_path = sweep.root / name / "config.json"
+        if not stored_path.is_file():
+            continue
+        stored = json.loads(stored_path.read_text())
+        wanted = json.loads(json.dumps(to_dict(cfg)))
+        differ = sorted(k for k in wanted if k not in RUN_LOCATION_FIELDS and stored.get(k) != wanted[k])
+        if differ:
+            shown = ", ".join(f"{k}: {stored.get(k)!r} there, {wanted[k]!r} now" for k in differ[:3])
+            raise ConfigError(
+                f"run {name}: {stored_path.parent} holds a run with other settings ({shown}); "
+                "give the sweep another name or out_dir, or delete that run directory"
+            )
+
+
 def run_sweep(path_or_sweep: str | Path | Sweep) -> Path:
     """Run every grid point not finished yet; returns the sweep directory (with results.csv)."""
     import ray
@@ -156,6 +181,7 @@ def run_sweep(path_or_sweep: str | Path | Sweep) -> Path:
     (sweep.root / "sweep.json").write_text(
         json.dumps({"runs": [{"run": n, "values": v, "config": to_dict(c)} for n, v, c in sweep.runs]}, indent=1)
     )
+    _check_existing_runs(sweep)
     rows: dict[str, list[dict[str, Any]]] = {}
     todo = []
     for name, values, cfg in sweep.runs:

@@ -9,7 +9,7 @@ import pytest
 
 from maestro_fl.config import ConfigError
 from strategies.cli import main
-from strategies.sweep import load_sweep
+from strategies.sweep import load_sweep, run_sweep
 
 BASE = """
 [base]
@@ -53,6 +53,11 @@ def test_grid_runs_skips_finished_and_records_failures(tmp_path: Path, capsys: p
     assert "4 finished already" in out and "[4/4]" in out
     again = pd.read_csv(tmp_path / "out" / "t" / "results.csv")
     pd.testing.assert_frame_equal(again[again["status"] == "ok"].reset_index(drop=True), ok.reset_index(drop=True))
+
+    # the same sweep with other base settings must not reuse those runs: refused before anything runs
+    spec.write_text(spec.read_text().replace("rounds = 1", "rounds = 2"))
+    with pytest.raises(ConfigError, match=r"holds a run with other settings \(rounds: 1 there, 2 now\)"):
+        run_sweep(spec)
 
 
 @pytest.mark.parametrize(
