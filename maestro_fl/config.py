@@ -238,13 +238,13 @@ class SimConfig:
     local_epochs: int = 3  # ~6 local steps per round; more drifts under non-IID data
     batch_size: int = 16  # clients hold ~29 examples: 2 steps per epoch
     lr: float = 0.15  # local SGD, stable with GroupNorm and clipping; 0.1 needs ~20 more rounds
-    momentum: float = 0.9  # local momentum (reset every round): +0.3-1.6 pp per tier over 0.5 for every method (3 seeds)
+    momentum: float = 0.9  # local momentum (reset every round): FedLoD +0.3-1.6 pp per tier over 0.5 (3 seeds)
     weight_decay: float = 1e-4  # the authors' value
-    sampler: str = "tiers"  # FjORD's rule on ranks (a tier's ranks per step): +0.3-1.6 pp per tier over 'nested' (3 seeds)
+    sampler: str = "tiers"  # FjORD's rule on ranks (a tier's ranks per step): +0.5-1.2 pp per tier over 'nested' (3 seeds)
     clip_grad_norm: float = 2.0  # products of factors spike the gradient; unclipped runs diverge at lr 0.1
     lambda_gl: float = 0.0  # group lasso off: budgets, not learned ranks, set the federated footprint
     full_pass: bool = False  # self-distillation (FjORD's KD too) doubles client compute for no gain in Maestro's ablation
-    heterofl_label_mask: bool = False  # HeteroFL's masked classifier: 0.7-1.9 pp lower per tier here (3 seeds)
+    heterofl_label_mask: bool = False  # HeteroFL's masked classifier: 1.5-1.9 pp lower per tier here (3 seeds)
     # -- devices --
     tier_shares: tuple[float, ...] = (0.2, 0.2, 0.2, 0.2, 0.2)  # five tiers in equal shares (FjORD, HeteroFL)
     population_csv: str = ""  # per-client capabilities (a FedScale-like trace); overrides tier_shares
