@@ -21,7 +21,6 @@ from functools import partial
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from maestro_fl import protocol as P
@@ -30,7 +29,7 @@ from maestro_fl.budget import Cost, DeviceCapability, width_cost_table
 from maestro_fl.config import SimConfig
 from maestro_fl.convert import Ranks
 from maestro_fl.federated import Federation, model_at_width
-from maestro_fl.width import slice_corners, state_shapes
+from maestro_fl.width import corner, slice_corners, state_shapes
 
 from .fedlod import FedLoD, Updates
 
@@ -92,11 +91,11 @@ class WidthSliced(FedLoD):
     def merge(self, updates: Updates) -> Arrays:
         return aggregate_heterofl(self.current, updates)
 
-    def deployed(self, arrays: dict[str, np.ndarray], cost: Cost) -> tuple[nn.Module, Ranks | None]:
-        model = self.build(cost.fraction)
-        sub = slice_corners(arrays, self.shapes(cost.fraction))
-        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sub.items()})
-        return model, None
+    def deployed(self, model: nn.Module, cost: Cost) -> tuple[nn.Module, Ranks | None]:
+        sub = self.build(cost.fraction)
+        full = model.state_dict()
+        sub.load_state_dict({k: full[k][corner(shape)] for k, shape in self.shapes(cost.fraction).items()})
+        return sub, None
 
 
 class HeteroFL(WidthSliced):

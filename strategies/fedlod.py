@@ -9,7 +9,7 @@ FjORD's nested rule on the rank dimension).
 The class only orchestrates: sampling, per-client sub-models, reply checks.
 The maths live in :mod:`maestro_fl.aggregation` and :mod:`maestro_fl.budget`.
 Other sub-model families (width slices, a dense server model) subclass it and
-override the four hooks :meth:`FedLoD.sub_model`, :meth:`FedLoD.train_settings`,
+override the hooks :meth:`FedLoD.sub_model`, :meth:`FedLoD.train_settings`,
 :meth:`FedLoD.merge` and :meth:`FedLoD.deployed` (see ``strategies/baselines.py``).
 """
 
@@ -205,10 +205,14 @@ class FedLoD(FedAvg):
         rules = {"ordered": aggregate_ordered_factors, "svd": aggregate_svd, "zero_pad": aggregate_zero_padded}
         return rules[self.cfg.aggregation](self.current, updates)
 
-    def deployed(self, arrays: dict[str, np.ndarray], cost: Cost) -> tuple[nn.Module, Ranks | None]:
-        """The model a tier at ``cost`` runs, and the ranks to run it at (for evaluation and footprint)."""
+    def global_model(self, arrays: dict[str, np.ndarray]) -> nn.Module:
+        """The global model holding ``arrays`` (built once per evaluation, shared by every tier)."""
         model = truncate(self.template, self.global_ranks)
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+        return model
+
+    def deployed(self, model: nn.Module, cost: Cost) -> tuple[nn.Module, Ranks | None]:
+        """What a tier at ``cost`` runs of the global ``model``, and the ranks to run it at."""
         return model, cost.ranks
 
     @cached_property

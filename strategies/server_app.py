@@ -54,8 +54,9 @@ def evaluate_tiers(fed: Federation, strategy: FedLoD, arrays: dict[str, np.ndarr
     """
     rows = []
     reference = strategy.reference
+    global_model = strategy.global_model(arrays)
     for tier, cost in strategy.tier_costs().items():
-        model, ranks = strategy.deployed(arrays, cost)
+        model, ranks = strategy.deployed(global_model, cost)
         loss, acc = evaluate(model, fed.data.test, ranks)
         fp = footprint(model, fed.data.spec.shape, ranks)
         rows.append(
