@@ -180,9 +180,6 @@ class FedLoD(FedAvg):
                 out[device.tier] = cost
         return dict(sorted(out.items()))
 
-    def tier_ranks(self) -> dict[int, Ranks]:
-        return {t: c.ranks for t, c in self.tier_costs().items()}
-
     # -- the sub-model family (override these to train other sub-models) --------
     def sub_model(self, cost: Cost) -> dict[str, np.ndarray]:
         """The arrays a client at ``cost`` receives: its factor prefixes and every dense parameter."""
