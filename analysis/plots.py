@@ -15,24 +15,15 @@ import matplotlib.pyplot as plt  # headless, matplotlib picks Agg itself; in a n
 import pandas as pd
 from matplotlib.figure import Figure
 
+from maestro_fl.results import RunDir, RunDirError
 
-class RunDirError(FileNotFoundError):
-    """A run directory lacks a table, or the table cannot be read."""
+__all__ = ["RunDirError", "read_table"]  # and the figure functions below
 
 
 def read_table(run_dir: str | Path, name: str, required: Sequence[str] = ()) -> pd.DataFrame:
-    """``run_dir/name`` as a DataFrame, with a clear error when it is missing, empty or malformed."""
-    path = Path(run_dir) / name
-    if not path.is_file():
-        raise RunDirError(f"{path}: missing (is {Path(run_dir)} a maestro-fl run directory?)")
-    try:
-        df = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise RunDirError(f"{path}: unreadable table ({err})") from None
-    missing = [c for c in required if c not in df.columns]
-    if missing or df.empty:
-        raise RunDirError(f"{path}: {'no rows' if df.empty else f'missing columns {missing}'}")
-    return df
+    """``run_dir/name`` as a DataFrame (:meth:`maestro_fl.results.RunDir.table`): a missing, empty or
+    malformed table is a :class:`RunDirError` naming it."""
+    return RunDir(run_dir).table(name, required)
 
 
 def _save(fig: Figure, out: str | Path | None) -> Figure:

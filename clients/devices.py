@@ -32,8 +32,6 @@ import numpy as np
 from maestro_fl.budget import DeviceCapability
 from maestro_fl.config import ConfigError, SimConfig
 
-TIER_NAMES = ("xs", "s", "m", "l", "xl")
-
 DEFAULT_TIERS: tuple[DeviceCapability, ...] = (
     DeviceCapability(0, macs_per_s=8e6, memory_bytes=2.3e6, up_bps=5e4, down_bps=1e5, availability=0.6),
     DeviceCapability(1, macs_per_s=12e6, memory_bytes=2.8e6, up_bps=1e5, down_bps=2.5e5, availability=0.7),

@@ -1,14 +1,17 @@
-"""Server-side maths of heterogeneous-rank federated LoD, as pure functions.
+"""Server-side maths of heterogeneous sub-model federated learning, as pure functions.
 
-Clients train nested prefixes of the ordered factors: a client at rank ``r``
-holds the first ``r`` rows of ``Vᵀ`` (``in_network.weight``, rank axis 0) and
-the first ``r`` columns of ``U`` (``out_network.weight``, rank axis 1).
+Every client holds a part of each global array, described by an
+:data:`~maestro_fl.submodels.Index` (see :mod:`maestro_fl.submodels`): a rank
+prefix of LoD factors (the first ``r`` rows of ``Vᵀ``, ``in_network.weight``,
+and columns of ``U``, ``out_network.weight``), a width corner, a rolling window.
+:func:`aggregate_indexed` is the one merge they share: every element becomes
+the weighted mean over the clients whose part holds it, and an element no
+client holds keeps its value. Products and sums are formed in float64.
 
-Ordered-factor aggregation is FjORD's nested rule (Horváth et al., NeurIPS
-2021) applied to the rank dimension: every rank component ``k`` is averaged,
+Ordered-factor aggregation (FedLoD) is FjORD's nested rule (Horváth et al.,
+NeurIPS 2021) on the rank dimension: rank component ``k`` is averaged,
 weighted by the clients' example counts, over the clients that trained it;
-a component no client trained keeps its value. Parameters without a rank
-axis (norm layers, biases, dense layers) are averaged as in FedAvg.
+RBLA (arXiv 2408.08699) averages rank slices the same way.
 """
 
 from __future__ import annotations
@@ -18,122 +21,111 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
+from .submodels import Index, corner_index, layer_of, numpy_index, rank_axes, take
+
 Arrays = dict[str, NDArray[np.floating]]
+#: a client's trained arrays (leading corners of the global ones) and its weight
+Update = tuple[Mapping[str, np.ndarray], float]
+#: a client's trained arrays, where they sit in the global ones, and its weight
+IndexedUpdate = tuple[Mapping[str, np.ndarray], Index, float]
 
 
-def rank_axes(param_names: Sequence[str]) -> dict[str, int]:
-    """The rank axis of every factor parameter (LoD naming convention)."""
-    axes = {}
-    for name in param_names:
-        if name.endswith("in_network.weight"):
-            axes[name] = 0
-        elif name.endswith("out_network.weight"):
-            axes[name] = 1
-    return axes
-
-
-def layer_of(param_name: str) -> str:
-    """``'features.3.in_network.weight'`` → ``'features.3'``."""
-    return param_name.rsplit(".", 2)[0]
-
-
-def slice_prefix(global_arrays: Mapping[str, np.ndarray], ranks: Mapping[str, int]) -> Arrays:
-    """The sub-model of a client at per-layer ``ranks``: factor prefixes plus every dense parameter.
-
-    Layers not named in ``ranks`` are sent whole.
-    """
-    axes = rank_axes(list(global_arrays))
-    out: Arrays = {}
-    for name, value in global_arrays.items():
-        axis = axes.get(name)
-        layer = layer_of(name)
-        if axis is None or layer not in ranks:
-            out[name] = value
-        else:
-            index = [slice(None)] * value.ndim
-            index[axis] = slice(0, ranks[layer])
-            out[name] = value[tuple(index)]
-    return out
-
-
-def aggregate_nested(
-    global_arrays: Mapping[str, np.ndarray],
-    updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
-) -> Arrays:
-    """Average nested corner blocks element-wise over the clients that hold them.
-
-    Every client array must be the leading corner ``[:d0, :d1, ...]`` of the
-    global array of the same name (a factor prefix, or a width slice). Each
-    element becomes the weighted mean over the clients whose block contains
-    it; an element no client holds keeps the global value.
+def aggregate_indexed(global_arrays: Mapping[str, np.ndarray], updates: Sequence[IndexedUpdate]) -> Arrays:
+    """Average every element over the clients whose part holds it; elements no client holds keep their value.
 
     Parameters
     ----------
     global_arrays : mapping
         The current global model.
-    updates : sequence of (arrays, weight)
-        Each client's trained arrays and its weight (number of examples).
+    updates : sequence of (arrays, index, weight)
+        Each client's trained arrays, the index of each in the global array
+        of the same name (``arrays[name] == global[name][index[name]]`` in shape),
+        and its weight (examples, or 1 for count-averaging).
     """
     out: Arrays = {}
     for name, current in global_arrays.items():
         total = np.zeros(current.shape, dtype=np.float64)
         weight = np.zeros(current.shape, dtype=np.float64)
-        for arrays, w in updates:
+        for arrays, index, w in updates:
             block = arrays.get(name)
             if block is None:
                 continue
-            if block.ndim != current.ndim or any(b > c for b, c in zip(block.shape, current.shape)):
-                raise ValueError(f"{name}: client block {block.shape} is not a corner of the global {current.shape}")
-            corner = tuple(slice(0, d) for d in block.shape)
-            total[corner] += w * block
-            weight[corner] += w
-        trained = weight > 0
+            where = numpy_index(index[name], current.shape)
+            if total[where].shape != block.shape:
+                raise ValueError(f"{name}: client block {block.shape} does not match its index {total[where].shape}")
+            total[where] += np.float64(w) * block.astype(np.float64)
+            weight[where] += w
+        held = weight > 0
         merged = np.array(current, dtype=np.float64, copy=True)
-        merged[trained] = total[trained] / weight[trained]
+        merged[held] = total[held] / weight[held]
         out[name] = merged.astype(current.dtype, copy=False)
     return out
 
 
+def slice_prefix(global_arrays: Mapping[str, np.ndarray], ranks: Mapping[str, int]) -> Arrays:
+    """The factor prefixes of a client at per-layer ``ranks`` plus every dense parameter (layers not named: whole)."""
+    axes = rank_axes(list(global_arrays))
+    index: Index = {}
+    for name, value in global_arrays.items():
+        idx = [slice(None)] * value.ndim
+        if name in axes and layer_of(name) in ranks:
+            idx[axes[name]] = slice(0, ranks[layer_of(name)])
+        index[name] = tuple(idx)
+    return take(global_arrays, index)
+
+
+def aggregate_nested(global_arrays: Mapping[str, np.ndarray], updates: Sequence[Update]) -> Arrays:
+    """Average nested corner blocks element-wise over the clients that hold them.
+
+    Every client array is the leading corner ``[:d0, :d1, ...]`` of the global
+    array of the same name (a factor prefix, or a width slice); see
+    :func:`aggregate_indexed`.
+    """
+    indexed = []
+    for arrays, w in updates:
+        for name, block in arrays.items():
+            full = global_arrays[name].shape if name in global_arrays else None
+            if full is None or block.ndim != len(full) or any(b > c for b, c in zip(block.shape, full)):
+                raise ValueError(f"{name}: client block {block.shape} is not a corner of the global {full}")
+        indexed.append((arrays, corner_index({k: v.shape for k, v in arrays.items()}), w))
+    return aggregate_indexed(global_arrays, indexed)
+
+
 def aggregate_heterofl(
     global_arrays: Mapping[str, np.ndarray],
-    updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
+    updates: Sequence[IndexedUpdate],
     label_sets: Sequence[Sequence[int]] | None = None,
     classifier: Sequence[str] = (),
 ) -> Arrays:
-    """HeteroFL's server rule (Diao et al., ICLR 2021): unweighted count-averaging of width slices.
+    """HeteroFL's server rule (Diao et al., ICLR 2021): unweighted count-averaging of the parts clients hold.
 
-    Every element becomes the plain mean over the clients whose slice holds it
+    Every element becomes the plain mean over the clients whose part holds it
     (the reference code's ``tmp_v / count``), whatever their example counts;
     elements no client holds keep their value. With ``label_sets`` (one per
     update), row ``c`` of the ``classifier`` parameters (output weight and
     bias, classes on axis 0) counts only for clients that hold class ``c``:
     the reference's masked output layer. An empty label set means unknown:
-    all of that client's rows count.
+    all of that client's rows count. FedRolex (``split_model``/``combine`` of
+    its official code) uses the same rule on rolling windows.
     """
-    uniform = [(arrays, 1.0) for arrays, _ in updates]
-    if label_sets is None or not classifier:
-        return aggregate_nested(global_arrays, uniform)
-    if len(label_sets) != len(updates):
+    if label_sets is not None and len(label_sets) != len(updates):
         raise ValueError(f"label_sets: expected one per update ({len(updates)}), got {len(label_sets)}")
-    rest = {k: v for k, v in global_arrays.items() if k not in classifier}
-    out = aggregate_nested(rest, [({k: v for k, v in a.items() if k in rest}, w) for a, w in uniform])
-    for name in classifier:
-        current = global_arrays[name]
-        total = np.zeros(current.shape, dtype=np.float64)
-        count = np.zeros(current.shape, dtype=np.float64)
-        for (arrays, _), labels in zip(updates, label_sets):
-            if name not in arrays:
-                continue
-            block = arrays[name]
-            rows = np.asarray(sorted(set(labels)) if labels else range(block.shape[0]), dtype=int)
-            region = (rows, *(slice(0, d) for d in block.shape[1:]))
-            total[region] += block[rows]
-            count[region] += 1.0
-        merged = np.array(current, dtype=np.float64, copy=True)
-        held = count > 0
-        merged[held] = total[held] / count[held]
-        out[name] = merged.astype(current.dtype, copy=False)
-    return {k: out[k] for k in global_arrays}
+    counted: list[IndexedUpdate] = []
+    for i, (arrays, index, _) in enumerate(updates):
+        labels = sorted(set(label_sets[i])) if label_sets is not None else []
+        if not labels or not classifier:
+            counted.append((arrays, index, 1.0))
+            continue
+        rows = np.asarray(labels, dtype=np.int64)
+        arrays, index = dict(arrays), dict(index)
+        for name in classifier:
+            if name in arrays:  # keep only the rows of the client's classes, where they sit in the global array
+                first = index[name][0]
+                held = np.arange(*first.indices(global_arrays[name].shape[0])) if isinstance(first, slice) else first
+                arrays[name] = arrays[name][rows]
+                index[name] = (held[rows], *index[name][1:])
+        counted.append((arrays, index, 1.0))
+    return aggregate_indexed(global_arrays, counted)
 
 
 def aggregate_fjord(
@@ -177,47 +169,6 @@ def fits(shape: tuple[int, ...], full: tuple[int, ...], rank_axis: int | None) -
     if len(shape) != len(full):
         return False
     return all(s == f or (i == rank_axis and 0 < s <= f) for i, (s, f) in enumerate(zip(shape, full)))
-
-
-def fedavg(updates: Sequence[tuple[Mapping[str, np.ndarray], float]]) -> Arrays:
-    """Plain example-weighted FedAvg of identically-shaped updates (the reference rule)."""
-    total = sum(w for _, w in updates)
-    names = updates[0][0].keys()
-    return {n: sum(a[n].astype(np.float64) * (w / total) for a, w in updates).astype(updates[0][0][n].dtype) for n in names}
-
-
-def prefix_ranks(arrays: Mapping[str, np.ndarray]) -> dict[str, int]:
-    """Per-layer ranks implied by a set of factor prefixes (for checks of replies)."""
-    ranks: dict[str, int] = {}
-    for name, axis in rank_axes(list(arrays)).items():
-        ranks.setdefault(layer_of(name), int(arrays[name].shape[axis]))
-    return ranks
-
-
-def validate_update(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]]) -> str | None:
-    """Why a client's reply cannot be aggregated, or ``None`` if it can.
-
-    The reply must hold exactly the parameters the client was sent, each with
-    the shape it was sent (so a factor cannot come back at another rank), and
-    only finite values.
-    """
-    missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
-    if missing or extra:
-        return f"parameters differ from those sent: missing {missing[:3]}, unexpected {extra[:3]}"
-    for name, shape in expected.items():
-        got = tuple(arrays[name].shape)
-        if got != tuple(shape):
-            axis = rank_axes([name]).get(name)
-            only_rank_differs = (
-                axis is not None
-                and len(got) == len(shape)
-                and all(g == e for i, (g, e) in enumerate(zip(got, shape)) if i != axis)
-            )
-            what = "rank" if only_rank_differs else "shape"
-            return f"{name}: wrong {what}, got {got}, sent {tuple(shape)}"
-        if not np.isfinite(arrays[name]).all():
-            return f"{name}: non-finite values (NaN/Inf)"
-    return None
 
 
 def factor_importance(u: np.ndarray, vt: np.ndarray) -> np.ndarray:

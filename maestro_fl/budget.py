@@ -5,9 +5,9 @@ largest rank fraction ``p`` (all LoD layers at ``⌈p·r_i⌉``) whose
 
 * training memory (weights, gradients and momentum in fp32, plus the
   activations kept for backward at the local batch size) fits its memory, and
-* per-round training compute (3 × forward MACs × samples × epochs: the
-  backward pass costs about twice the forward) finishes within the round
-  deadline at its speed.
+* per-round training compute (3 × forward MACs × passes per step × samples ×
+  epochs: the backward pass costs about twice the forward) finishes within
+  the round deadline at its speed.
 
 The time model follows FedScale (Lai et al., ICML 2022): completion time =
 compute time + download + upload over the device's bandwidth.
@@ -15,14 +15,14 @@ compute time + download + upload over the device's bandwidth.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .convert import Ranks, _walk, ranks_at_fraction
-from .footprint import footprint, probe_forward
+from .convert import Ranks, _walk
+from .footprint import probe_forward
 from .layers import LoDLayer
 
 #: rank fractions a budget can take, from full rank down (fine enough to matter, small enough to tabulate)
@@ -46,20 +46,28 @@ class DeviceCapability:
 
 @dataclass(frozen=True)
 class Cost:
-    """What training at one rank fraction costs, per sample or per model."""
+    """What training one sub-model costs, per sample or per model: the one compute model.
+
+    The server checks budgets against it and the client reports its MACs by
+    it (:meth:`train_macs`), so "same budget" means the same compute for
+    every method, whatever its local training does per step.
+    """
 
     fraction: float
     ranks: Ranks
     params: int  # trained parameters (factors as they are, not as deployed)
     macs: int  # forward MACs per sample
     activations: int  # activation values kept for backward, per sample
+    passes: int = 1  # forward/backward passes per step: 2 with self-distillation or DLRT's KLS step
+    live_graphs: int = 1  # autograd graphs alive at once: 2 when a teacher pass and a student pass share a backward
 
     def train_memory(self, batch_size: int, optimizer_slots: int = 1) -> int:
         """Bytes: weights + gradients + optimizer state + activations of one batch."""
-        return FP32 * ((2 + optimizer_slots) * self.params + batch_size * self.activations)
+        return FP32 * ((2 + optimizer_slots) * self.params + self.live_graphs * batch_size * self.activations)
 
     def train_macs(self, samples: int, epochs: int) -> int:
-        return BACKWARD_FACTOR * self.macs * samples * epochs
+        """MACs of ``epochs`` passes over ``samples`` examples: forward + backward (3×), per pass."""
+        return BACKWARD_FACTOR * self.macs * self.passes * samples * epochs
 
 
 @torch.no_grad()
@@ -84,33 +92,6 @@ def activation_count(model: nn.Module, input_shape: tuple[int, ...], ranks: Mapp
     return sum(counts)
 
 
-def cost_table(model: nn.Module, input_shape: tuple[int, ...], fractions: Sequence[float] = FRACTION_GRID) -> list[Cost]:
-    """Training cost of the model at each rank fraction (largest first)."""
-    table = []
-    for p in sorted(fractions, reverse=True):
-        ranks = ranks_at_fraction(model, p)
-        fp = footprint(model, input_shape, ranks, as_deployed=False)
-        table.append(Cost(p, ranks, fp.params, fp.macs, activation_count(model, input_shape, ranks)))
-    return table
-
-
-def width_cost_table(
-    build: Callable[[float], nn.Module], input_shape: tuple[int, ...], fractions: Sequence[float] = FRACTION_GRID
-) -> list[Cost]:
-    """Training cost of the width-sliced model (HeteroFL, FjORD) at each width fraction (largest first).
-
-    ``build(p)`` is the dense model at width ``p``; it is measured by the same
-    :func:`~maestro_fl.footprint.footprint` and :func:`activation_count` as the
-    LoD model, so a tier's costs are comparable across methods. ``ranks`` is empty.
-    """
-    table = []
-    for p in sorted(set(fractions), reverse=True):
-        model = build(p)
-        fp = footprint(model, input_shape)
-        table.append(Cost(p, {}, fp.params, fp.macs, activation_count(model, input_shape)))
-    return table
-
-
 def affordable(
     table: Sequence[Cost],
     device: DeviceCapability,
@@ -123,10 +104,12 @@ def affordable(
     """The largest-fraction entry of ``table`` the device can train within its memory and deadline.
 
     ``None`` when not even the smallest fits: such a device cannot take part.
-    An explicit ``device.rank_fraction`` bypasses the derivation.
+    An explicit ``device.rank_fraction`` replaces the derivation: the largest
+    entry at or below it.
     """
     if device.rank_fraction > 0:
-        return min(table, key=lambda c: (abs(c.fraction - device.rank_fraction), -c.fraction))
+        below = [c for c in table if c.fraction <= device.rank_fraction + 1e-9]
+        return max(below, key=lambda c: c.fraction) if below else None
     for cost in sorted(table, key=lambda c: -c.fraction):
         fits_memory = cost.train_memory(batch_size) <= device.memory_bytes
         fits_time = deadline_s <= 0 or cost.train_macs(samples, epochs) / device.macs_per_s <= deadline_s

@@ -28,7 +28,7 @@ from .data import Split, batches, load_dataset
 from .dlrt import KLSIntegrator, dlrt_factorize, dlrt_layers, dlrt_to_lod, dlrt_train_epoch
 from .footprint import footprint
 from .models import InputSpec, build_model
-from .results import CsvLog, format_table, new_run_dir, timestamp
+from .results import EPOCHS, LADDER, RANKS, RunDir, format_table, new_run_dir, timestamp
 from .training import evaluate, make_sampler, seed_everything, shrink, train_epoch
 
 
@@ -91,7 +91,7 @@ def run_train(cfg: TrainConfig) -> Path:
     data = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
     name = cfg.run_name or f"train-{cfg.dataset}-{cfg.model}-s{cfg.seed}-{timestamp()}"
     run_dir = new_run_dir(cfg.out_dir, name)
-    cfgmod.save(cfg, run_dir / "config.json")
+    RunDir(run_dir).save_config(cfgmod.to_dict(cfg))
 
     if cfg.method == "dlrt":
         dense = build_model(cfg.model, data.spec, None if cfg.norm == "default" else cfg.norm)
@@ -104,7 +104,8 @@ def run_train(cfg: TrainConfig) -> Path:
         model = build_lod_model(cfg, data.spec, gen).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         current_ranks = lambda: model_ranks(model)  # noqa: E731
-    epochs_log, ranks_log = CsvLog(run_dir / "epochs.csv"), CsvLog(run_dir / "ranks.csv")
+    run = RunDir(run_dir)
+    epochs_log, ranks_log = run.writer(EPOCHS), run.writer(RANKS)
     full_ranks = current_ranks()
     bar = _progress(cfg)
     for epoch in range(cfg.epochs):
@@ -163,7 +164,7 @@ def run_train(cfg: TrainConfig) -> Path:
 
     final = dlrt_to_lod(model) if cfg.method == "dlrt" else model  # DLRT: factors ordered by singular value
     ladder = evaluate_ladder(final, data.train, data.test, data.spec, cfg.eval_fractions, device)
-    CsvLog(run_dir / "ladder.csv").extend(ladder)
+    run.writer(LADDER).extend(ladder)
     torch.save(
         {"config": cfgmod.to_dict(cfg), "ranks": model_ranks(final), "state_dict": final.state_dict()},
         run_dir / "model.pt",

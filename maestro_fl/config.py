@@ -21,12 +21,13 @@ from .models import MODELS, NORMS
 from .training import SAMPLERS
 
 
-#: strategies a simulation can run (the classes are in strategies/; a test keeps the two in step)
-STRATEGIES = ("fedlod", "fedavg_dense", "fedavg_exclusive", "heterofl", "fjord", "fedhm")
-#: strategies whose clients train width slices of the dense model
-WIDTH_STRATEGIES = ("heterofl", "fjord")
-#: strategies whose server model is the dense model (full-width for the width-sliced ones)
-DENSE_STRATEGIES = ("fedavg_dense", "fedavg_exclusive", *WIDTH_STRATEGIES)
+
+
+def strategies() -> tuple[str, ...]:
+    """The methods a simulation can run (:data:`maestro_fl.methods.METHODS`)."""
+    from .methods import METHODS  # imported late: the methods import the core modules this one does
+
+    return tuple(METHODS)
 
 
 class ConfigError(ValueError):
@@ -203,17 +204,13 @@ def to_dict(cfg: object) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
-def save(cfg: object, path: Path) -> None:
-    path.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-
-
 @dataclass(frozen=True)
 class SimConfig:
     """Heterogeneous federated LoD training (``maestro-fl simulate``): the main job."""
 
-    strategy: str = "fedlod"  # 'fedlod', or the baselines 'fedavg_dense' (all clients, full dense model),
-    # 'fedavg_exclusive' (only clients that afford it), 'heterofl', 'fjord' (width slices) and 'fedhm'
-    # (truncated SVD of a dense server model); see strategies/baselines.py
+    strategy: str = "fedlod"  # the method (maestro_fl/methods): 'fedlod', 'dlrt' (DLRT clients), the baselines
+    # 'fedavg_dense' (all clients, full dense model), 'fedavg_exclusive' (only clients that afford it),
+    # 'heterofl', 'fjord' (width slices) and 'fedhm' (truncated SVD of a dense server model)
     # -- data and model --
     dataset: str = "digits"  # embedded: the main job runs offline
     data_root: str = "data"  # where torchvision datasets are read from (or downloaded to)
@@ -232,7 +229,6 @@ class SimConfig:
     classes_per_client: int = 2  # for partition='pathological' (McMahan et al.)
     val_fraction: float = 0.1  # each client's held-out validation share
     # -- local training --
-    trainer: str = "lod"  # 'lod' (Maestro's ordered dropout) or 'dlrt' (KLS integrator, rank capped by the budget)
     dlrt_tau: float = 0.1  # DLRT clients' relative truncation tolerance
     dlrt_lr: float = 0.1  # DLRT clients' K/L/S step size (plain SGD)
     local_epochs: int = 3  # ~6 local steps per round; more drifts under non-IID data
@@ -243,7 +239,7 @@ class SimConfig:
     sampler: str = "tiers"  # FjORD's rule on ranks (a tier's ranks per step): +0.5-1.2 pp per tier over 'nested' (3 seeds)
     clip_grad_norm: float = 2.0  # products of factors spike the gradient; unclipped runs diverge at lr 0.1
     lambda_gl: float = 0.0  # group lasso off: budgets, not learned ranks, set the federated footprint
-    full_pass: bool = False  # self-distillation (FjORD's KD too) doubles client compute for no gain in Maestro's ablation
+    full_pass: bool = False  # self-distillation (FedLoD, FjORD's KD): 2x client compute, no gain in Maestro's ablation
     heterofl_label_mask: bool = False  # HeteroFL's masked classifier: 1.5-1.9 pp lower per tier here (3 seeds)
     # -- devices --
     tier_shares: tuple[float, ...] = (0.2, 0.2, 0.2, 0.2, 0.2)  # five tiers in equal shares (FjORD, HeteroFL)
@@ -253,8 +249,8 @@ class SimConfig:
     compute_budget_s: float = 15.0  # per-round compute a device may spend: tiers land at ~0.15/0.25/0.4/0.7/1 rank
     round_deadline_s: float = 0.0  # drop clients whose simulated round time exceeds this; 0 = no deadline
     # -- server --
-    aggregation: str = "ordered"  # 'ordered': per-component prefix averaging; 'svd': average U Vᵀ and
-    # re-factor; 'zero_pad': pad factors with zeros to the global rank, average over all clients
+    aggregation: str = "ordered"  # FedLoD's rule. 'ordered': per-component prefix averaging; 'svd': average
+    # U Vᵀ and re-factor; 'zero_pad': pad factors with zeros to the global rank, average over all clients
     server_shrink_eps: float = 0.0  # server-side progressive shrinking of the aggregate; 0 = off
     # -- engine --
     backend: str = "ray"  # 'ray' (Flower's simulation engine) or 'local' (in-process, for debugging)
@@ -271,7 +267,7 @@ class SimConfig:
     fault_injection: str = ""  # robustness testing: 'partition:kind,...', kind in raise|timeout|nan|shape|rank
 
     def validate(self) -> SimConfig:
-        check_one_of("strategy", self.strategy, STRATEGIES)
+        check_one_of("strategy", self.strategy, strategies())
         check_one_of("dataset", self.dataset, DATASETS)
         check_one_of("model", self.model, tuple(MODELS))
         check_one_of("norm", self.norm, ("default", *NORMS))
@@ -281,18 +277,14 @@ class SimConfig:
         check_one_of("tier_mode", self.tier_mode, ("fixed", "dynamic"))
         check_non_negative("keep_first", self.keep_first)
         check_one_of("backend", self.backend, ("ray", "local"))
-        check_one_of("trainer", self.trainer, ("lod", "dlrt"))
         check_one_of("aggregation", self.aggregation, ("ordered", "svd", "zero_pad"))
-        if self.strategy in ("heterofl", "fjord", "fedhm") and (self.aggregation != "ordered" or self.trainer != "lod"):
+        if self.strategy != "fedlod" and (self.aggregation != "ordered" or self.server_shrink_eps > 0):
             raise ConfigError(
-                f"strategy {self.strategy!r} has its own server rule and local training: "
-                "aggregation and trainer apply to 'fedlod' only (leave them at 'ordered' and 'lod')"
+                f"strategy {self.strategy!r} has its own server rule: aggregation and server_shrink_eps "
+                "apply to 'fedlod' only (leave them at 'ordered' and 0)"
             )
-        if self.trainer == "dlrt" and self.aggregation != "svd":
-            raise ConfigError(
-                "aggregation must be 'svd' with trainer='dlrt': DLRT clients rotate their bases, "
-                "so only the products U Vᵀ of different clients can be averaged"
-            )
+        if self.full_pass and self.strategy not in ("fedlod", "fjord"):
+            raise ConfigError(f"full_pass (self-distillation) applies to 'fedlod' and 'fjord', not {self.strategy!r}")
         check_fraction("dlrt_tau", self.dlrt_tau)
         check_positive("dlrt_lr", self.dlrt_lr)
         for name in ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "classes_per_client"):

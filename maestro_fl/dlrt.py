@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .convert import _set_module, _walk, lod_layers
-from .data import Split, batches
+from .data import Split
 from .layers import LoDConv2d, LoDLayer, LoDLinear
-from .training import EpochStats
+from .training import EpochStats, Step, WholeModel, run_epoch
 
 
 def _orth(a: torch.Tensor) -> torch.Tensor:
@@ -279,8 +279,11 @@ def truncation_rank(sigma: torch.Tensor, tau: float, min_rank: int = 1, max_rank
     return max(min_rank, min(r, upper))
 
 
-class KLSIntegrator:
+class KLSIntegrator(Step):
     """The rank-adaptive (or fixed-rank) KLS step for every DLRT layer of a model.
+
+    As a :class:`~maestro_fl.training.Step` of the one epoch loop it runs the
+    batch's closure twice: the K/L pass and the S pass.
 
     Parameters
     ----------
@@ -307,6 +310,9 @@ class KLSIntegrator:
 
     def ranks(self) -> dict[str, int]:
         return {n: layer.rank for n, layer in self.layers.items()}
+
+    def __call__(self, closure: Callable[[], torch.Tensor]) -> None:
+        self.step(closure)
 
     def _set_mode(self, mode: str) -> None:
         for layer in self.layers.values():
@@ -377,21 +383,7 @@ def dlrt_train_epoch(
     augment: bool = False,
     device: torch.device | str = "cpu",
 ) -> EpochStats:
-    """One epoch of KLS steps (two forward/backward passes per mini-batch)."""
+    """One epoch of KLS steps (:func:`~maestro_fl.training.run_epoch`; two passes per mini-batch)."""
     model.train()
-    total, correct, seen, steps = 0.0, 0, 0, 0
-    for x, y in batches(data, batch_size, generator=generator, augment=augment):
-        x, y = x.to(device), y.to(device)
-        outputs: list[torch.Tensor] = []
-
-        def closure() -> torch.Tensor:
-            out = model(x)
-            outputs.append(out.detach())
-            return F.cross_entropy(out, y)
-
-        loss = integrator.step(closure)
-        total += loss * len(y)
-        correct += int((outputs[0].argmax(-1) == y).sum())
-        seen += len(y)
-        steps += 1
-    return EpochStats(total / max(seen, 1), correct / max(seen, 1), steps, seen, 2 * steps)
+    return run_epoch(data, WholeModel(model), integrator, batch_size=batch_size, generator=generator,
+                     augment=augment, device=device)

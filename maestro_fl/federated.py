@@ -1,31 +1,31 @@
 """What the server and every client build identically from a :class:`SimConfig`.
 
-Both sides derive the same data partitions and the same LoD model template
-from the config and its seed, so only weights travel on the wire. The result
-is cached per process: a Ray actor builds it once and reuses it for every
-client it runs.
+Both sides derive the same data partitions, the same method and the same
+initial model from the config and its seed, so only weights travel on the
+wire. The result is cached per process: a Ray actor builds it once and
+reuses it for every client it runs.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
-from .config import DENSE_STRATEGIES, WIDTH_STRATEGIES, SimConfig, resolve, to_dict
-from .convert import factorize, lod_layers, ranks_at_fraction, truncate
-from .footprint import footprint
+from .config import SimConfig, resolve, to_dict
+from .convert import lod_layers, ranks_at_fraction
 from .data import ImageData, Split, load_dataset
-from .models import MODELS, build_model
+from .footprint import footprint
+from .methods import METHODS, FederatedMethod
+from .models import MODELS, InputSpec, build_model
 from .partition import partition_indices, train_val_split
+from .results import RunDir
 from .training import evaluate
 
 
@@ -33,44 +33,43 @@ from .training import evaluate
 class Federation:
     data: ImageData
     partitions: tuple[tuple[np.ndarray, np.ndarray], ...]  # (train, validation) indices per client
-    template: nn.Module  # the LoD model at full rank, initialized from the seed
-    layer_names: tuple[str, ...]  # LoD layers, in the order ranks travel on the wire
+    method: FederatedMethod
+
+    @property
+    def template(self) -> nn.Module:
+        """The server's initial model at full size (from the seed)."""
+        return self.method.template
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """LoD layers, in the order ranks travel on the wire."""
+        return tuple(lod_layers(self.template))
 
     def client_split(self, partition_id: int) -> tuple[Split, Split]:
         train_idx, val_idx = self.partitions[partition_id]
         return self.data.train.subset(train_idx), self.data.train.subset(val_idx)
 
-    @property
-    def mean_train_size(self) -> int:
-        return int(round(np.mean([len(t) for t, _ in self.partitions])))
 
+def model_builder(cfg: SimConfig, spec: InputSpec, static_batchnorm: bool = False):  # type: ignore[no-untyped-def]
+    """``build(p)``: the run's dense model at hidden-width fraction ``p`` (1.0 = full).
 
-def model_at_width(cfg: SimConfig, spec, width: float) -> nn.Module:  # type: ignore[no-untyped-def]
-    """The dense model at hidden-width fraction ``width`` (HeteroFL/FjORD sub-models; 1.0 = full).
-
-    Width-sliced strategies replace BatchNorm by HeteroFL's static BN
-    (``'sbn'``): running statistics of different widths cannot be averaged.
+    Width-sliced methods replace BatchNorm by HeteroFL's static BN (``'sbn'``):
+    running statistics of different widths cannot be averaged.
     """
     norm = inspect.signature(MODELS[cfg.model]).parameters["norm"].default if cfg.norm == "default" else cfg.norm
-    if cfg.strategy in WIDTH_STRATEGIES and norm == "bn":
+    if static_batchnorm and norm == "bn":
         norm = "sbn"
-    return build_model(cfg.model, spec, norm, width=width)
+    return partial(_build, cfg.model, spec, norm)
 
 
-def build_template(cfg: SimConfig, spec) -> nn.Module:  # type: ignore[no-untyped-def]
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = model_at_width(cfg, spec, 1.0)
-    if cfg.strategy in DENSE_STRATEGIES:
-        return model
-    return factorize(
-        model,
-        # FedHM's server model is dense: its factors are the exact SVD of the initial weights
-        init="svd" if cfg.strategy == "fedhm" else cfg.init,  # type: ignore[arg-type]
-        keep_first=cfg.keep_first,
-        keep_classifier=cfg.keep_classifier,
-        generator=gen,
-    )
+def _build(name: str, spec: InputSpec, norm: str, width: float = 1.0) -> nn.Module:
+    return build_model(name, spec, norm, width=width)
+
+
+def make_method(cfg: SimConfig, spec: InputSpec) -> FederatedMethod:
+    """The method ``cfg.strategy``, holding the run's initial model (seeded)."""
+    cls = METHODS[cfg.strategy]
+    return cls(cfg, spec.shape, model_builder(cfg, spec, cls.static_batchnorm))
 
 
 def federation(cfg: SimConfig) -> Federation:
@@ -90,18 +89,7 @@ def _federation(key: str) -> Federation:
         seed=cfg.seed,
     )
     splits = tuple(train_val_split(p, cfg.val_fraction, cfg.seed + i) for i, p in enumerate(parts))
-    template = build_template(cfg, data.spec)
-    return Federation(data, splits, template, tuple(lod_layers(template)))
-
-
-def ranks_to_list(names: tuple[str, ...], ranks: dict[str, int]) -> list[int]:
-    return [int(ranks[n]) for n in names]
-
-
-def ranks_from_list(names: tuple[str, ...], values: list[int]) -> dict[str, int]:
-    if len(values) != len(names):
-        raise ValueError(f"ranks: expected {len(names)} values (one per LoD layer), got {len(values)}")
-    return dict(zip(names, (int(v) for v in values)))
+    return Federation(data, splits, make_method(cfg, data.spec))
 
 
 # -- a finished run's global model, deployed after the fact ------------------------------------
@@ -113,16 +101,11 @@ def load_global_model(run_dir: str | Path) -> tuple[SimConfig, Federation, nn.Mo
     FileNotFoundError
         ``run_dir`` lacks ``config.json`` or ``checkpoint.pt``.
     """
-    run_dir = Path(run_dir)
-    for name in ("config.json", "checkpoint.pt"):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"{run_dir} is not a finished run directory: no {name}")
-    cfg = resolve(SimConfig, overrides=json.loads((run_dir / "config.json").read_text()) | {"resume": ""})
+    run = RunDir(run_dir)
+    checkpoint = run.checkpoint(required=True)
+    cfg = resolve(SimConfig, overrides=run.config() | {"resume": ""})
     fed = federation(cfg)
-    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
-    model = truncate(fed.template, dict(ckpt["global_ranks"])) if fed.layer_names else copy.deepcopy(fed.template)
-    model.load_state_dict(ckpt["arrays"])
-    return cfg, fed, model
+    return cfg, fed, fed.method.family.global_model(checkpoint.arrays)
 
 
 def deploy_ladder(run_dir: str | Path, fractions: Sequence[float]) -> list[dict[str, float]]:

@@ -17,20 +17,18 @@ SERVERAPP_REF = "strategies.server_app:app"
 CLIENTAPP_REF = "clients.client_app:app"
 
 # ConfigRecord keys (server -> client)
-RUN_CONFIG = "run-config"  # the SimConfig as JSON: clients build data and model from it
+RUN_CONFIG = "run-config"  # the SimConfig as JSON: clients build data, model and method from it
 SERVER_ROUND = "server-round"
-RANKS = "ranks"  # list[int]: the client's rank per LoD layer, in lod_layers() order
-RANK_LEVELS = "rank-levels"  # list[int]: sampler 'tiers': the tiers' ranks up to the client's, level after level
-WIDTH = "width"  # float: the client's hidden-width fraction (HeteroFL, FjORD); replaces RANKS
-LABEL_MASK = "label-mask"  # bool: train only the logits of the client's own classes (HeteroFL's masked classifier)
-WIDTHS = "widths"  # list[float]: the width levels its ordered dropout samples from (FjORD; [WIDTH] = none)
 LOCAL_EPOCHS = "local-epochs"
 LR = "lr"
-BATCH_SIZE = "batch-size"
-LAMBDA_GL = "lambda-gl"
-SAMPLER = "sampler"
-FULL_PASS = "full-pass"
-DEVICE_MACS_PER_S = "device-macs-per-s"  # the profile the client is simulated with this round
+# the client's assignment (maestro_fl.methods.Assignment)
+FRACTION = "fraction"  # float: the budget's rank or width fraction
+RANKS = "ranks"  # list[int]: the client's rank per LoD layer, in the method's layer order ([] for width methods)
+LEVELS = "levels"  # list[float]: the fractions its ordered dropout draws from, its own last
+LEVEL_RANKS = "level-ranks"  # list[int]: the ranks of every level, level after level (rank methods)
+LABEL_MASK = "label-mask"  # bool: train only the logits of the client's own classes (HeteroFL's masked classifier)
+# the device the client is simulated on this round
+DEVICE_MACS_PER_S = "device-macs-per-s"
 DEVICE_UP_BPS = "device-up-bps"
 DEVICE_DOWN_BPS = "device-down-bps"
 
@@ -38,9 +36,7 @@ DEVICE_DOWN_BPS = "device-down-bps"
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 PARTITION_ID = "partition-id"
-BYTES_RECEIVED = "bytes-received"
-BYTES_SENT = "bytes-sent"
-MACS = "macs"  # multiply-accumulates spent in local training
+MACS = "macs"  # multiply-accumulates spent in local training, by the method's cost model
 COMPUTE_SECONDS = "compute-seconds"  # simulated, from the device profile
 DOWNLOAD_SECONDS = "download-seconds"
 UPLOAD_SECONDS = "upload-seconds"

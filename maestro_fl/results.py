@@ -1,27 +1,258 @@
-"""Run directories and tidy CSV tables written row by row as a run goes.
+"""The run directory, defined once: its tables (columns and their meaning), its checkpoint, and their I/O.
 
-Each row is flushed when written, so an interrupted run loses nothing that
-finished; a resumed run appends to the same files.
+Everything that writes or reads a run directory goes through this module:
+the server's round loop and the train job write with :meth:`RunDir.writer`
+and :func:`save_checkpoint`; resume, ``deploy_ladder``, sweeps and the
+analysis read with :meth:`RunDir.table` and :meth:`RunDir.checkpoint`. Each
+row is flushed when written, so an interrupted run loses nothing that
+finished; a resumed run is first trimmed to its checkpoint
+(:meth:`RunDir.trim`), so nothing is duplicated.
 """
 
 from __future__ import annotations
 
 import csv
+import json
+import os
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 
-class CsvLog:
-    """Append-only CSV with a fixed header (taken from the first row or the existing file)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.columns: list[str] | None = None
+@dataclass(frozen=True)
+class Column:
+    name: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class Table:
+    """One CSV table of a run directory: its file, what a row is, and its columns."""
+
+    file: str
+    row: str  # one row per ...
+    columns: tuple[Column, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+
+def _cols(*pairs: tuple[str, str]) -> tuple[Column, ...]:
+    return tuple(Column(n, m) for n, m in pairs)
+
+
+#: a sampled client's fate in a round
+STATUSES = ("ok", "failed", "timeout", "malformed", "dropped", "unaffordable")
+
+ROUNDS = Table("rounds.csv", "round", _cols(
+    ("round", "server round, from 1"),
+    ("sim_seconds", "simulated round latency: the slowest participant's compute + download + upload, capped by round_deadline_s"),
+    ("sim_seconds_total", "simulated seconds since the run began"),
+    ("wall_seconds", "real seconds of the round, central evaluation included"),
+    ("train_wall_seconds", "real seconds of configure + clients + aggregate, without central evaluation"),
+    ("server_seconds", "real seconds the server itself spent: configure_train + aggregate_train"),
+    ("bytes_down", "bytes sent to all clients this round"),
+    ("bytes_up", "bytes received from all clients this round"),
+    ("selected", "clients sampled this round"),
+    *((s, f"clients whose status was '{s}'") for s in STATUSES),
+    ("train_loss", "mean local training loss of the accepted clients, weighted by examples"),
+    ("global_rank", "sum of the global model's LoD ranks (0 for models without LoD layers)"),
+))
+TIERS = Table("tiers.csv", "round and tier", _cols(
+    ("round", "server round"),
+    ("tier", "device tier"),
+    ("accuracy", "test accuracy of the global model deployed at the tier's budget"),
+    ("loss", "test cross-entropy of the same"),
+    ("fraction", "the tier's rank (or width) fraction"),
+    ("ranks", "rank per LoD layer, space-separated (empty for width and dense methods)"),
+    ("params", "parameters of the deployed model"),
+    ("macs", "forward multiply-accumulates per sample of the deployed model"),
+    ("bytes_fp32", "size of the deployed model's weights in fp32"),
+    ("params_ratio", "params / the full dense model's"),
+    ("macs_ratio", "macs / the full dense model's"),
+))
+CLIENTS = Table("clients.csv", "round and sampled client", _cols(
+    ("round", "server round"),
+    ("node_id", "Flower node id"),
+    ("partition_id", "the client's data partition"),
+    ("tier", "device tier"),
+    ("ranks", "rank per LoD layer it trained, space-separated (empty for width and dense methods)"),
+    ("status", "ok, failed (raised), timeout (no reply in round_timeout_s), malformed (reply rejected), "
+               "dropped (missed round_deadline_s) or unaffordable (no sub-model fits its device)"),
+    ("fraction", "its budget's rank (or width) fraction; empty when unaffordable"),
+    ("reason", "why it was not ok"),
+    ("num_examples", "training examples it reported"),
+    ("train_loss", "its mean local training loss"),
+    ("bytes_down", "bytes of the sub-model sent to it"),
+    ("bytes_up", "bytes of its reply's arrays"),
+    ("macs", "multiply-accumulates its local training cost, by the method's cost model"),
+    ("compute_s", "simulated compute seconds on its device"),
+    ("download_s", "simulated download seconds"),
+    ("upload_s", "simulated upload seconds"),
+    ("wall_s", "real seconds the client spent on the message"),
+    ("round_seconds", "compute_s + download_s + upload_s"),
+))
+DEVICES = Table("devices.csv", "registered client", _cols(
+    ("partition_id", "the client's data partition"),
+    ("node_id", "Flower node id"),
+    ("num_examples", "training examples it holds"),
+    ("tier", "device tier"),
+    ("macs_per_s", "compute speed (multiply-accumulates per second)"),
+    ("memory_bytes", "memory for training"),
+    ("up_bps", "uplink, bits per second"),
+    ("down_bps", "downlink, bits per second"),
+    ("availability", "probability of being online in a round"),
+    ("rank_fraction", "explicit budget fraction; 0 = derived from the device"),
+))
+EPOCHS = Table("epochs.csv", "epoch (maestro-fl train)", _cols(
+    ("epoch", "epoch, from 1"),
+    ("lr", "learning rate"),
+    ("train_loss", "mean training loss"),
+    ("train_accuracy", "training accuracy (of the sampled sub-models)"),
+    ("test_loss", "test cross-entropy at full (learned) rank"),
+    ("test_accuracy", "test accuracy at full (learned) rank"),
+    ("total_rank", "sum of the learned ranks"),
+    ("params", "parameters of the model as deployed"),
+    ("macs", "forward multiply-accumulates per sample"),
+    ("dense_params", "parameters of the dense model"),
+    ("compression", "1 - params / dense_params"),
+    ("seconds", "wall seconds of the epoch"),
+))
+RANKS = Table("ranks.csv", "epoch and LoD layer (maestro-fl train)", _cols(
+    ("epoch", "epoch"),
+    ("layer", "LoD layer name"),
+    ("rank", "its rank after the epoch"),
+    ("initial_rank", "its rank at the start"),
+))
+LADDER = Table("ladder.csv", "rank fraction (maestro-fl train)", _cols(
+    ("rank_fraction", "the fraction every layer's rank is cut to"),
+    ("test_loss", "test cross-entropy of the extracted model"),
+    ("test_accuracy", "test accuracy of the extracted model"),
+    ("total_rank", "sum of its ranks"),
+    ("params", "its parameters"),
+    ("macs", "its forward multiply-accumulates per sample"),
+    ("bytes_fp32", "its weights in fp32"),
+    ("bytes_fp16", "its weights in fp16"),
+    ("dense_params", "the dense model's parameters"),
+    ("dense_macs", "the dense model's MACs"),
+    ("params_ratio", "params / dense_params"),
+    ("macs_ratio", "macs / dense_macs"),
+))
+#: the tables a federated run writes round by round (trimmed together on resume)
+ROUND_TABLES = (ROUNDS, TIERS, CLIENTS)
+TABLES = {t.file: t for t in (ROUNDS, TIERS, CLIENTS, DEVICES, EPOCHS, RANKS, LADDER)}
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = 2  # bump when the layout below changes
+
+
+@dataclass
+class ClientRound:
+    """One client in one round: what it was given and what became of it (a row of clients.csv)."""
+
+    round: int
+    node_id: int
+    partition_id: int
+    tier: int
+    ranks: list[int]
+    status: str  # one of STATUSES
+    fraction: float = float("nan")  # the budget's rank (or width) fraction; NaN when unaffordable
+    reason: str = ""
+    num_examples: int = 0
+    train_loss: float = float("nan")
+    bytes_down: int = 0
+    bytes_up: int = 0
+    macs: float = 0.0
+    compute_s: float = 0.0
+    download_s: float = 0.0
+    upload_s: float = 0.0
+    wall_s: float = 0.0  # real seconds the client spent (not simulated)
+
+    @property
+    def round_seconds(self) -> float:
+        return self.compute_s + self.download_s + self.upload_s
+
+    def row(self) -> dict[str, Any]:
+        """The clients.csv row."""
+        return {c: (self.round_seconds if c == "round_seconds" else getattr(self, c)) for c in CLIENTS.names}
+
+
+class RunDirError(FileNotFoundError):
+    """A run directory lacks a file, or a file cannot be read."""
+
+
+class CheckpointError(RunDirError):
+    """A checkpoint is truncated, garbage, or of another format."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The server's state after a round: everything resume and deployment need.
+
+    ``arrays`` is the global model's state dict as NumPy arrays (LoD factors at
+    the global ranks, which their shapes give).
+    """
+
+    round: int
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def global_ranks(self) -> dict[str, int]:
+        return {n.rsplit(".", 2)[0]: int(v.shape[0]) for n, v in self.arrays.items() if n.endswith("in_network.weight")}
+
+
+def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> None:
+    """Write ``checkpoint.pt`` atomically (a crash leaves the previous one)."""
+    import torch
+
+    run_dir = Path(run_dir)
+    tmp = run_dir / (CHECKPOINT_FILE + ".tmp")
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "round": int(checkpoint.round),
+            "arrays": {k: torch.from_numpy(np.array(v)) for k, v in checkpoint.arrays.items()},
+        },
+        tmp,
+    )
+    os.replace(tmp, run_dir / CHECKPOINT_FILE)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint file; any damage is one :class:`CheckpointError` naming the file."""
+    import torch
+
+    path = Path(path)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated, garbage or foreign files all mean the same to a user
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}); "
+                              "delete it to restart the run, or resume from an intact copy") from None
+    if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT or not isinstance(raw.get("arrays"), dict):
+        raise CheckpointError(f"{path}: not a maestro-fl checkpoint of format {CHECKPOINT_FORMAT}")
+    try:
+        arrays = {str(k): v.numpy() for k, v in raw["arrays"].items()}
+        return Checkpoint(int(raw["round"]), arrays)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: damaged checkpoint ({err})") from None
+
+
+class TableWriter:
+    """Appends rows to one table, flushing each batch; the columns are the schema's, in its order."""
+
+    def __init__(self, path: Path, table: Table) -> None:
+        self.path, self.table = path, table
         if path.exists() and path.stat().st_size > 0:
             with open(path, newline="") as fh:
-                self.columns = next(csv.reader(fh))
+                header = next(csv.reader(fh), [])
+            if header != table.names:
+                raise RunDirError(f"{path}: columns {header} are not those of {table.file} {table.names}")
 
     def append(self, row: Mapping[str, Any]) -> None:
         self.extend([row])
@@ -30,15 +261,19 @@ class CsvLog:
         rows = list(rows)
         if not rows:
             return
-        new_file = self.columns is None
-        if self.columns is None:
-            self.columns = list(rows[0])
+        for row in rows:
+            if list(row) != self.table.names:
+                missing = [c for c in self.table.names if c not in row]
+                extra = [c for c in row if c not in self.table.names]
+                if missing or extra:
+                    raise ValueError(f"{self.table.file}: row is missing {missing} and has unknown {extra}")
+        new_file = not self.path.exists() or self.path.stat().st_size == 0
         with open(self.path, "a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=self.columns, extrasaction="raise")
+            writer = csv.DictWriter(fh, fieldnames=self.table.names)
             if new_file:
                 writer.writeheader()
             for row in rows:
-                writer.writerow({k: _cell(v) for k, v in row.items()})
+                writer.writerow({k: _cell(row[k]) for k in self.table.names})
             fh.flush()
 
 
@@ -48,6 +283,122 @@ def _cell(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return " ".join(str(v) for v in value)
     return value
+
+
+class RunDir:
+    """A run directory: its config, tables and checkpoint, read and written through the schema above."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # -- config ------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        path = self.path / CONFIG_FILE
+        if not path.is_file():
+            raise RunDirError(f"{self.path} is not a run directory: no {CONFIG_FILE}")
+        try:
+            return dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as err:
+            raise RunDirError(f"{path}: unreadable ({err})") from None
+
+    def save_config(self, values: Mapping[str, Any]) -> None:
+        (self.path / CONFIG_FILE).write_text(json.dumps(dict(values), indent=2) + "\n")
+
+    # -- tables ------------------------------------------------------------------------------
+    def writer(self, table: Table) -> TableWriter:
+        return TableWriter(self.path / table.file, table)
+
+    def has(self, table: Table) -> bool:
+        path = self.path / table.file
+        return path.is_file() and path.stat().st_size > 0
+
+    def table(self, table: Table | str, required: Iterable[str] | None = None):  # type: ignore[no-untyped-def]
+        """The table as a DataFrame; a missing, empty or malformed one is a :class:`RunDirError` naming it.
+
+        ``table``: one of the schema's, or the file name of another CSV (a sweep's ``results.csv``).
+        ``required``: the columns the caller needs (default: all of the schema's).
+        """
+        import pandas as pd
+
+        if isinstance(table, str):
+            table = TABLES.get(table, Table(table, "row", ()))
+        path = self.path / table.file
+        if not path.is_file():
+            raise RunDirError(f"{path}: missing (is {self.path} a maestro-fl run directory?)")
+        try:
+            df = pd.read_csv(path, keep_default_na=True)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+            raise RunDirError(f"{path}: unreadable table ({err})") from None
+        need = table.names if required is None else list(required)
+        missing = [c for c in need if c not in df.columns]
+        if missing or df.empty:
+            raise RunDirError(f"{path}: {'no rows' if df.empty else f'missing columns {missing}'}")
+        return df
+
+    def trim(self, last_round: int) -> None:
+        """Drop every row of the round tables after ``last_round`` (written, then interrupted before the checkpoint)."""
+        import pandas as pd
+
+        for table in ROUND_TABLES:
+            path = self.path / table.file
+            if path.exists() and path.stat().st_size > 0:
+                df = pd.read_csv(path, dtype=str, keep_default_na=False)
+                kept = df[df["round"].astype(int) <= last_round]
+                if len(kept) < len(df):
+                    tmp = path.with_suffix(".csv.tmp")
+                    kept.to_csv(tmp, index=False)
+                    os.replace(tmp, path)
+
+    # -- checkpoint --------------------------------------------------------------------------
+    def checkpoint(self, required: bool = False) -> Checkpoint | None:
+        path = self.path / CHECKPOINT_FILE
+        if not path.exists():
+            if required:
+                raise RunDirError(f"{self.path} is not a finished run directory: no {CHECKPOINT_FILE}")
+            return None
+        return load_checkpoint(path)
+
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        save_checkpoint(self.path, checkpoint)
+
+    # -- summaries ---------------------------------------------------------------------------
+    def final_table(self) -> list[dict[str, Any]]:
+        """Per tier: final accuracy, footprint, and mean bytes per participating client per round."""
+        tiers, clients = self.table(TIERS), self.table(CLIENTS)
+        last = tiers[tiers["round"] == tiers["round"].max()]
+        sent = clients[clients["status"] == "ok"].groupby("tier")
+        rows = []
+        for _, t in last.iterrows():
+            tier = int(t["tier"])
+            traffic = sent.get_group(tier) if tier in sent.groups else None
+            rows.append(
+                {
+                    "tier": tier,
+                    "clients": int((clients.drop_duplicates("partition_id")["tier"] == tier).sum()),
+                    "accuracy": float(t["accuracy"]),
+                    "params": int(t["params"]),
+                    "params_ratio": float(t["params_ratio"]),
+                    "macs": int(t["macs"]),
+                    "bytes_per_round": float((traffic["bytes_down"] + traffic["bytes_up"]).mean())
+                    if traffic is not None else 0.0,
+                    "updates": len(traffic) if traffic is not None else 0,
+                }
+            )
+        return rows
+
+
+FINAL_COLUMNS = [
+    ("tier", "tier", ""),
+    ("accuracy", "accuracy", ".4f"),
+    ("params", "params", ",d"),
+    ("params_ratio", "params/full", ".3f"),
+    ("macs", "MACs", ",d"),
+    ("bytes_per_round", "bytes/round", ",.0f"),
+    ("updates", "updates", "d"),
+]
 
 
 def new_run_dir(out_dir: str | Path, name: str) -> Path:

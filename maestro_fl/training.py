@@ -1,14 +1,16 @@
 """Training as Maestro trains: ordered-dropout rank sampling, hierarchical group
 lasso and progressive shrinking (Horváth et al., ICML 2024, arXiv 2308.14929).
 
-This is the only training loop; the centralized job and the federated client
-both call :func:`train_epoch`.
+:func:`run_epoch` is the only training loop: the centralized job, every
+federated method's client trainer and DLRT run through it; what differs (the
+sub-model each batch trains, the optimizer step) is a hook.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,15 +34,16 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 # -- ordered-dropout rank samplers --------------------------------------------
-class RankSampler:
+class RankSampler(ABC):
     """Draws the per-layer ranks of one training step; ``None`` means full rank."""
 
     def __init__(self, max_ranks: Mapping[str, int], generator: torch.Generator) -> None:
         self.max_ranks = dict(max_ranks)
         self.generator = generator
 
+    @abstractmethod
     def __call__(self) -> Ranks | None:
-        raise NotImplementedError
+        """The ranks of the next step."""
 
 
 class PerLayerSampler(RankSampler):
@@ -168,7 +171,137 @@ class EpochStats:
     accuracy: float
     steps: int
     samples: int
-    forward_passes: int  # 2 per step with the full-pass distillation, else 1
+    forward_passes: int  # forward/backward passes over a batch: 2 per step with distillation or DLRT, else 1
+    sample_passes: int = 0  # examples × passes: what the cost model charges (3 × forward MACs each)
+
+
+# -- the one epoch loop: hooks for the sub-model of each batch and for the optimizer step -------
+class SubModelDraw(ABC):
+    """Hook 1 of :func:`run_epoch`: which sub-model each batch trains, and how to run it."""
+
+    @abstractmethod
+    def draw(self) -> object:
+        """The sub-model of the next batch (ranks, a width, or ``None`` for the whole model)."""
+
+    @abstractmethod
+    def run(self, x: torch.Tensor, drawn: object) -> torch.Tensor:
+        """The output of the drawn sub-model on ``x``."""
+
+
+class WholeModel(SubModelDraw):
+    """Every batch trains the whole model (FedAvg, DLRT)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def draw(self) -> object:
+        return None
+
+    def run(self, x: torch.Tensor, drawn: object) -> torch.Tensor:
+        return self.model(x)
+
+
+class RankDraw(SubModelDraw):
+    """Ordered dropout on ranks: each batch runs the LoD model at the ranks a :class:`RankSampler` draws."""
+
+    def __init__(self, model: nn.Module, sampler: RankSampler) -> None:
+        self.model, self.sampler = model, sampler
+
+    def draw(self) -> object:
+        return self.sampler()
+
+    def run(self, x: torch.Tensor, drawn: object) -> torch.Tensor:
+        with active_ranks(self.model, drawn):  # type: ignore[arg-type]
+            return self.model(x)
+
+
+class Step(ABC):
+    """Hook 2 of :func:`run_epoch`: how the weights move given a closure that computes the batch loss."""
+
+    @abstractmethod
+    def __call__(self, closure: Callable[[], torch.Tensor]) -> None:
+        """Evaluate ``closure`` (once or more: every call is one forward/backward pass) and update the weights."""
+
+
+class SGDStep(Step):
+    """``zero_grad``, one pass, optional gradient-norm clipping, ``optimizer.step()``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, clip_grad_norm: float = 0.0) -> None:
+        self.optimizer, self.clip_grad_norm = optimizer, clip_grad_norm
+
+    def __call__(self, closure: Callable[[], torch.Tensor]) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        closure().backward()
+        if self.clip_grad_norm > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+        self.optimizer.step()
+
+
+def run_epoch(
+    data: Split | Iterable[tuple[torch.Tensor, torch.Tensor]],
+    draw: SubModelDraw,
+    step: Step,
+    *,
+    distill: bool = False,
+    regularizer: Callable[[], torch.Tensor] | None = None,
+    class_mask: torch.Tensor | None = None,
+    batch_size: int = 32,
+    generator: torch.Generator | None = None,
+    augment: bool = False,
+    device: torch.device | str = "cpu",
+) -> EpochStats:
+    """One epoch of local training: ranks (Maestro), widths (FjORD, HeteroFL) and DLRT all run here.
+
+    Each batch trains the sub-model ``draw.draw()`` picks and minimises
+    ``CE(f_b(x), y)``; with ``distill`` (Maestro's full pass, FjORD's
+    self-distillation) a batch whose sub-model is not the whole one minimises
+    ``CE(f_full(x), y) + CE(f_b(x), softmax(f_full(x)).detach())``; every
+    batch then runs both passes, also when it draws the whole model (the
+    second term's gradient is then zero), so a step always costs what the
+    cost model charges.
+    ``regularizer`` adds a penalty (Maestro's group lasso); ``class_mask``
+    zeroes the logits of classes the client lacks (HeteroFL's masked
+    classifier). ``step`` decides how many passes a batch takes and how the
+    weights move (SGD, or DLRT's KLS integrator).
+    """
+    it = batches(data, batch_size, generator=generator, augment=augment) if isinstance(data, Split) else data
+    mask = None if class_mask is None else class_mask.to(device)
+    total_loss, correct, seen, steps, passes, sample_passes = 0.0, 0, 0, 0, 0, 0
+
+    def logits(x: torch.Tensor, drawn: object) -> torch.Tensor:
+        out = draw.run(x, drawn)
+        return out if mask is None else out.masked_fill(~mask, 0.0)
+
+    for x, y in it:
+        x, y = x.to(device), y.to(device)
+        drawn = draw.draw()
+        first: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def closure() -> torch.Tensor:
+            nonlocal passes
+            if distill:
+                teacher = logits(x, None)
+                out = logits(x, drawn)
+                loss = F.cross_entropy(teacher, y) + F.cross_entropy(out, teacher.detach().softmax(-1))
+                passes += 2
+            else:
+                out = logits(x, drawn)
+                loss = F.cross_entropy(out, y)
+                passes += 1
+            if not first:
+                first.append((loss.detach(), out.detach()))
+            return loss + regularizer() if regularizer is not None else loss
+
+        before = passes
+        step(closure)
+        sample_passes += (passes - before) * len(y)
+        loss, out = first[0]
+        total_loss += float(loss) * len(y)
+        correct += int((out.argmax(-1) == y).sum())
+        seen += len(y)
+        steps += 1
+    return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1), steps, seen, passes, sample_passes)
 
 
 def train_epoch(
@@ -185,46 +318,25 @@ def train_epoch(
     clip_grad_norm: float = 0.0,
     device: torch.device | str = "cpu",
 ) -> EpochStats:
-    """One epoch of LoD training.
+    """One epoch of LoD training (:func:`run_epoch` with rank draws and SGD).
 
-    Each step draws ranks from ``sampler`` and minimises
-    ``CE(f_b(x), y) + λ·HGL``; with ``full_pass`` it minimises
-    ``CE(f_full(x), y) + CE(f_b(x), softmax(f_full(x)).detach()) + λ·HGL``
-    (self-distillation from the full model, the paper's ablation).
-    ``clip_grad_norm > 0`` clips the gradient norm: products of factors
-    make the loss surface steeper than the dense one.
+    Each step draws ranks from ``sampler`` and minimises ``CE(f_b(x), y) + λ·HGL``;
+    with ``full_pass``, self-distillation from the full model (the paper's
+    ablation). ``clip_grad_norm > 0`` clips the gradient norm: products of
+    factors make the loss surface steeper than the dense one.
     """
     model.train()
-    it = batches(data, batch_size, generator=generator, augment=augment) if isinstance(data, Split) else data
-    total_loss, correct, seen, steps, passes = 0.0, 0, 0, 0, 0
-    for x, y in it:
-        x, y = x.to(device), y.to(device)
-        ranks = sampler()
-        optimizer.zero_grad(set_to_none=True)
-        if full_pass:
-            full_out = model(x)
-            with active_ranks(model, ranks):
-                out = model(x)
-            loss = F.cross_entropy(full_out, y) + F.cross_entropy(out, full_out.detach().softmax(-1))
-            passes += 2
-        else:
-            with active_ranks(model, ranks):
-                out = model(x)
-            loss = F.cross_entropy(out, y)
-            passes += 1
-        task_loss = loss.detach()
-        if lambda_gl > 0:
-            loss = loss + lambda_gl * group_lasso(model)
-        loss.backward()
-        if clip_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-        optimizer.step()
-        n = len(y)
-        total_loss += float(task_loss) * n
-        correct += int((out.argmax(-1) == y).sum())
-        seen += n
-        steps += 1
-    return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1), steps, seen, passes)
+    return run_epoch(
+        data,
+        RankDraw(model, sampler),
+        SGDStep(optimizer, clip_grad_norm),
+        distill=full_pass,
+        regularizer=(lambda: lambda_gl * group_lasso(model)) if lambda_gl > 0 else None,
+        batch_size=batch_size,
+        generator=generator,
+        augment=augment,
+        device=device,
+    )
 
 
 @torch.no_grad()

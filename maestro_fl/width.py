@@ -15,29 +15,23 @@ its optional self-distillation uses the ``p_max`` output as the teacher.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .data import Split, batches
-from .training import EpochStats
+from .data import Split
+from .submodels import ModelAtWidth, state_shapes
+from .training import EpochStats, SGDStep, SubModelDraw, run_epoch
 
 Arrays = dict[str, np.ndarray]
-ModelAtWidth = Callable[[float], nn.Module]
 
 
 def corner(shape: Sequence[int]) -> tuple[slice, ...]:
     """The index of the leading block of ``shape``: ``[:d0, :d1, ...]``."""
     return tuple(slice(0, int(d)) for d in shape)
-
-
-def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Shape of every entry of the model's state dict (what a client at this width holds)."""
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def slice_corners(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, Sequence[int]]) -> Arrays:
@@ -59,7 +53,7 @@ def slice_corners(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, Sequenc
     return out
 
 
-class OrderedDropout:
+class OrderedDropout(SubModelDraw):
     """FjORD's ordered dropout for a client whose largest sub-model is ``model`` (width ``widths[-1]``).
 
     Parameters
@@ -95,6 +89,12 @@ class OrderedDropout:
         """A width level drawn uniformly from ``widths`` (FjORD's per-batch p)."""
         return self.widths[int(torch.randint(len(self.widths), (1,), generator=self.generator))]
 
+    def draw(self) -> object:
+        return self.sample() if len(self.widths) > 1 else self.widths[0]
+
+    def run(self, x: torch.Tensor, drawn: object) -> torch.Tensor:
+        return self.forward(x, self.widths[-1] if drawn is None else float(drawn))  # type: ignore[arg-type]
+
     def forward(self, x: torch.Tensor, width: float) -> torch.Tensor:
         """The output of the width-``width`` sub-model; gradients reach the corners of ``model``'s tensors."""
         if width == self.widths[-1]:
@@ -119,44 +119,23 @@ def ordered_dropout_epoch(
     class_mask: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
 ) -> EpochStats:
-    """One epoch of FjORD training: each step trains one sampled width.
+    """One epoch of FjORD training (:func:`~maestro_fl.training.run_epoch` with width draws and SGD).
 
-    With ``distill`` (FjORD's self-distillation) a step whose width is below
-    ``p_max`` minimises ``CE(f_max(x), y) + CE(f_p(x), softmax(f_max(x)).detach())``;
-    otherwise ``CE(f_p(x), y)``. With a single width level this is plain SGD
-    on the client's sub-model (HeteroFL's local training). ``class_mask``
-    (bool, one entry per class) zeroes the logits of the other classes, as
-    HeteroFL's masked classifier does for a client's label split.
+    Each step trains one sampled width; with ``distill`` (FjORD's
+    self-distillation) a step below ``p_max`` adds ``CE(f_p(x), softmax(f_max(x)))``.
+    With a single width level this is plain SGD on the client's sub-model
+    (HeteroFL's local training). ``class_mask`` (bool, one entry per class)
+    zeroes the logits of the other classes, as HeteroFL's masked classifier does.
     """
-
-    def logits(out: torch.Tensor) -> torch.Tensor:
-        return out if class_mask is None else out.masked_fill(~class_mask, 0.0)
-
-    model = od.model
-    model.train()
-    it = batches(data, batch_size, generator=generator, augment=augment) if isinstance(data, Split) else data
-    total_loss, correct, seen, steps, passes = 0.0, 0, 0, 0, 0
-    if class_mask is not None:
-        class_mask = class_mask.to(device)
-    for x, y in it:
-        x, y = x.to(device), y.to(device)
-        width = od.sample() if len(od.widths) > 1 else od.widths[0]
-        optimizer.zero_grad(set_to_none=True)
-        if distill and width != od.widths[-1]:
-            teacher = logits(model(x))
-            out = logits(od.forward(x, width))
-            loss = F.cross_entropy(teacher, y) + F.cross_entropy(out, teacher.detach().softmax(-1))
-            passes += 2
-        else:
-            out = logits(od.forward(x, width))
-            loss = F.cross_entropy(out, y)
-            passes += 1
-        loss.backward()
-        if clip_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-        optimizer.step()
-        total_loss += float(loss.detach()) * len(y)
-        correct += int((out.argmax(-1) == y).sum())
-        seen += len(y)
-        steps += 1
-    return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1), steps, seen, passes)
+    od.model.train()
+    return run_epoch(
+        data,
+        od,
+        SGDStep(optimizer, clip_grad_norm),
+        distill=distill,
+        class_mask=class_mask,
+        batch_size=batch_size,
+        generator=generator,
+        augment=augment,
+        device=device,
+    )

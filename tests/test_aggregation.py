@@ -6,17 +6,25 @@ import numpy as np
 import pytest
 
 from maestro_fl.aggregation import (
+    aggregate_indexed,
     aggregate_nested,
     aggregate_ordered_factors,
     factor_importance,
-    fedavg,
-    prefix_ranks,
     shrink_factors,
     slice_prefix,
-    validate_update,
 )
+from maestro_fl.budget import Cost, DeviceCapability
+from maestro_fl.methods import Assignment, ClientTask
+from maestro_fl.replies import check_reply, read_metrics
+from maestro_fl.submodels import ranks_of, rolling
 
 rng = np.random.default_rng(0)
+
+
+def fedavg(updates: list[tuple[dict[str, np.ndarray], float]]) -> dict[str, np.ndarray]:
+    """The reference: example-weighted FedAvg of identically shaped updates."""
+    total = sum(w for _, w in updates)
+    return {n: sum(a[n].astype(np.float64) * (w / total) for a, w in updates) for n in updates[0][0]}
 
 
 def global_model() -> dict[str, np.ndarray]:
@@ -41,7 +49,7 @@ def test_slice_prefix_cuts_the_rank_axis_only() -> None:
     assert sub["fc.in_network.weight"].shape == (1, 4) and sub["fc.out_network.weight"].shape == (2, 1)
     assert sub["conv.in_network.weight"].shape == (2, 1, 3, 3) and sub["conv.out_network.weight"].shape == (5, 2, 1, 1)
     assert sub["fc.out_network.bias"].shape == (2,) and sub["norm.weight"].shape == (5,)
-    assert prefix_ranks(sub) == {"fc": 1, "conv": 2}
+    assert ranks_of(sub) == {"fc": 1, "conv": 2}
     np.testing.assert_array_equal(sub["fc.in_network.weight"], g["fc.in_network.weight"][:1])
 
 
@@ -102,13 +110,31 @@ def test_update_that_does_not_fit_is_rejected() -> None:
         (lambda a: a["norm.weight"].__setitem__(1, np.inf), "non-finite"),
     ],
 )
-def test_validate_update_names_what_is_wrong(corrupt, reason: str) -> None:
+def test_check_reply_names_what_is_wrong(corrupt, reason: str) -> None:
     sent = slice_prefix(global_model(), {"fc": 1, "conv": 2})
-    expected = {k: v.shape for k, v in sent.items()}
-    assert validate_update(sent, expected) is None
+    cost = Cost(0.5, {}, 0, 0, 0)
+    task = ClientTask(1, 0, DeviceCapability(0, 1, 1, 1, 1, 1), cost, Assignment(0.5), {},
+                      {k: v.shape for k, v in sent.items()}, {k: str(v.dtype) for k, v in sent.items()}, 0)
+    facts = read_metrics({"num-examples": 3, "train-loss": 0.1, "macs": 1.0, "compute-seconds": 1.0,
+                          "download-seconds": 0.0, "upload-seconds": 0.0})
+    assert check_reply(sent, facts, task, 3) is None
     reply = {k: v.copy() for k, v in sent.items()}
     corrupt(reply)
-    assert reason in (validate_update(reply, expected) or "")
+    assert reason in (check_reply(reply, facts, task, 3) or "")
+
+
+def test_indexed_merge_averages_rolling_windows_that_wrap_around() -> None:
+    """Windows of 2 of 4 rows: A holds rows 3, 0 (wrapped) and sends 1s, B rows 1, 2 and sends 3s, C rows 0, 1, 5s."""
+    g = {"w": np.full((4, 2), 9.0, dtype=np.float32)}
+    a = ({"w": np.ones((2, 2))}, {"w": (rolling(3, 2, 4), slice(None))}, 1.0)
+    b = ({"w": np.full((2, 2), 3.0)}, {"w": (rolling(1, 2, 4), slice(None))}, 1.0)
+    c = ({"w": np.full((2, 2), 5.0)}, {"w": (rolling(0, 2, 4), slice(None))}, 1.0)
+    out = aggregate_indexed(g, [a, b, c])
+    # row 0: A and C -> 3; row 1: B and C -> 4; row 2: B -> 3; row 3: A -> 1
+    np.testing.assert_allclose(out["w"][:, 0], [3.0, 4.0, 3.0, 1.0])
+    assert out["w"].dtype == np.float32
+    only_b = aggregate_indexed(g, [b])  # rows nobody held keep their value
+    np.testing.assert_allclose(only_b["w"][:, 1], [9.0, 3.0, 3.0, 9.0])
 
 
 def test_server_shrinking_drops_low_importance_tails() -> None:

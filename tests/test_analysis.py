@@ -54,9 +54,9 @@ def fl_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small real federated run (in-process grid): 6 clients, 2 tiers, 3 rounds."""
     from maestro_fl import protocol as P
     from maestro_fl.config import SimConfig
-    from strategies.local_grid import LocalGrid
+    from strategies.runners.local_grid import LocalGrid
     from strategies.server_app import run_server
-    from strategies.simulation import load_ref
+    from strategies.runners.ray_engine import load_ref
     from tests.test_simulation import SMALL, always_online_population
 
     out = tmp_path_factory.mktemp("fl")
@@ -65,9 +65,10 @@ def fl_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                                 "fault_injection": "3:raise"})
     run = out / "fl-run"
     run.mkdir()
-    from maestro_fl.config import save
+    from maestro_fl.config import to_dict
+    from maestro_fl.results import RunDir
 
-    save(cfg, run / "config.json")
+    RunDir(run).save_config(to_dict(cfg))
     run_server(LocalGrid(load_ref(P.CLIENTAPP_REF), cfg.num_clients), cfg, run)
     return run
 
@@ -95,6 +96,7 @@ def test_federated_figures_have_their_axes_and_series(fl_run: Path, tmp_path: Pa
     assert (tmp_path / "pareto.png").stat().st_size > 1000 and (tmp_path / "pareto.svg").exists()
 
 
+@pytest.mark.slow
 def test_ladder_vs_tiers_draws_the_rank_curve_and_each_methods_tiers(fl_run: Path, small_sweep: Path) -> None:
     from analysis import plots
 
@@ -125,7 +127,7 @@ def test_report_writes_every_figure_and_a_summary(fl_run: Path, dlrt_runs: list[
 @pytest.fixture(scope="module")
 def small_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two methods x two seeds on a local Ray (the sweep machinery itself is tested in test_sweep.py)."""
-    from strategies.sweep import build_sweep, run_sweep
+    from strategies.sweeps.sweep import build_sweep, run_sweep
     from tests.test_simulation import SMALL
 
     out = tmp_path_factory.mktemp("sweep")
@@ -136,6 +138,7 @@ def small_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_sweep(sweep)
 
 
+@pytest.mark.slow
 def test_sweep_figures_average_seeds_per_method(small_sweep: Path, tmp_path: Path) -> None:
     from analysis import plots
     from analysis.report import write_report
@@ -151,6 +154,7 @@ def test_sweep_figures_average_seeds_per_method(small_sweep: Path, tmp_path: Pat
     assert sum(line.startswith("## method=") for line in text.splitlines()) == 4  # one table per run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "notebook,run",
     [("single_run.ipynb", "fl"), ("train_once_deploy_many.ipynb", "dlrt"), ("compare_methods.ipynb", "sweep")],

@@ -14,20 +14,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Error, Message
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from maestro_fl import protocol as P
-from maestro_fl.budget import DeviceCapability
 from maestro_fl.config import ConfigError, SimConfig, resolve
-from maestro_fl.convert import factorize
 from maestro_fl.data import Split
 from maestro_fl.footprint import footprint
 from maestro_fl.models import InputSpec, build_model, scaled
 from maestro_fl.width import OrderedDropout, ordered_dropout_epoch, slice_corners
-from strategies.baselines import FedAvgDense, FedAvgExclusive, FedHM, FjORD, HeteroFL
-from strategies.fedlod import FedLoD, to_numpy
+from strategies.submodel import SubModelStrategy, to_numpy
+from tests.fakes import fake_strategy, filled, messages, moved, reply, sent, tiny_wide
 
 
 @pytest.fixture(autouse=True)
@@ -35,61 +33,23 @@ def task_identity() -> None:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
 
-def tiny_at_width(p: float) -> nn.Module:
-    """6 inputs → 8 hidden (⌈8p⌉ at width p) → 4 classes."""
-    h = scaled(8, p)
-    return nn.Sequential(nn.Linear(6, h), nn.ReLU(), nn.Linear(h, 4))
-
-
-def populate(strategy: FedLoD, fractions: list[float], examples: list[int] | None = None) -> ArrayRecord:
-    for i, p in enumerate(fractions):
-        node = 100 + i
-        strategy.partition_of[node] = i
-        strategy.examples_of[node] = (examples or [10] * len(fractions))[i]
-        strategy.devices[node] = DeviceCapability(i, 1e9, 1e9, 1e6, 1e6, availability=1.0, rank_fraction=p)
-    return ArrayRecord({k: Array(v.detach().numpy().copy()) for k, v in strategy.template.state_dict().items()})
-
-
-def config(n: int, **kw: object) -> SimConfig:
-    return resolve(SimConfig, overrides={"clients_per_round": n, "num_clients": n} | kw)
-
-
-def width_strategy(cls: type, fractions: list[float], **cfg: object) -> tuple[FedLoD, ArrayRecord]:
-    torch.manual_seed(0)
-    strategy = cls(tiny_at_width(1.0), (6,), config(len(fractions), **cfg), build=tiny_at_width)
-    return strategy, populate(strategy, fractions)
-
-
-def reply(msg: Message, arrays: dict[str, np.ndarray], n: int) -> Message:
-    metrics = MetricRecord(
-        {P.NUM_EXAMPLES: n, P.TRAIN_LOSS: 0.5, P.MACS: 1.0, P.COMPUTE_SECONDS: 1.0, P.DOWNLOAD_SECONDS: 0.5,
-         P.UPLOAD_SECONDS: 0.5}
-    )
-    record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-    return Message(RecordDict({P.ARRAYS: record, P.METRICS: metrics}), reply_to=msg)
-
-
-def filled(msg: Message, value: float) -> dict[str, np.ndarray]:
-    """A client's reply: every entry of what it was sent, set to ``value``."""
-    return {k: np.full_like(v, value) for k, v in to_numpy(msg.content[P.ARRAYS]).items()}
-
-
-def by_partition(msgs: list[Message], strategy: FedLoD) -> list[Message]:
-    return sorted(msgs, key=lambda m: strategy.partition_of[m.metadata.dst_node_id])
+def width_strategy(name: str, fractions: list[float], examples: list[int] | None = None,
+                   **cfg: object) -> tuple[SubModelStrategy, ArrayRecord]:
+    return fake_strategy(name, fractions, examples, build=tiny_wide, **cfg)
 
 
 # -- HeteroFL and FjORD -----------------------------------------------------------
-@pytest.mark.parametrize("cls,corner_value", [(HeteroFL, 2.0), (FjORD, 2.5)])
-def test_width_slices_average_over_their_holders(cls: type, corner_value: float) -> None:
+@pytest.mark.parametrize("name,corner_value", [("heterofl", 2.0), ("fjord", 2.5)])
+def test_width_slices_average_over_their_holders(name: str, corner_value: float) -> None:
     """Client A (width 0.5, 10 examples) sends 1s, B (full, 30 examples) sends 3s.
 
     HeteroFL counts: the block both hold is (1+3)/2 = 2. FjORD weights by
     examples: (10·1 + 30·3)/40 = 2.5. Elements only B holds are 3.
     """
-    strategy, arrays = width_strategy(cls, [0.5, 1.0])
-    a, b = by_partition(list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None)), strategy)
-    assert float(a.content[P.CONFIG][P.WIDTH]) == 0.5
-    assert to_numpy(a.content[P.ARRAYS])["0.weight"].shape == (4, 6)
+    strategy, arrays = width_strategy(name, [0.5, 1.0], [10, 30])
+    a, b = messages(strategy, arrays)
+    assert float(a.content[P.CONFIG][P.FRACTION]) == 0.5
+    assert sent(a)["0.weight"].shape == (4, 6)
     out, _ = strategy.aggregate_train(1, [reply(a, filled(a, 1.0), 10), reply(b, filled(b, 3.0), 30)])
     g = to_numpy(out)
     np.testing.assert_allclose(g["0.weight"][:4], corner_value)
@@ -106,10 +66,10 @@ def test_heterofl_averages_each_output_row_over_the_clients_holding_that_class()
     Output rows: class 0 only A (1 on A's corner, old values beyond it), class 1 both (2 on the
     corner, 3 beyond), class 2 only B (3), class 3 nobody (old values). Hidden layers as before.
     """
-    strategy, arrays = width_strategy(HeteroFL, [0.5, 1.0], heterofl_label_mask=True)
+    strategy, arrays = width_strategy("heterofl", [0.5, 1.0], [10, 30], heterofl_label_mask=True)
     before = to_numpy(arrays)
-    assert strategy.classifier == ("2.weight", "2.bias")
-    a, b = by_partition(list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None)), strategy)
+    assert strategy.method.classifier == ("2.weight", "2.bias")
+    a, b = messages(strategy, arrays)
     assert bool(a.content[P.CONFIG][P.LABEL_MASK])
     ra, rb = reply(a, filled(a, 1.0), 10), reply(b, filled(b, 3.0), 30)
     ra.content[P.METRICS][P.LABELS] = [0, 1]
@@ -126,11 +86,11 @@ def test_heterofl_averages_each_output_row_over_the_clients_holding_that_class()
     np.testing.assert_allclose(g["0.weight"][:4], 2.0)  # hidden layers are not masked
 
 
-@pytest.mark.parametrize("cls", [HeteroFL, FjORD])
-def test_width_elements_nobody_trained_keep_their_values(cls: type) -> None:
-    strategy, arrays = width_strategy(cls, [0.5, 1.0])
+@pytest.mark.parametrize("name", ["heterofl", "fjord"])
+def test_width_elements_nobody_trained_keep_their_values(name: str) -> None:
+    strategy, arrays = width_strategy(name, [0.5, 1.0])
     before = to_numpy(arrays)
-    a, b = by_partition(list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None)), strategy)
+    a, b = messages(strategy, arrays)
     out, _ = strategy.aggregate_train(1, [reply(a, filled(a, 1.0), 10), Message(Error(code=1, reason="x"), reply_to=b)])
     g = to_numpy(out)
     np.testing.assert_allclose(g["0.weight"][:4], 1.0)
@@ -138,12 +98,12 @@ def test_width_elements_nobody_trained_keep_their_values(cls: type) -> None:
     np.testing.assert_array_equal(g["2.weight"][:, 4:], before["2.weight"][:, 4:])
 
 
-@pytest.mark.parametrize("cls", [HeteroFL, FjORD])
-def test_width_bytes_per_client_are_the_slice_sizes(cls: type) -> None:
+@pytest.mark.parametrize("name", ["heterofl", "fjord"])
+def test_width_bytes_per_client_are_the_slice_sizes(name: str) -> None:
     """Each client receives and sends exactly its slice: 4·(6h + h + 4h + 4) bytes, h = ⌈8p⌉."""
     fractions = [0.25, 0.5, 0.75, 1.0]
-    strategy, arrays = width_strategy(cls, fractions)
-    msgs = list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None))
+    strategy, arrays = width_strategy(name, fractions)
+    msgs = messages(strategy, arrays)
     strategy.aggregate_train(1, [reply(m, filled(m, 0.0), 10) for m in msgs])
     rows = sorted(strategy.client_rounds, key=lambda r: r.partition_id)
     for row, p in zip(rows, fractions):
@@ -151,21 +111,22 @@ def test_width_bytes_per_client_are_the_slice_sizes(cls: type) -> None:
         assert row.status == "ok" and row.fraction == p
         assert row.bytes_down == row.bytes_up == 4 * (6 * h + h + 4 * h + 4)
         # the same accounting as every other method: the sub-model's footprint, in fp32
-        assert row.bytes_down == footprint(tiny_at_width(p), (6,)).bytes("fp32")
+        assert row.bytes_down == footprint(tiny_wide(p), (6,)).bytes("fp32")
     assert [r.bytes_down for r in rows] == sorted(r.bytes_down for r in rows)
     assert rows[0].bytes_down < rows[-1].bytes_down
 
 
 def test_fjord_samples_the_federations_widths_up_to_its_own() -> None:
-    for cls, expected in [(FjORD, [[0.25], [0.25, 0.5], [0.25, 0.5, 1.0]]), (HeteroFL, [[0.25], [0.5], [1.0]])]:
-        strategy, arrays = width_strategy(cls, [0.25, 0.5, 1.0])
-        msgs = by_partition(list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None)), strategy)
-        assert [list(m.content[P.CONFIG][P.WIDTHS]) for m in msgs] == expected
+    for name, expected in [("fjord", [[0.25], [0.25, 0.5], [0.25, 0.5, 1.0]]), ("heterofl", [[], [], []])]:
+        strategy, arrays = width_strategy(name, [0.25, 0.5, 1.0])
+        msgs = messages(strategy, arrays)
+        assert [list(m.content[P.CONFIG][P.LEVELS]) for m in msgs] == expected
+        assert [m.content[P.CONFIG][P.FRACTION] for m in msgs] == [0.25, 0.5, 1.0]
 
 
 def test_width_reply_with_a_wrong_slice_is_malformed() -> None:
-    strategy, arrays = width_strategy(HeteroFL, [0.5, 1.0])
-    a, b = by_partition(list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None)), strategy)
+    strategy, arrays = width_strategy("heterofl", [0.5, 1.0])
+    a, b = messages(strategy, arrays)
     wrong = filled(b, 1.0)  # the full slice, from the client that was sent half
     strategy.aggregate_train(1, [reply(a, wrong, 10), reply(b, filled(b, 3.0), 10)])
     rows = {r.partition_id: r for r in strategy.client_rounds}
@@ -174,37 +135,30 @@ def test_width_reply_with_a_wrong_slice_is_malformed() -> None:
 
 
 # -- FedHM ---------------------------------------------------------------------------
-def fedhm(fractions: list[float]) -> tuple[FedHM, ArrayRecord]:
-    torch.manual_seed(0)
-    template = factorize(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)), init="svd")
-    strategy = FedHM(template, (6,), config(len(fractions)))
-    return strategy, populate(strategy, fractions, [10, 30, 60][: len(fractions)])
+def fedhm(fractions: list[float]) -> tuple[SubModelStrategy, ArrayRecord]:
+    return fake_strategy("fedhm", fractions, [10, 30, 60][: len(fractions)], keep_first=0, keep_classifier=False)
 
 
 def dense(arrays: dict[str, np.ndarray], layer: str) -> np.ndarray:
     return arrays[f"{layer}.out_network.weight"].astype(np.float64) @ arrays[f"{layer}.in_network.weight"]
 
 
-def moved(msg: Message, seed: int) -> dict[str, np.ndarray]:
-    r = np.random.default_rng(seed)
-    return {k: (v + r.normal(size=v.shape)).astype(np.float32) for k, v in to_numpy(msg.content[P.ARRAYS]).items()}
-
-
 def test_fedhm_sends_the_truncated_svd_of_the_dense_model() -> None:
     strategy, arrays = fedhm([0.4, 1.0])
     w = dense(to_numpy(arrays), "0")
-    a, _ = by_partition(list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None)), strategy)
-    sent = to_numpy(a.content[P.ARRAYS])
-    assert sent["0.in_network.weight"].shape == (2, 6)  # rank ⌈0.4·5⌉ = 2
+    a, _ = messages(strategy, arrays)
+    got = sent(a)
+    assert got["0.in_network.weight"].shape == (2, 6)  # rank ⌈0.4·5⌉ = 2
     p, s, qt = np.linalg.svd(w)
-    np.testing.assert_allclose(dense(sent, "0"), (p[:, :2] * s[:2]) @ qt[:2], atol=1e-5)
-    assert a.content[P.CONFIG][P.SAMPLER] == "none"  # clients train their factors at that rank
+    np.testing.assert_allclose(dense(got, "0"), (p[:, :2] * s[:2]) @ qt[:2], atol=1e-5)
+    assert strategy.method.sampler == "none"  # clients train their factors at that rank
+    assert list(a.content[P.CONFIG][P.LEVEL_RANKS]) == []
 
 
 def test_fedhm_averages_rebuilt_dense_updates_uniformly() -> None:
     """A rank-2 client (10 examples) and a full-rank one (30): W = (U_a V_aᵀ + U_b V_bᵀ)/2, not 1:3."""
     strategy, arrays = fedhm([0.4, 1.0])
-    a, b = by_partition(list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None)), strategy)
+    a, b = messages(strategy, arrays)
     ua, ub = moved(a, 1), moved(b, 2)
     out, _ = strategy.aggregate_train(1, [reply(a, ua, 10), reply(b, ub, 30)])
     g = to_numpy(out)
@@ -219,7 +173,7 @@ def test_fedhm_averages_rebuilt_dense_updates_uniformly() -> None:
 def test_fedhm_keeps_the_server_model_when_no_client_had_full_rank() -> None:
     strategy, arrays = fedhm([0.4, 0.4])
     before = to_numpy(arrays)
-    a, b = by_partition(list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None)), strategy)
+    a, b = messages(strategy, arrays)
     ua, ub = moved(a, 1), moved(b, 2)
     out, _ = strategy.aggregate_train(1, [reply(a, ua, 10), reply(b, ub, 30)])
     expected = (dense(ua, "0") + dense(ub, "0") + dense(before, "0")) / 3
@@ -227,24 +181,18 @@ def test_fedhm_keeps_the_server_model_when_no_client_had_full_rank() -> None:
 
 
 # -- FedAvg dense and exclusive --------------------------------------------------------
-def dense_strategy(cls: type, fractions: list[float]) -> tuple[FedLoD, ArrayRecord]:
-    torch.manual_seed(0)
-    strategy = cls(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)), (6,), config(len(fractions)))
-    return strategy, populate(strategy, fractions)
-
-
 def test_fedavg_dense_gives_everyone_the_full_model_and_averages_by_examples() -> None:
-    strategy, arrays = dense_strategy(FedAvgDense, [0.2, 0.5, 1.0])
-    msgs = by_partition(list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None)), strategy)
-    assert all(to_numpy(m.content[P.ARRAYS])["0.weight"].shape == (5, 6) for m in msgs)
+    strategy, arrays = fake_strategy("fedavg_dense", [0.2, 0.5, 1.0], [10, 10, 20])
+    msgs = messages(strategy, arrays)
+    assert all(sent(m)["0.weight"].shape == (5, 6) for m in msgs)
     out, _ = strategy.aggregate_train(1, [reply(m, filled(m, v), n) for m, v, n in zip(msgs, [1.0, 2.0, 4.0], [10, 10, 20])])
     for v in to_numpy(out).values():
         np.testing.assert_allclose(v, (10 * 1 + 10 * 2 + 20 * 4) / 40)
 
 
 def test_fedavg_exclusive_trains_only_clients_that_afford_the_full_model() -> None:
-    strategy, arrays = dense_strategy(FedAvgExclusive, [0.5, 1.0, 1.0])
-    msgs = by_partition(list(strategy.configure_train(1, arrays, ConfigRecord(), grid=None)), strategy)
+    strategy, arrays = fake_strategy("fedavg_exclusive", [0.5, 1.0, 1.0], [10, 10, 20])
+    msgs = messages(strategy, arrays)
     assert [strategy.partition_of[m.metadata.dst_node_id] for m in msgs] == [1, 2]
     out, _ = strategy.aggregate_train(1, [reply(m, filled(m, v), n) for m, v, n in zip(msgs, [1.0, 4.0], [10, 20])])
     for v in to_numpy(out).values():
@@ -337,7 +285,7 @@ def test_ordered_dropout_epoch_is_deterministic_and_learns(distill: bool) -> Non
 # -- config and end to end ------------------------------------------------------------------
 def test_baselines_reject_fedlod_only_settings() -> None:
     for strategy in ("heterofl", "fjord", "fedhm"):
-        with pytest.raises(ConfigError, match="aggregation and trainer apply to 'fedlod' only"):
+        with pytest.raises(ConfigError, match="apply to 'fedlod' only"):
             resolve(SimConfig, overrides={"strategy": strategy, "aggregation": "svd"})
 
 
@@ -346,7 +294,8 @@ def test_baselines_reject_fedlod_only_settings() -> None:
 def test_baseline_runs_end_to_end_on_the_in_process_grid(tmp_path: Path, strategy: str, extra: dict) -> None:
     """Real clients: sub-models of the right size travel, every tier is evaluated, accuracy beats chance."""
     from tests.test_simulation import local, small
-    from maestro_fl.federated import federation, model_at_width
+    from maestro_fl.federated import federation, model_builder
+    from maestro_fl.methods import METHODS
 
     cfg = small(tmp_path, strategy=strategy, backend="local", rounds=3, model="cnn", **extra)
     run = tmp_path / strategy
@@ -363,7 +312,8 @@ def test_baseline_runs_end_to_end_on_the_in_process_grid(tmp_path: Path, strateg
     if strategy != "fedhm":
         fed = federation(cfg)
         for _, row in clients.iterrows():
-            expected = footprint(model_at_width(cfg, fed.data.spec, row["fraction"]), fed.data.spec.shape).bytes("fp32")
+            build = model_builder(cfg, fed.data.spec, METHODS[strategy].static_batchnorm)
+            expected = footprint(build(row["fraction"]), fed.data.spec.shape).bytes("fp32")
             assert row["bytes_down"] == row["bytes_up"] == expected
 
 
@@ -372,11 +322,12 @@ def test_deploy_ladder_reproduces_the_tiers_of_a_finished_run(tmp_path: Path) ->
     from tests.test_simulation import local, small
     from maestro_fl.federated import deploy_ladder
 
-    from maestro_fl.config import save
+    from maestro_fl.config import to_dict
+    from maestro_fl.results import RunDir
 
     cfg = small(tmp_path, backend="local", rounds=2, model="cnn")
     local(cfg, tmp_path / "run")
-    save(cfg, tmp_path / "run" / "config.json")
+    RunDir(tmp_path / "run").save_config(to_dict(cfg))
     last = pd.read_csv(tmp_path / "run" / "tiers.csv").query("round == 2")
     ladder = pd.DataFrame(deploy_ladder(tmp_path / "run", list(last["fraction"]) + [0.05]))
     for _, tier in last.iterrows():
@@ -391,12 +342,14 @@ def test_deploy_ladder_reproduces_the_tiers_of_a_finished_run(tmp_path: Path) ->
 
 def test_width_baselines_use_static_batchnorm() -> None:
     """HeteroFL's sBN: running statistics of different widths are never averaged, so none are kept."""
-    from maestro_fl.federated import model_at_width
+    from maestro_fl.federated import model_builder
+    from maestro_fl.methods import METHODS
 
     spec = InputSpec(3, 32, 10)
     for strategy, tracks in [("heterofl", False), ("fjord", False), ("fedlod", True)]:
         cfg = resolve(SimConfig, overrides={"strategy": strategy, "model": "resnet18", "norm": "default"})
-        norms = [m for m in model_at_width(cfg, spec, 0.25).modules() if isinstance(m, nn.BatchNorm2d)]
+        build = model_builder(cfg, spec, METHODS[strategy].static_batchnorm)
+        norms = [m for m in build(0.25).modules() if isinstance(m, nn.BatchNorm2d)]
         assert norms and all(m.track_running_stats is tracks for m in norms)
 
 

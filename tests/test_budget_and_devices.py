@@ -9,9 +9,10 @@ import pytest
 from torch import nn
 
 from clients.devices import DEFAULT_TIERS, device_for, load_trace, tier_assignment, tier_table
-from maestro_fl.budget import FP32, DeviceCapability, activation_count, affordable, cost_table
+from maestro_fl.budget import FP32, DeviceCapability, activation_count, affordable
 from maestro_fl.config import ConfigError, SimConfig, resolve
 from maestro_fl.convert import factorize
+from maestro_fl.submodels import rank_cost_table as cost_table
 
 
 def tiny() -> nn.Module:
@@ -60,18 +61,21 @@ def test_default_budgets_span_the_tiers() -> None:
     """The default tiers land on distinct budgets for the default workload, the weakest ≤ 25% of the weights."""
     from maestro_fl.federated import federation
     from maestro_fl.footprint import footprint
+    from strategies.submodel import SubModelStrategy
 
     cfg = SimConfig()
     fed = federation(cfg)
-    table = cost_table(fed.template, fed.data.spec.shape)
-    fractions = [
-        affordable(table, t, batch_size=cfg.batch_size, samples=fed.mean_train_size, epochs=cfg.local_epochs,
-                   deadline_s=cfg.compute_budget_s).fraction
-        for t in tier_table(cfg)
-    ]
+    # the server's own path: every client registered with its device and example count
+    strategy = SubModelStrategy(fed.method, cfg)
+    for pid in range(cfg.num_clients):
+        strategy.partition_of[pid + 1] = pid
+        strategy.examples_of[pid + 1] = len(fed.partitions[pid][0])
+        strategy.devices[pid + 1] = device_for(pid, cfg)
+    strategy.set_population()
+    tiers = strategy.tier_costs()
+    fractions = [tiers[t].fraction for t in sorted(tiers)]
     assert fractions == sorted(fractions) and len(set(fractions)) == 5 and fractions[-1] == 1.0
-    weakest = affordable(table, tier_table(cfg)[0], batch_size=cfg.batch_size, samples=fed.mean_train_size,
-                         epochs=cfg.local_epochs, deadline_s=cfg.compute_budget_s)
+    weakest = tiers[0]
     fp = footprint(fed.template, fed.data.spec.shape, weakest.ranks)
     assert fp.params / fp.dense_params <= 0.25
 

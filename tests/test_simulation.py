@@ -7,10 +7,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from maestro_fl.callbacks import RoundCallback, RoundResult
 from maestro_fl.config import SimConfig, resolve
-from strategies.local_grid import LocalGrid
+from strategies.runners.local_grid import LocalGrid
 from strategies.server_app import run_server
-from strategies.simulation import load_ref, quiet_flower, run_simulation
+from strategies.runners.ray_engine import load_ref, quiet_flower, run_simulation
 
 from maestro_fl import protocol as P
 
@@ -38,6 +39,7 @@ def small(tmp_path: Path, **kw: object) -> SimConfig:
     return resolve(SimConfig, overrides=SMALL | {"out_dir": str(tmp_path), "population_csv": str(trace)} | kw)
 
 
+@pytest.mark.slow
 def test_ray_engine_smoke(tmp_path: Path, flwr_home: str) -> None:
     """A real Flower simulation on Ray: 6 clients, 2 rounds, one client raising, one sending NaN."""
     run = run_simulation(small(tmp_path, backend="ray", run_name="ray", fault_injection="1:raise,4:nan"))
@@ -73,13 +75,15 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path: Path, strategy: s
     full = tmp_path / "full"
     local(cfg, full)
 
-    def stop_after_two(server_round: int, row: dict[str, object]) -> None:
-        if server_round == 2:
-            raise Interrupt
+    class StopAfterTwo(RoundCallback):
+        def after_round(self, result: RoundResult) -> bool:
+            if result.round == 2:
+                raise Interrupt
+            return False
 
     cut = tmp_path / "cut"
     with pytest.raises(Interrupt):
-        local(cfg, cut, on_round_end=stop_after_two)
+        local(cfg, cut, extra_callbacks=[StopAfterTwo()])
     assert pd.read_csv(cut / "rounds.csv")["round"].tolist() == [1, 2]  # finished rounds are kept
     local(cfg, cut)  # resumes after round 2
     a, b = pd.read_csv(full / "tiers.csv"), pd.read_csv(cut / "tiers.csv")
@@ -145,11 +149,12 @@ def test_federation_on_a_torchvision_dataset(tmp_path: Path) -> None:
     assert (clients["status"] == "ok").all() and len(clients) == 6
 
 
+@pytest.mark.slow
 def test_flwr_run_works_and_leaves_nothing_running(tmp_path: Path) -> None:
     """`flwr run .` through our wrapper: a private Flower home and SuperLink, stopped afterwards."""
     import psutil
 
-    from strategies.flwr_local import flwr_run
+    from strategies.runners.flwr_run import flwr_run
 
     before = {p.pid for p in psutil.process_iter() if "superlink" in " ".join(_cmd(p))}
     trace = always_online_population(tmp_path / "population.csv")
@@ -175,7 +180,7 @@ def _cmd(p) -> list[str]:  # type: ignore[no-untyped-def]
 
 def test_dlrt_clients_with_svd_aggregation(tmp_path: Path) -> None:
     """DLRT as the client trainer: ranks capped by the budget, replies padded back, SVD re-factoring."""
-    cfg = small(tmp_path, backend="local", rounds=3, trainer="dlrt", aggregation="svd", local_epochs=2)
+    cfg = small(tmp_path, backend="local", rounds=3, strategy="dlrt", local_epochs=2)
     local(cfg, tmp_path / "run")
     clients = pd.read_csv(tmp_path / "run" / "clients.csv")
     assert (clients["status"] == "ok").all()
@@ -183,8 +188,8 @@ def test_dlrt_clients_with_svd_aggregation(tmp_path: Path) -> None:
     tiers = pd.read_csv(tmp_path / "run" / "tiers.csv")
     full = tiers[tiers["tier"] == 1]
     assert full["loss"].iloc[-1] < full["loss"].iloc[0]
-    with pytest.raises(Exception, match="aggregation must be 'svd'"):
-        small(tmp_path, trainer="dlrt", aggregation="ordered")
+    with pytest.raises(Exception, match="apply to 'fedlod' only"):
+        small(tmp_path, strategy="dlrt", aggregation="svd")
 
 
 def test_clients_train_on_a_gpu_only_when_given_a_share_of_one(monkeypatch: pytest.MonkeyPatch) -> None:

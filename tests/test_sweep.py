@@ -9,7 +9,7 @@ import pytest
 
 from maestro_fl.config import ConfigError
 from strategies.cli import main
-from strategies.sweep import load_sweep, run_sweep
+from strategies.sweeps.sweep import load_sweep, run_sweep
 
 BASE = """
 [base]
@@ -30,6 +30,7 @@ def write(tmp_path: Path, grid: str, extra: str = "", name: str = "s.toml") -> P
     return path
 
 
+@pytest.mark.slow
 def test_grid_runs_skips_finished_and_records_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad_trace = tmp_path / "bad.csv"  # passes the config check (the file exists), fails every client at run time
     bad_trace.write_text("client_id,tier,macs_per_s,memory_bytes,up_bps,down_bps,availability\n0,0,1e9,1e9,1e6,1e6,0\n")
@@ -88,8 +89,9 @@ def test_methods_cross_the_grid_and_bad_methods_fail(tmp_path: Path) -> None:
         load_sweep(bad)
 
 
+@pytest.mark.slow
 def test_compare_runs_every_method_on_the_same_seeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from strategies.compare import METHODS, run_compare
+    from strategies.sweeps.compare import METHODS, run_compare
 
     overrides = [line.replace(" ", "").replace('"', "") for line in BASE.strip().splitlines()[1:]]
     overrides = [o.replace("[", "").replace("]", "") for o in overrides]
@@ -107,9 +109,10 @@ def test_compare_runs_every_method_on_the_same_seeds(tmp_path: Path, capsys: pyt
     assert "FedLoD's global model deployed" in printed
 
 
+@pytest.mark.slow
 def test_compare_takes_a_subset_of_methods_and_seeds(tmp_path: Path) -> None:
     from maestro_fl.config import ConfigError
-    from strategies.compare import run_compare
+    from strategies.sweeps.compare import run_compare
 
     overrides = [line.replace(" ", "").replace('"', "") for line in BASE.strip().splitlines()[1:]]
     overrides = [o.replace("[", "").replace("]", "") for o in overrides]

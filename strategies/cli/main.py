@@ -73,23 +73,23 @@ def main(argv: list[str] | None = None) -> int:
         elif ns.command == "simulate":
             from maestro_fl.config import SimConfig
 
-            from .simulation import run_simulation
+            from ..runners.ray_engine import run_simulation
 
             run_simulation(resolve(SimConfig, file, overrides))
         elif ns.command == "sweep":
-            from .sweep import run_sweep
+            from ..sweeps.sweep import run_sweep
 
             if file is None or overrides:
                 raise ConfigError("sweep takes one argument, the sweep file (SWEEP.toml)")
             print(f"results: {run_sweep(file) / 'results.csv'}")
         elif ns.command == "compare":
-            from .compare import run_compare
+            from ..sweeps.compare import run_compare
 
             if file is not None:
                 raise ConfigError("compare takes key=value overrides only")
             run_compare(overrides)
         elif ns.command == "flwr-run":
-            from .flwr_local import flwr_run
+            from ..runners.flwr_run import flwr_run
 
             if file is not None:
                 raise ConfigError("flwr-run takes key=value overrides only (the app config is in pyproject.toml)")

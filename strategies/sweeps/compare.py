@@ -32,7 +32,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "fedlod_nested_sampler": {"sampler": "nested"},
     "fedlod_svd_aggregation": {"aggregation": "svd"},
     "fedlod_zero_pad_aggregation": {"aggregation": "zero_pad"},
-    "dlrt_clients": {"trainer": "dlrt", "aggregation": "svd"},
+    "dlrt_clients": {"strategy": "dlrt"},
     "heterofl": {"strategy": "heterofl"},
     "heterofl_masked": {"strategy": "heterofl", "heterofl_label_mask": True},
     "fjord": {"strategy": "fjord"},

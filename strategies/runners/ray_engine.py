@@ -11,16 +11,15 @@ network.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import tempfile
 from pathlib import Path
 
 from maestro_fl import protocol as P
-from maestro_fl.config import SimConfig, resolve, save
-from maestro_fl.results import new_run_dir, timestamp
+from maestro_fl.config import SimConfig, resolve, to_dict
+from maestro_fl.results import RunDir, new_run_dir, timestamp
 
-from .server_app import print_final, run_server
+from ..server_app import print_final, run_server
 
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -46,12 +45,12 @@ def prepare_run_dir(cfg: SimConfig) -> tuple[SimConfig, Path]:
     """A new run directory, or the one to resume with its saved config."""
     if cfg.resume:
         run_dir = Path(cfg.resume)
-        saved = json.loads((run_dir / "config.json").read_text())
+        saved = RunDir(run_dir).config()
         saved.update(resume=str(run_dir))
         return resolve(SimConfig, overrides=saved), run_dir
     name = cfg.run_name or f"sim-{cfg.dataset}-{cfg.model}-s{cfg.seed}-{timestamp()}"
     run_dir = new_run_dir(cfg.out_dir, name)
-    save(cfg, run_dir / "config.json")
+    RunDir(run_dir).save_config(to_dict(cfg))
     return cfg, run_dir
 
 

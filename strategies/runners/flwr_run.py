@@ -23,9 +23,9 @@ import psutil
 
 from maestro_fl.config import SimConfig, resolve
 
-from .simulation import FLOWER_ENV
+from .ray_engine import FLOWER_ENV
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:

@@ -42,6 +42,7 @@ from typing import Any
 import pandas as pd
 
 from maestro_fl.config import ConfigError, SimConfig, read_toml, resolve, to_dict
+from maestro_fl.results import CHECKPOINT_FILE, CONFIG_FILE, RunDir, RunDirError
 
 SWEEP_KEYS = {"name": str, "out_dir": str, "ray_address": str, "cpus_per_run": (int, float), "gpus_per_run": (int, float)}
 
@@ -121,9 +122,9 @@ def build_sweep(
 
 def run_one(cfg: SimConfig, run_dir: Path) -> dict[str, Any]:
     """Run (or resume) one grid point in ``run_dir``; writes ``result.json`` when it finished."""
-    from .simulation import run_simulation
+    from ..runners.ray_engine import run_simulation
 
-    if run_dir.exists() and not (run_dir / "checkpoint.pt").exists():
+    if run_dir.exists() and not (run_dir / CHECKPOINT_FILE).exists():
         shutil.rmtree(run_dir)  # died before its first round: nothing to resume
     if run_dir.exists():
         cfg = replace(cfg, resume=str(run_dir))
@@ -142,9 +143,7 @@ def _rows(sweep: Sweep, name: str, values: dict[str, Any], status: str, error: s
             "status": status, "error": error}
     if status != "ok":
         return [base]
-    from .server_app import final_table
-
-    return [base | row for row in final_table(run_dir)]
+    return [base | row for row in RunDir(run_dir).final_table()]
 
 
 #: SimConfig fields that say where and how a run executes, not what it computes
@@ -158,10 +157,13 @@ def _check_existing_runs(sweep: Sweep) -> None:
     reuse (skip or resume) runs made with the old settings.
     """
     for name, _, cfg in sweep.runs:
-        stored_path = sweep.root / name / "config.json"
+        stored_path = sweep.root / name / CONFIG_FILE
         if not stored_path.is_file():
             continue
-        stored = json.loads(stored_path.read_text())
+        try:
+            stored = RunDir(stored_path.parent).config()
+        except RunDirError as err:
+            raise ConfigError(f"run {name}: {err}") from None
         wanted = json.loads(json.dumps(to_dict(cfg)))
         differ = sorted(k for k in wanted if k not in RUN_LOCATION_FIELDS and stored.get(k) != wanted[k])
         if differ:

@@ -1,0 +1,182 @@
+"""Side concerns of the round loop as callbacks: central evaluation, the tables, the checkpoint, progress.
+
+The server's loop (``strategies.server_app.run_server``) does the federated
+round and hands a :class:`RoundResult` to every callback in order
+(pfl-research's ``TrainingProcessCallback``). A callback that returns
+``True`` from :meth:`RoundCallback.after_round` stops the run after that round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .budget import Cost
+from .convert import lod_layers
+from .data import Split
+from .footprint import footprint
+from .methods import FederatedMethod
+from .results import (
+    CLIENTS,
+    ROUNDS,
+    STATUSES,
+    TIERS,
+    Checkpoint,
+    ClientRound,
+    RunDir,
+)
+from .training import evaluate
+
+
+@dataclass
+class RoundResult:
+    """What one round produced; callbacks read it and may add to it (``tiers``, ``row``)."""
+
+    round: int
+    arrays: dict[str, np.ndarray]  # the global model after the round
+    clients: list[ClientRound]
+    tier_costs: Mapping[int, Cost]
+    train_wall_seconds: float  # configure + clients + aggregate
+    server_seconds: float  # configure_train + aggregate_train only
+    started: float  # perf_counter at the round's start
+    tiers: list[dict[str, Any]] = field(default_factory=list)  # filled by CentralEvaluation
+    row: dict[str, Any] = field(default_factory=dict)  # the rounds.csv row, filled by RoundTables
+
+
+class RoundCallback:
+    """Hooks of the round loop; the defaults do nothing."""
+
+    def on_run_start(self, first_round: int, last_round: int) -> None:
+        """Before the first round this process runs (``first_round`` > 1 when resuming)."""
+
+    def after_round(self, result: RoundResult) -> bool:
+        """After every round; return ``True`` to stop the run."""
+        return False
+
+    def on_run_end(self) -> None:
+        """After the last round, or when the loop stops early."""
+
+
+class CentralEvaluation(RoundCallback):
+    """Test accuracy and deployed footprint of the global model at every tier's budget.
+
+    The model a tier runs comes from the method (rank prefix, width slice or
+    the dense model); its footprint is measured by the one
+    :func:`~maestro_fl.footprint.footprint` and divided by the full dense
+    model's, so ratios compare across methods.
+    """
+
+    def __init__(self, method: FederatedMethod, test: Split, input_shape: tuple[int, ...]) -> None:
+        self.method, self.test, self.input_shape = method, test, input_shape
+        self.layer_names = tuple(lod_layers(method.template))
+
+    def after_round(self, result: RoundResult) -> bool:
+        reference = self.method.family.reference
+        global_model = self.method.family.global_model(result.arrays)
+        result.tiers = []
+        for tier, cost in result.tier_costs.items():
+            model, ranks = self.method.deploy(global_model, cost)
+            loss, acc = evaluate(model, self.test, ranks)
+            fp = footprint(model, self.input_shape, ranks)
+            result.tiers.append(
+                {
+                    "round": result.round,
+                    "tier": tier,
+                    "accuracy": acc,
+                    "loss": loss,
+                    "fraction": cost.fraction,
+                    "ranks": [ranks[n] for n in self.layer_names] if ranks else [],
+                    "params": fp.params,
+                    "macs": fp.macs,
+                    "bytes_fp32": fp.bytes("fp32"),
+                    "params_ratio": fp.params / reference.dense_params,
+                    "macs_ratio": fp.macs / reference.dense_macs,
+                }
+            )
+        return False
+
+
+class RoundTables(RoundCallback):
+    """Appends the round's rows to rounds.csv, tiers.csv and clients.csv (flushed as they are written)."""
+
+    def __init__(self, run: RunDir, round_deadline_s: float) -> None:
+        self.run, self.deadline = run, round_deadline_s
+        self.writers = {t.file: run.writer(t) for t in (ROUNDS, TIERS, CLIENTS)}
+        self.sim_total = 0.0
+
+    def on_run_start(self, first_round: int, last_round: int) -> None:
+        self.sim_total = 0.0
+        if first_round > 1 and self.run.has(ROUNDS):
+            rounds = self.run.table(ROUNDS, required=["round", "sim_seconds_total"])
+            self.sim_total = float(rounds["sim_seconds_total"].iloc[-1])
+
+    def after_round(self, result: RoundResult) -> bool:
+        clients = result.clients
+        latency = round_latency(clients, self.deadline)
+        self.sim_total += latency
+        ok = [c for c in clients if c.status == "ok"]
+        result.row = {
+            "round": result.round,
+            "sim_seconds": latency,
+            "sim_seconds_total": self.sim_total,
+            "wall_seconds": _now() - result.started,
+            "train_wall_seconds": result.train_wall_seconds,
+            "server_seconds": result.server_seconds,
+            "bytes_down": sum(c.bytes_down for c in clients),
+            "bytes_up": sum(c.bytes_up for c in clients),
+            "selected": len(clients),
+            **{s: sum(c.status == s for c in clients) for s in STATUSES},
+            "train_loss": float(np.average([c.train_loss for c in ok], weights=[c.num_examples for c in ok]))
+            if ok else float("nan"),
+            "global_rank": int(sum(int(v.shape[0]) for k, v in result.arrays.items()
+                                   if k.endswith("in_network.weight"))),
+        }
+        self.writers[CLIENTS.file].extend(c.row() for c in clients)
+        self.writers[TIERS.file].extend(result.tiers)
+        self.writers[ROUNDS.file].append(result.row)
+        return False
+
+
+class Checkpointing(RoundCallback):
+    """Writes the global model after every round (atomically), after the tables: they never run behind it."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
+
+    def after_round(self, result: RoundResult) -> bool:
+        self.run.save_checkpoint(Checkpoint(result.round, result.arrays))
+        return False
+
+
+class Progress(RoundCallback):
+    """One line per round: clients ok, simulated and wall seconds, per-tier accuracy."""
+
+    def __init__(self, rounds: int) -> None:
+        self.rounds = rounds
+
+    def after_round(self, result: RoundResult) -> bool:
+        accs = " ".join(f"t{t['tier']}={t['accuracy']:.3f}" for t in result.tiers)
+        row = result.row
+        print(
+            f"round {result.round:3d}/{self.rounds}  ok {row.get('ok', 0)}/{len(result.clients)}  "
+            f"sim {row.get('sim_seconds', 0.0):6.1f}s  wall {row.get('wall_seconds', 0.0):5.2f}s  acc {accs}",
+            flush=True,
+        )
+        return False
+
+
+def round_latency(clients: Sequence[ClientRound], deadline: float) -> float:
+    """The slowest participant's compute + download + upload, capped by the deadline when one is set."""
+    latency = max((c.round_seconds for c in clients if c.status in ("ok", "dropped")), default=0.0)
+    return min(latency, deadline) if deadline > 0 else latency
+
+
+def _now() -> float:
+    import time
+
+    return time.perf_counter()
+
+

@@ -1,0 +1,302 @@
+"""A federated method as one unit: its sub-model family, client trainer, server rule and cost model.
+
+As pfl-research's ``FederatedAlgorithm``, one class holds both halves:
+
+* **sub-model family** (:attr:`FederatedMethod.family`, :mod:`maestro_fl.submodels`):
+  what a client at a budget receives (:meth:`~FederatedMethod.index`,
+  :meth:`~FederatedMethod.assign`), the module it trains
+  (:meth:`~FederatedMethod.client_model`) and what a tier deploys
+  (:meth:`~FederatedMethod.deploy`);
+* **client trainer** (:meth:`~FederatedMethod.train`): local training of that
+  sub-model, through the one epoch loop :func:`maestro_fl.training.run_epoch`;
+* **server rule** (:meth:`~FederatedMethod.merge`): how the good replies merge,
+  calling the pure functions of :mod:`maestro_fl.aggregation`;
+* **cost model** (:meth:`~FederatedMethod.cost_table`, :attr:`~FederatedMethod.passes`):
+  the compute, memory and bytes a budget is checked against, and by which the
+  client reports what it spent.
+
+The Flower side (``strategies.SubModelStrategy`` and the ClientApp) only
+orchestrates: it never branches on the method. Nothing here imports Flower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import protocol as P
+from ..budget import Cost, DeviceCapability, affordable
+from ..convert import Ranks
+from ..data import Split
+from ..footprint import footprint
+from ..submodels import Arrays, Index, ModelAtWidth, SubModelFamily
+from ..training import EpochStats, SGDStep, SubModelDraw, run_epoch
+
+if TYPE_CHECKING:
+    from ..config import SimConfig
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What one client trains in one round; it travels to the client in the train message.
+
+    Attributes
+    ----------
+    fraction : float
+        The budget's rank (or width) fraction.
+    ranks : dict
+        Per LoD layer, the rank of the client's sub-model (rank families; empty otherwise).
+    levels : tuple of float
+        The fractions the client's ordered dropout draws from, its own last
+        (FjORD's ``p_s ≤ p_max``); empty when it trains only its own sub-model.
+    level_ranks : tuple of dict
+        For rank families, the ranks of every level.
+    label_mask : bool
+        Train only the logits of the client's own classes (HeteroFL's masked classifier).
+    """
+
+    fraction: float
+    ranks: Mapping[str, int] = field(default_factory=dict)
+    levels: tuple[float, ...] = ()
+    level_ranks: tuple[Mapping[str, int], ...] = ()
+    label_mask: bool = False
+
+    def to_config(self, layer_names: Sequence[str]) -> dict[str, Any]:
+        """ConfigRecord entries (ranks as lists in ``layer_names`` order)."""
+        return {
+            P.FRACTION: float(self.fraction),
+            P.RANKS: [int(self.ranks[n]) for n in layer_names] if self.ranks else [],
+            P.LEVELS: [float(p) for p in self.levels],
+            P.LEVEL_RANKS: [int(r[n]) for r in self.level_ranks for n in layer_names],
+            P.LABEL_MASK: bool(self.label_mask),
+        }
+
+    @classmethod
+    def from_config(cls, conf: Mapping[str, Any], layer_names: Sequence[str]) -> Assignment:
+        """The inverse of :meth:`to_config`; raises ``ValueError`` on entries of the wrong length."""
+        ranks = [int(r) for r in conf[P.RANKS]]
+        if ranks and len(ranks) != len(layer_names):
+            raise ValueError(f"{P.RANKS}: expected {len(layer_names)} values (one per LoD layer), got {len(ranks)}")
+        flat = [int(r) for r in conf[P.LEVEL_RANKS]]
+        n = len(layer_names)
+        if flat and (not n or len(flat) % n):
+            raise ValueError(f"{P.LEVEL_RANKS}: {len(flat)} values are not whole levels of {n} layers")
+        return cls(
+            fraction=float(conf[P.FRACTION]),
+            ranks=dict(zip(layer_names, ranks)),
+            levels=tuple(float(p) for p in conf[P.LEVELS]),
+            level_ranks=tuple(dict(zip(layer_names, flat[i : i + n])) for i in range(0, len(flat), n)) if n else (),
+            label_mask=bool(conf[P.LABEL_MASK]),
+        )
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """The server's record of what one client was given in one round (never sent)."""
+
+    node: int
+    partition: int
+    device: DeviceCapability
+    cost: Cost
+    assignment: Assignment
+    index: Index  # where each array the client holds sits in the global one
+    shapes: Mapping[str, tuple[int, ...]]
+    dtypes: Mapping[str, str]
+    bytes_down: int
+
+
+@dataclass(frozen=True)
+class Update:
+    """One good reply: the client's trained arrays and what the server knows of it."""
+
+    task: ClientTask
+    arrays: Arrays
+    num_examples: int
+    labels: tuple[int, ...] = ()  # the classes of its training data, when its assignment masks labels
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What local training produced: the trained sub-model (same shapes as received) and its statistics."""
+
+    model: nn.Module
+    epochs: tuple[EpochStats, ...]
+    labels: tuple[int, ...] = ()
+
+    @property
+    def loss(self) -> float:
+        return float(np.mean([e.loss for e in self.epochs])) if self.epochs else 0.0
+
+    @property
+    def forward_passes(self) -> int:
+        return sum(e.forward_passes for e in self.epochs)
+
+    @property
+    def sample_passes(self) -> int:
+        """Examples × passes over all epochs: what the cost model charges."""
+        return sum(e.sample_passes for e in self.epochs)
+
+
+class FederatedMethod(ABC):
+    """A heterogeneous federated method: sub-model family, client trainer, server rule, cost model.
+
+    Parameters
+    ----------
+    cfg : SimConfig
+        The run's settings (local training, budgets, the method's options).
+    input_shape : tuple
+        One input sample's shape.
+    build : callable
+        ``build(p)``: the dense model at width fraction ``p`` (``build(1.0)`` is
+        the full model); freshly initialized from torch's global RNG.
+    """
+
+    #: the ``strategy`` name of the method in configs
+    name: ClassVar[str]
+    #: the width methods want HeteroFL's static BatchNorm (running statistics of different widths cannot be averaged)
+    static_batchnorm: ClassVar[bool] = False
+    #: whether the client trainer may run on a GPU share (``num_gpus_per_client > 0``)
+    runs_on_gpu: ClassVar[bool] = True
+
+    def __init__(self, cfg: SimConfig, input_shape: tuple[int, ...], build: ModelAtWidth) -> None:
+        self.cfg = cfg
+        self.input_shape = tuple(input_shape)
+        self.build = build
+        torch.manual_seed(cfg.seed)
+        self.family: SubModelFamily = self.make_family(torch.Generator().manual_seed(cfg.seed))
+        self._tables: dict[int, list[Cost]] = {}
+        self._client_costs: dict[tuple[Any, ...], Cost] = {}
+
+    # -- sub-model family ------------------------------------------------------------------
+    @abstractmethod
+    def make_family(self, generator: torch.Generator) -> SubModelFamily:
+        """The family of sub-models, holding the server's initial model (seeded by ``generator``)."""
+
+    @property
+    def template(self) -> nn.Module:
+        return self.family.template
+
+    @property
+    def passes(self) -> int:
+        """Forward/backward passes per local step (the cost model charges each)."""
+        return 1
+
+    @property
+    def live_graphs(self) -> int:
+        """Autograd graphs alive at once in a step (activation memory)."""
+        return 1
+
+    def cost_table(self, global_arrays: Mapping[str, np.ndarray] | None = None) -> list[Cost]:
+        """What training each sub-model a budget can pick costs with this method's trainer (largest first)."""
+        table = self.family.cost_table(global_arrays)
+        if id(table) not in self._tables:
+            self._tables[id(table)] = [
+                dataclasses.replace(c, passes=self.passes, live_graphs=self.live_graphs) for c in table
+            ]
+        return self._tables[id(table)]
+
+    def budget(self, table: Sequence[Cost], device: DeviceCapability, samples: int) -> Cost | None:
+        """The sub-model a device trains this round, or ``None`` when it affords none."""
+        return affordable(
+            table,
+            device,
+            batch_size=self.cfg.batch_size,
+            samples=samples,
+            epochs=self.cfg.local_epochs,
+            deadline_s=self.cfg.compute_budget_s,
+        )
+
+    def assign(self, cost: Cost, tier_costs: Sequence[Cost]) -> Assignment:
+        """What a client at ``cost`` trains, given every tier's budget (the levels of ordered dropout)."""
+        return Assignment(cost.fraction, dict(cost.ranks))
+
+    def index(self, cost: Cost, server_round: int) -> Index:
+        """Which part of every global array a client at ``cost`` receives in ``server_round``."""
+        return self.family.index(cost, server_round)
+
+    def client_model(self, assignment: Assignment) -> nn.Module:
+        """The module a client trains (the shapes of what it received)."""
+        return self.family.client_model(assignment.fraction, assignment.ranks)
+
+    def deploy(self, global_model: nn.Module, cost: Cost) -> tuple[nn.Module, Ranks | None]:
+        """The model a tier at ``cost`` runs, and the ranks to run it at."""
+        return self.family.deploy(global_model, cost)
+
+    # -- client trainer --------------------------------------------------------------------
+    @abstractmethod
+    def train(
+        self,
+        model: nn.Module,
+        data: Split,
+        assignment: Assignment,
+        *,
+        epochs: int,
+        lr: float,
+        generator: torch.Generator,
+        augment: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> LocalResult:
+        """Train the client's sub-model in place (or return a new one of the same shapes)."""
+
+    def client_cost(self, model: nn.Module, assignment: Assignment) -> Cost:
+        """The cost model of the sub-model a client received, measured on the client (cached per assignment).
+
+        The client reports ``3 × macs × (examples × passes)`` of what its loop ran
+        (:attr:`LocalResult.sample_passes`): the server's budget predicted
+        ``cost.train_macs(examples, epochs)`` for the same sub-model.
+        """
+        key = (assignment.fraction, tuple(sorted(assignment.ranks.items())))
+        if key not in self._client_costs:
+            fp = footprint(model, self.input_shape, as_deployed=False)
+            self._client_costs[key] = Cost(assignment.fraction, dict(assignment.ranks), fp.params, fp.macs, 0,
+                                           passes=self.passes, live_graphs=self.live_graphs)
+        return self._client_costs[key]
+
+    def sgd(self, model: nn.Module, lr: float) -> SGDStep:
+        """Local SGD with the run's momentum (reset every round), weight decay and clipping."""
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=self.cfg.momentum,
+                              weight_decay=self.cfg.weight_decay)
+        return SGDStep(opt, self.cfg.clip_grad_norm)
+
+    def epochs(
+        self,
+        model: nn.Module,
+        data: Split,
+        draw: SubModelDraw,
+        step: Callable[[Any], None],
+        *,
+        epochs: int,
+        generator: torch.Generator,
+        augment: bool,
+        device: torch.device | str,
+        **options: Any,
+    ) -> tuple[EpochStats, ...]:
+        """``epochs`` passes of :func:`~maestro_fl.training.run_epoch` over the client's data."""
+        model.train()
+        return tuple(
+            run_epoch(data, draw, step, batch_size=self.cfg.batch_size, generator=generator, augment=augment,
+                      device=device, **options)  # type: ignore[arg-type]
+            for _ in range(epochs)
+        )
+
+    # -- server rule -----------------------------------------------------------------------
+    @abstractmethod
+    def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:
+        """The new global arrays from the good replies of ``server_round``."""
+
+
+def examples_weighted(updates: Sequence[Update]) -> list[tuple[Arrays, Index, float]]:
+    """``(arrays, index, num_examples)`` per update, for :func:`~maestro_fl.aggregation.aggregate_indexed`."""
+    return [(u.arrays, u.task.index, float(u.num_examples)) for u in updates]
+
+
+def corners_weighted(updates: Sequence[Update]) -> list[tuple[Arrays, float]]:
+    """``(arrays, num_examples)`` per update, for the rules on leading corners."""
+    return [(u.arrays, float(u.num_examples)) for u in updates]

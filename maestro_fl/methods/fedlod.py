@@ -1,0 +1,99 @@
+"""FedLoD: federated training of a low-rank ordered decomposition at every device's rank budget.
+
+Every client trains the LoD model (Maestro, Horváth et al., ICML 2024,
+arXiv 2308.14929) at the rank budget its device affords and receives only
+that prefix of the ordered factors, trained with ordered dropout inside it.
+The server rule is ``cfg.aggregation``:
+
+* ``ordered``: each rank component averaged over the clients that trained it
+  (:func:`~maestro_fl.aggregation.aggregate_ordered_factors`; FjORD's nested
+  rule on ranks, as RBLA, arXiv 2408.08699);
+* ``svd``: every client's ``U Vᵀ`` averaged, then re-factored (FlexLoRA, FedHM);
+* ``zero_pad``: factors zero-padded to the global rank and averaged (HetLoRA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..aggregation import aggregate_ordered_factors, aggregate_svd, aggregate_zero_padded, shrink_factors
+from ..budget import Cost
+from ..convert import factorize
+from ..data import Split
+from ..submodels import Arrays, RankPrefix, SubModelFamily
+from ..training import RankDraw, group_lasso, make_sampler
+from .base import Assignment, FederatedMethod, LocalResult, Update, corners_weighted
+
+RULES = {"ordered": aggregate_ordered_factors, "svd": aggregate_svd, "zero_pad": aggregate_zero_padded}
+
+
+class FedLoD(FederatedMethod):
+    """Ordered-factor prefixes per client, ordered dropout within them, per-component averaging."""
+
+    name = "fedlod"
+
+    def make_family(self, generator: torch.Generator) -> SubModelFamily:
+        model = factorize(
+            self.build(1.0),
+            init=self.init,  # type: ignore[arg-type]
+            keep_first=self.cfg.keep_first,
+            keep_classifier=self.cfg.keep_classifier,
+            generator=generator,
+        )
+        return RankPrefix(model, self.input_shape)
+
+    @property
+    def init(self) -> str:
+        return self.cfg.init
+
+    @property
+    def passes(self) -> int:
+        return 2 if self.cfg.full_pass else 1  # the full pass runs the teacher and the student
+
+    @property
+    def live_graphs(self) -> int:
+        return self.passes
+
+    @property
+    def sampler(self) -> str:
+        """The ordered-dropout sampler of local training."""
+        return self.cfg.sampler
+
+    def assign(self, cost: Cost, tier_costs: Sequence[Cost]) -> Assignment:
+        if self.sampler != "tiers":
+            return Assignment(cost.fraction, dict(cost.ranks))
+        # FjORD's p ~ U{p_s <= p_max} on ranks: the tiers' sub-models up to the client's own
+        levels = {c.fraction: c.ranks for c in tier_costs if c.fraction <= cost.fraction} | {cost.fraction: cost.ranks}
+        order = sorted(levels)
+        return Assignment(cost.fraction, dict(cost.ranks), tuple(order), tuple(dict(levels[p]) for p in order))
+
+    def train(
+        self,
+        model: nn.Module,
+        data: Split,
+        assignment: Assignment,
+        *,
+        epochs: int,
+        lr: float,
+        generator: torch.Generator,
+        augment: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> LocalResult:
+        sampler = make_sampler(self.sampler, model, generator, levels=assignment.level_ranks)
+        lam = self.cfg.lambda_gl
+        stats = self.epochs(
+            model, data, RankDraw(model, sampler), self.sgd(model, lr), epochs=epochs, generator=generator,
+            augment=augment, device=device, distill=self.cfg.full_pass,
+            regularizer=(lambda: lam * group_lasso(model)) if lam > 0 else None,
+        )
+        return LocalResult(model, stats)
+
+    def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:
+        merged = RULES[self.cfg.aggregation](current, corners_weighted(updates))
+        if self.cfg.server_shrink_eps > 0:  # Maestro's progressive shrinking, on the server's aggregate
+            merged, _ = shrink_factors(merged, self.cfg.server_shrink_eps)
+        return merged

@@ -1,0 +1,143 @@
+"""A client's reply, checked against what the server already knows. Nothing here raises on a bad reply.
+
+:func:`read_metrics` parses the reply's metrics defensively (missing,
+non-numeric, non-finite or out-of-range values become *problems*, never
+exceptions); :func:`check_reply` says why the reply cannot be merged, or
+``None``. A reply must hold exactly the arrays its client was sent, each with
+the shape and dtype it was sent and only finite values, and report the number
+of examples the client registered.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import protocol as P
+from .methods.base import ClientTask
+from .submodels import rank_axes
+
+#: the metrics every train reply must carry, and whether each must be an integer
+REQUIRED_METRICS = {
+    P.NUM_EXAMPLES: True,
+    P.MACS: False,
+    P.COMPUTE_SECONDS: False,
+    P.DOWNLOAD_SECONDS: False,
+    P.UPLOAD_SECONDS: False,
+}
+
+
+@dataclass(frozen=True)
+class ReplyFacts:
+    """What a reply's metrics say, parsed; unusable values are listed in ``problems`` and read as 0."""
+
+    num_examples: int = 0
+    train_loss: float = float("nan")
+    macs: float = 0.0
+    compute_s: float = 0.0
+    download_s: float = 0.0
+    upload_s: float = 0.0
+    wall_s: float = 0.0
+    labels: tuple[int, ...] = ()
+    problems: tuple[str, ...] = ()
+
+
+def _number(value: Any) -> float | None:
+    """A finite real number from a metric value, or ``None``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    try:
+        x = float(value)
+    except (OverflowError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def read_metrics(metrics: Mapping[str, Any]) -> ReplyFacts:
+    """Parse a train reply's metrics; never raises."""
+    values: dict[str, float] = {}
+    problems: list[str] = []
+    for key, integral in REQUIRED_METRICS.items():
+        if key not in metrics:
+            problems.append(f"'{key}' missing")
+            continue
+        x = _number(metrics[key])
+        if x is None or x < 0 or (integral and x != int(x)):
+            kind = "a non-negative integer" if integral else "a finite number >= 0"
+            problems.append(f"'{key}' must be {kind}, got {str(metrics[key])[:40]!r}")
+            continue
+        values[key] = x
+    loss = metrics.get(P.TRAIN_LOSS)
+    if loss is None:
+        problems.append(f"'{P.TRAIN_LOSS}' missing")
+    elif isinstance(loss, bool) or not isinstance(loss, (int, float, np.integer, np.floating)):
+        problems.append(f"'{P.TRAIN_LOSS}' must be a number, got {str(loss)[:40]!r}")  # a NaN loss is a fact, not a fault
+    wall = _number(metrics.get(P.WALL_SECONDS, 0.0))
+    labels: tuple[int, ...] = ()
+    if P.LABELS in metrics:
+        raw = metrics[P.LABELS]
+        items = raw if isinstance(raw, (list, tuple)) else [raw]
+        parsed = [_number(v) for v in items]
+        if any(v is None or v < 0 or v != int(v) for v in parsed):
+            problems.append(f"'{P.LABELS}' must be class indices, got {str(raw)[:40]!r}")
+        else:
+            labels = tuple(sorted({int(v) for v in parsed if v is not None}))
+    return ReplyFacts(
+        num_examples=int(values.get(P.NUM_EXAMPLES, 0)),
+        train_loss=float(loss) if _number(loss) is not None else float("nan"),
+        macs=values.get(P.MACS, 0.0),
+        compute_s=values.get(P.COMPUTE_SECONDS, 0.0),
+        download_s=values.get(P.DOWNLOAD_SECONDS, 0.0),
+        upload_s=values.get(P.UPLOAD_SECONDS, 0.0),
+        wall_s=wall if wall is not None and wall >= 0 else 0.0,
+        labels=labels,
+        problems=tuple(problems),
+    )
+
+
+def check_reply(
+    arrays: Mapping[str, Any], facts: ReplyFacts, task: ClientTask, registered_examples: int | None = None
+) -> str | None:
+    """Why the reply cannot be merged, or ``None`` when it can.
+
+    Parameters
+    ----------
+    arrays : mapping
+        The reply's arrays (anything at all: this is what the client sent).
+    facts : ReplyFacts
+        Its parsed metrics.
+    task : ClientTask
+        What the client was sent: every array's shape and dtype.
+    registered_examples : int, optional
+        The number of training examples the client reported at registration.
+    """
+    if facts.problems:
+        return "metrics incomplete: " + "; ".join(facts.problems)[:250]
+    if facts.num_examples <= 0:
+        return f"{P.NUM_EXAMPLES} must be > 0, got {facts.num_examples}"
+    if registered_examples is not None and facts.num_examples != registered_examples:
+        return f"{P.NUM_EXAMPLES} = {facts.num_examples}, but the client registered {registered_examples}"
+    missing = sorted(set(task.shapes) - set(arrays))
+    extra = sorted(set(arrays) - set(task.shapes))
+    if missing or extra:
+        return f"parameters differ from those sent: missing {missing[:3]}, unexpected {extra[:3]}"
+    for name, shape in task.shapes.items():
+        value = arrays[name]
+        if not isinstance(value, np.ndarray):
+            return f"{name}: not an array ({type(value).__name__})"
+        got = tuple(value.shape)
+        if got != tuple(shape):
+            axis = rank_axes([name]).get(name)
+            only_rank = axis is not None and len(got) == len(shape) and all(
+                g == e for i, (g, e) in enumerate(zip(got, shape)) if i != axis
+            )
+            return f"{name}: wrong {'rank' if only_rank else 'shape'}, got {got}, sent {tuple(shape)}"
+        if str(value.dtype) != task.dtypes[name]:
+            return f"{name}: wrong dtype, got {value.dtype}, sent {task.dtypes[name]}"
+        if not np.isfinite(value).all():
+            return f"{name}: non-finite values (NaN/Inf)"
+    return None

@@ -1,0 +1,333 @@
+"""Sub-model families: what a client at a budget holds of the global model, and what a tier deploys.
+
+A federated method's clients hold *parts* of the server's model. Every part
+is described the same way, by an :data:`Index`: for each array of the global
+state dict, one index per dimension (a ``slice`` or an integer array), so
+the client's array is ``global[index]``. The server cuts sub-models out with
+:func:`take` and merges them back with
+:func:`maestro_fl.aggregation.aggregate_indexed`, whatever the family:
+
+* :class:`RankPrefix`: the first ``r`` rank components of every LoD layer
+  (FedLoD, FedHM, DLRT clients; Maestro, arXiv 2308.14929);
+* :class:`RankWindow`: ``r`` consecutive components starting at a rolling
+  offset (FedRolex's rule on ranks);
+* :class:`WidthCorner`: the first ``⌈p·c⌉`` channels of every hidden layer
+  (HeteroFL, FjORD);
+* :class:`WidthWindow`: ``⌈p·c⌉`` consecutive channels from a rolling offset,
+  wrapping around (FedRolex, Alam et al., NeurIPS 2022, arXiv 2212.01548);
+* :class:`Dense`: the whole model (FedAvg).
+
+Each family also measures what its sub-models cost (:meth:`SubModelFamily.cost_table`),
+builds the module a client trains (:meth:`SubModelFamily.client_model`) and the
+one a tier deploys (:meth:`SubModelFamily.deploy`).
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from functools import cached_property
+
+import numpy as np
+import torch
+from torch import nn
+
+from .budget import FRACTION_GRID, Cost, activation_count
+from .convert import Ranks, model_ranks, ranks_at_fraction, truncate
+from .footprint import footprint
+
+Arrays = dict[str, np.ndarray]
+DimIndex = slice | np.ndarray
+#: per array name, one index per dimension: the client's array is ``global[index]``
+Index = dict[str, tuple[DimIndex, ...]]
+ModelAtWidth = Callable[[float], nn.Module]
+
+#: width fraction at which every hidden layer keeps exactly one channel (``scaled`` gives max(1, ⌈p·c⌉))
+UNIT_WIDTH = 1e-9
+
+
+# -- indices -----------------------------------------------------------------------------------
+def numpy_index(index: Sequence[DimIndex], shape: Sequence[int]) -> tuple[object, ...]:
+    """A NumPy index for ``index`` into an array of ``shape``: basic slicing when every dimension is a slice, else ``np.ix_``."""
+    if all(isinstance(i, slice) for i in index):
+        return tuple(index)
+    return np.ix_(*[np.arange(*i.indices(n)) if isinstance(i, slice) else i for i, n in zip(index, shape)])
+
+
+def index_shape(index: Sequence[DimIndex], full: Sequence[int]) -> tuple[int, ...]:
+    """The shape of ``global[index]`` for a global array of shape ``full``."""
+    return tuple(len(range(*i.indices(f))) if isinstance(i, slice) else len(i) for i, f in zip(index, full))
+
+
+def take(arrays: Mapping[str, np.ndarray], index: Index) -> Arrays:
+    """The sub-model ``index`` cut out of the global ``arrays`` (copies only where indices are not slices)."""
+    return {name: arrays[name][numpy_index(idx, arrays[name].shape)] for name, idx in index.items()}
+
+
+def corner_index(shapes: Mapping[str, Sequence[int]]) -> Index:
+    """Leading corners ``[:d0, :d1, ...]`` of the given shapes."""
+    return {name: tuple(slice(0, int(d)) for d in shape) for name, shape in shapes.items()}
+
+
+def rolling(start: int, length: int, size: int) -> DimIndex:
+    """``length`` consecutive positions of ``size`` from ``start``, wrapping around (a slice when it does not wrap)."""
+    start %= size
+    if start + length <= size:
+        return slice(start, start + length)
+    return (start + np.arange(length)) % size
+
+
+def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Shape of every entry of the model's state dict."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def rank_axes(names: Sequence[str]) -> dict[str, int]:
+    """The rank axis of every LoD factor (``in_network.weight``: 0, ``out_network.weight``: 1)."""
+    axes = {}
+    for name in names:
+        if name.endswith("in_network.weight"):
+            axes[name] = 0
+        elif name.endswith("out_network.weight"):
+            axes[name] = 1
+    return axes
+
+
+def layer_of(param_name: str) -> str:
+    """``'features.3.in_network.weight'`` → ``'features.3'``."""
+    return param_name.rsplit(".", 2)[0]
+
+
+def ranks_of(arrays: Mapping[str, np.ndarray]) -> Ranks:
+    """Per LoD layer, the rank its factors hold (the length of the rank axis)."""
+    return {layer_of(n): int(arrays[n].shape[0]) for n in arrays if n.endswith("in_network.weight")}
+
+
+def load_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> nn.Module:
+    """Load NumPy arrays into ``model`` (strict: every entry of its state dict)."""
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return model
+
+
+# -- cost tables -------------------------------------------------------------------------------
+def rank_cost_table(
+    model: nn.Module, input_shape: tuple[int, ...], fractions: Sequence[float] = FRACTION_GRID
+) -> list[Cost]:
+    """Training cost of the LoD model at each rank fraction (largest first): factors as trained."""
+    table = []
+    for p in sorted(set(fractions), reverse=True):
+        ranks = ranks_at_fraction(model, p)
+        fp = footprint(model, input_shape, ranks, as_deployed=False)
+        table.append(Cost(p, ranks, fp.params, fp.macs, activation_count(model, input_shape, ranks)))
+    return table
+
+
+def width_cost_table(
+    build: ModelAtWidth, input_shape: tuple[int, ...], fractions: Sequence[float] = FRACTION_GRID
+) -> list[Cost]:
+    """Training cost of the width-sliced model at each width fraction (largest first).
+
+    ``build(p)`` is measured by the same :func:`~maestro_fl.footprint.footprint`
+    and :func:`~maestro_fl.budget.activation_count` as the LoD model, so a
+    tier's costs compare across methods. ``ranks`` is empty.
+    """
+    table = []
+    for p in sorted(set(fractions), reverse=True):
+        model = build(p)
+        fp = footprint(model, input_shape)
+        table.append(Cost(p, {}, fp.params, fp.macs, activation_count(model, input_shape)))
+    return table
+
+
+# -- families ----------------------------------------------------------------------------------
+class SubModelFamily(ABC):
+    """What a client at a budget holds of the global model.
+
+    Parameters
+    ----------
+    template : nn.Module
+        The server's model at full size (full rank or full width); fixes names and shapes.
+    input_shape : tuple
+        One input sample's shape (for footprints and the activation count of the budget).
+    """
+
+    def __init__(self, template: nn.Module, input_shape: tuple[int, ...]) -> None:
+        self.template = template
+        self.input_shape = input_shape
+
+    @abstractmethod
+    def cost_table(self, global_arrays: Mapping[str, np.ndarray] | None = None) -> list[Cost]:
+        """Training cost of the sub-model at every fraction a budget can pick (largest first)."""
+
+    @abstractmethod
+    def index(self, cost: Cost, server_round: int) -> Index:
+        """Which part of every global array a client at ``cost`` holds in ``server_round``."""
+
+    @abstractmethod
+    def client_model(self, fraction: float, ranks: Mapping[str, int]) -> nn.Module:
+        """A module with the sub-model's shapes (weights to be loaded), built on the client."""
+
+    @abstractmethod
+    def deploy(self, global_model: nn.Module, cost: Cost) -> tuple[nn.Module, Ranks | None]:
+        """What a tier at ``cost`` runs of the global model, and the ranks to run it at."""
+
+    def global_model(self, arrays: Mapping[str, np.ndarray]) -> nn.Module:
+        """The server's model holding ``arrays`` (its LoD layers at the ranks the arrays hold)."""
+        ranks = ranks_of(arrays)
+        model = truncate(self.template, ranks) if ranks else copy.deepcopy(self.template)
+        return load_arrays(model, arrays)
+
+    @cached_property
+    def reference(self):  # type: ignore[no-untyped-def]
+        """The full dense model's footprint: the denominator of every method's ratios."""
+        return footprint(self.template, self.input_shape)
+
+
+class RankPrefix(SubModelFamily):
+    """The first ``⌈p·r_i⌉`` rank components of every LoD layer, plus every dense parameter."""
+
+    def cost_table(self, global_arrays: Mapping[str, np.ndarray] | None = None) -> list[Cost]:
+        ranks = ranks_of(global_arrays) if global_arrays is not None else model_ranks(self.template)
+        key = tuple(sorted(ranks.items()))
+        cache = self.__dict__.setdefault("_tables", {})
+        if key not in cache:
+            cache[key] = rank_cost_table(truncate(self.template, ranks), self.input_shape)
+        return cache[key]
+
+    def index(self, cost: Cost, server_round: int) -> Index:
+        out: Index = {}
+        for name, shape in self._shapes.items():
+            idx: list[DimIndex] = [slice(None)] * len(shape)
+            axis, layer = self._axes.get(name), layer_of(name)
+            if axis is not None and layer in cost.ranks:
+                idx[axis] = self.components(cost.ranks[layer], shape[axis], server_round)
+            out[name] = tuple(idx)
+        return out
+
+    def components(self, rank: int, max_rank: int, server_round: int) -> DimIndex:
+        """The components a client of rank ``rank`` holds of a layer with ``max_rank``: the prefix."""
+        return slice(0, rank)
+
+    @cached_property
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        return state_shapes(self.template)
+
+    @cached_property
+    def _axes(self) -> dict[str, int]:
+        return rank_axes(list(self._shapes))
+
+    def client_model(self, fraction: float, ranks: Mapping[str, int]) -> nn.Module:
+        return truncate(self.template, ranks)
+
+    def deploy(self, global_model: nn.Module, cost: Cost) -> tuple[nn.Module, Ranks | None]:
+        return global_model, dict(cost.ranks)
+
+
+class RankWindow(RankPrefix):
+    """``r`` consecutive rank components from a rolling start, wrapping around (FedRolex on ranks).
+
+    In round ``t`` a client of rank ``r`` holds components ``(t - 1 + j) mod R``,
+    ``j = 0..r-1``, of a layer with ``R`` components: over ``R`` rounds every
+    component is trained equally often, where a prefix trains the first ones
+    most. The server's index in the global model varies; the client's model
+    is the plain rank-``r`` LoD layer. Tiers deploy the prefix.
+    """
+
+    def components(self, rank: int, max_rank: int, server_round: int) -> DimIndex:
+        return rolling(server_round - 1, rank, max_rank)
+
+
+class WidthCorner(SubModelFamily):
+    """The first ``⌈p·c⌉`` channels (units) of every hidden layer: HeteroFL's and FjORD's sub-models.
+
+    Parameters
+    ----------
+    build : callable
+        ``build(p)``: the dense model at width ``p``, whose every tensor has the
+        shape of a leading corner of the full model's (``build(1.0)`` has the
+        template's shapes; see :mod:`maestro_fl.models`).
+    """
+
+    def __init__(self, template: nn.Module, input_shape: tuple[int, ...], build: ModelAtWidth) -> None:
+        super().__init__(template, input_shape)
+        self.build = build
+        self._shapes: dict[float, dict[str, tuple[int, ...]]] = {}
+        self._table: list[Cost] | None = None
+
+    def cost_table(self, global_arrays: Mapping[str, np.ndarray] | None = None) -> list[Cost]:
+        if self._table is None:
+            self._table = width_cost_table(self.build, self.input_shape)
+        return self._table
+
+    def shapes(self, width: float) -> dict[str, tuple[int, ...]]:
+        if width not in self._shapes:
+            self._shapes[width] = state_shapes(self.build(width))
+        return self._shapes[width]
+
+    def index(self, cost: Cost, server_round: int) -> Index:
+        return corner_index(self.shapes(cost.fraction))
+
+    def client_model(self, fraction: float, ranks: Mapping[str, int]) -> nn.Module:
+        return self.build(fraction)
+
+    def deploy(self, global_model: nn.Module, cost: Cost) -> tuple[nn.Module, Ranks | None]:
+        sub = self.build(cost.fraction)
+        full = {k: v.detach().numpy() for k, v in global_model.state_dict().items()}
+        return load_arrays(sub, take(full, corner_index(self.shapes(cost.fraction)))), None
+
+    def global_model(self, arrays: Mapping[str, np.ndarray]) -> nn.Module:
+        return load_arrays(copy.deepcopy(self.template), arrays)
+
+
+class WidthWindow(WidthCorner):
+    """``⌈p·c⌉`` consecutive channels of every hidden layer from a rolling start (FedRolex).
+
+    In round ``t`` a layer of ``c`` channels contributes channels
+    ``(t - 1 + j) mod c``, ``j = 0..⌈p·c⌉-1`` (the official code rolls by
+    ``round mod c``; it keeps the same window for a layer's outputs and the
+    next layer's inputs, so the sub-network stays connected). A dimension that
+    flattens ``c`` channels of ``s`` features each (a conv feeding a Linear)
+    moves by whole channels: its unit ``s`` is read from the model at
+    :data:`UNIT_WIDTH`, where every hidden layer keeps one channel.
+    """
+
+    @cached_property
+    def _units(self) -> dict[str, tuple[int, ...]]:
+        return state_shapes(self.build(UNIT_WIDTH))
+
+    def index(self, cost: Cost, server_round: int) -> Index:
+        full = self.shapes(1.0)
+        out: Index = {}
+        for name, shape in self.shapes(cost.fraction).items():
+            idx: list[DimIndex] = []
+            for axis, (d, size) in enumerate(zip(shape, full[name])):
+                if d == size:
+                    idx.append(slice(None))
+                    continue
+                unit = self._units[name][axis]
+                if size % unit or d % unit:
+                    raise ValueError(f"{name}: dimension {axis} of {size} is not whole channels of {unit}")
+                channels = size // unit
+                idx.append(rolling(((server_round - 1) % channels) * unit, d, size))
+            out[name] = tuple(idx)
+        return out
+
+
+class Dense(SubModelFamily):
+    """The whole dense model, for every client (FedAvg)."""
+
+    def cost_table(self, global_arrays: Mapping[str, np.ndarray] | None = None) -> list[Cost]:
+        if "_table" not in self.__dict__:
+            fp = footprint(self.template, self.input_shape)
+            self.__dict__["_table"] = [Cost(1.0, {}, fp.params, fp.macs, activation_count(self.template, self.input_shape))]
+        return self.__dict__["_table"]
+
+    def index(self, cost: Cost, server_round: int) -> Index:
+        return {name: tuple(slice(None) for _ in shape) for name, shape in state_shapes(self.template).items()}
+
+    def client_model(self, fraction: float, ranks: Mapping[str, int]) -> nn.Module:
+        return copy.deepcopy(self.template)
+
+    def deploy(self, global_model: nn.Module, cost: Cost) -> tuple[nn.Module, Ranks | None]:
+        return global_model, None

@@ -1,0 +1,5 @@
+"""The ``maestro-fl`` command line."""
+
+from .main import main
+
+__all__ = ["main"]

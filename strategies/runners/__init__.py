@@ -1,0 +1,1 @@
+"""Ways to run a federation: Flower's simulation engine on Ray, an in-process grid, and ``flwr run``."""

@@ -1,0 +1,300 @@
+"""``SubModelStrategy``: any heterogeneous sub-model method on Flower's Message API.
+
+The strategy only orchestrates; the method (:mod:`maestro_fl.methods`) decides.
+Per round it
+
+1. samples the online clients (seeded by round);
+2. gives each the sub-model its device affords: the method's cost table and
+   budget rule pick a :class:`~maestro_fl.budget.Cost`, the method's family
+   cuts the arrays (:func:`~maestro_fl.submodels.take`), and the assignment
+   travels in the message's ConfigRecord;
+3. checks every reply against what it sent (:func:`maestro_fl.replies.check_reply`)
+   and records each client's fate (a row of clients.csv);
+4. merges the good replies with the method's server rule.
+
+Budgets are computed once per distinct device and global model, and the
+tiers' budgets once per global model, so a round costs O(K + N) for K
+sampled of N registered clients.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from logging import DEBUG, INFO
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from maestro_fl import protocol as P
+from maestro_fl.budget import Cost, DeviceCapability
+from maestro_fl.config import SimConfig, to_dict
+from maestro_fl.convert import lod_layers
+from maestro_fl.methods import ClientTask, FederatedMethod, Update
+from maestro_fl.replies import check_reply, read_metrics
+from maestro_fl.results import ClientRound
+from maestro_fl.submodels import index_shape, take
+
+
+def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+class SubModelStrategy(Strategy):
+    """Sampling, per-client sub-models, reply checks and accounting for any :class:`FederatedMethod`.
+
+    Parameters
+    ----------
+    method : FederatedMethod
+        The method: sub-model family, client trainer, server rule, cost model.
+    cfg : SimConfig
+        The run's settings; sent to the clients with every message.
+    """
+
+    def __init__(self, method: FederatedMethod, cfg: SimConfig) -> None:
+        self.method = method
+        self.cfg = cfg
+        self.layer_names = tuple(lod_layers(method.template))
+        self.devices: dict[int, DeviceCapability] = {}
+        self.partition_of: dict[int, int] = {}
+        self.examples_of: dict[int, int] = {}
+        self.nodes: list[int] = []  # registered nodes, by partition id
+        self.nominal_samples = 1
+        self.current: dict[str, np.ndarray] = {}
+        self.tasks: dict[int, ClientTask] = {}
+        self.client_rounds: list[ClientRound] = []
+        self._config_json = json.dumps(to_dict(cfg))
+        self._budgets: dict[tuple[int, DeviceCapability], Cost | None] = {}
+        self._tiers: dict[int, dict[int, Cost]] = {}
+
+    # -- registration -------------------------------------------------------------------------
+    def registration_messages(self, grid: Grid) -> list[Message]:
+        """Ask every node which device it runs on (a ``query`` message)."""
+        conf = ConfigRecord({P.RUN_CONFIG: self._config_json})
+        return [
+            Message(RecordDict({P.CONFIG: conf}), dst_node_id=n, message_type=MessageType.QUERY)
+            for n in grid.get_node_ids()
+        ]
+
+    def register(self, replies: Iterable[Message]) -> None:
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log(INFO, "registration failed on node %s: %s", node, msg.error.reason)
+                continue
+            try:
+                m = msg.content[P.METRICS]
+                self.partition_of[node] = int(m[P.PARTITION_ID])
+                self.examples_of[node] = int(m[P.NUM_EXAMPLES])
+                self.devices[node] = DeviceCapability(
+                    tier=int(m[P.DEVICE_TIER]),
+                    macs_per_s=float(m[P.DEVICE_MACS_PER_S]),
+                    memory_bytes=float(m[P.DEVICE_MEMORY]),
+                    up_bps=float(m[P.DEVICE_UP_BPS]),
+                    down_bps=float(m[P.DEVICE_DOWN_BPS]),
+                    availability=float(m[P.DEVICE_AVAILABILITY]),
+                    rank_fraction=float(m[P.DEVICE_RANK_FRACTION]),
+                )
+            except (KeyError, TypeError, ValueError) as err:
+                log(INFO, "registration reply of node %s unusable: %s", node, err)
+        self.set_population()
+
+    def set_population(self) -> None:
+        """Derive what every round needs from the registered devices (once, not per round)."""
+        self.nodes = sorted(self.devices, key=lambda n: self.partition_of[n])
+        # a tier's budget is set by its device for the federation's typical client
+        self.nominal_samples = int(round(np.mean(list(self.examples_of.values())))) if self.examples_of else 1
+        self._budgets.clear()
+        self._tiers.clear()
+
+    # -- budgets ------------------------------------------------------------------------------
+    def cost_table(self) -> list[Cost]:
+        """The method's costs of the sub-models of the current global model."""
+        return self.method.cost_table(self.current or None)
+
+    def budget(self, device: DeviceCapability) -> Cost | None:
+        """The sub-model the device trains this round, or ``None`` (cached per global model and device)."""
+        table = self.cost_table()
+        key = (id(table), device)
+        if key not in self._budgets:
+            self._budgets[key] = self.method.budget(table, device, self.nominal_samples)
+        return self._budgets[key]
+
+    def tier_costs(self) -> dict[int, Cost]:
+        """Per tier, the budget every member can afford (its weakest member's); cached per global model."""
+        table = self.cost_table()
+        if id(table) not in self._tiers:
+            out: dict[int, Cost] = {}
+            for device in set(self.devices.values()):
+                cost = self.budget(device)
+                if cost is not None and (device.tier not in out or cost.fraction < out[device.tier].fraction):
+                    out[device.tier] = cost
+            self._tiers[id(table)] = dict(sorted(out.items()))
+        return self._tiers[id(table)]
+
+    # -- sampling -----------------------------------------------------------------------------
+    def sample(self, server_round: int) -> list[int]:
+        """Online clients this round (by availability), then a uniform sample of them; seeded by round."""
+        rng = np.random.default_rng([self.cfg.seed, server_round, 1])
+        availability = np.fromiter((self.devices[n].availability for n in self.nodes), float, len(self.nodes))
+        online = [n for n, up in zip(self.nodes, rng.random(len(self.nodes)) < availability) if up]
+        k = min(self.cfg.clients_per_round, len(online))
+        picked = rng.choice(len(online), size=k, replace=False) if k else []
+        return [online[i] for i in sorted(picked)]
+
+    def device_this_round(self, node: int, server_round: int) -> DeviceCapability:
+        """Fixed mode: the registered device. Dynamic mode: redrawn from the population (HeteroFL)."""
+        if self.cfg.tier_mode == "fixed":
+            return self.devices[node]
+        rng = np.random.default_rng([self.cfg.seed, server_round, self.partition_of[node], 2])
+        return self.devices[self.nodes[int(rng.integers(len(self.nodes)))]]
+
+    # -- Strategy API -------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One message per sampled client, carrying only its sub-model and its assignment."""
+        self.current = to_numpy(arrays)
+        self.tasks, self.client_rounds = {}, []
+        tiers = list(self.tier_costs().values())
+        messages = []
+        for node in self.sample(server_round):
+            device = self.device_this_round(node, server_round)
+            cost = self.budget(device)
+            if cost is None:
+                self.client_rounds.append(self._row(server_round, node, device, None, "unaffordable",
+                                                    "no sub-model fits its memory and compute budget"))
+                continue
+            assignment = self.method.assign(cost, tiers)
+            index = self.method.index(cost, server_round)
+            sub = take(self.current, index)
+            self.tasks[node] = ClientTask(
+                node=node,
+                partition=self.partition_of[node],
+                device=device,
+                cost=cost,
+                assignment=assignment,
+                index=index,
+                shapes={k: index_shape(index[k], self.current[k].shape) for k in index},
+                dtypes={k: str(v.dtype) for k, v in sub.items()},
+                bytes_down=sum(v.nbytes for v in sub.values()),
+            )
+            conf = ConfigRecord(
+                {
+                    P.RUN_CONFIG: self._config_json,
+                    P.SERVER_ROUND: server_round,
+                    P.LOCAL_EPOCHS: self.cfg.local_epochs,
+                    P.LR: self.cfg.lr,
+                    P.DEVICE_MACS_PER_S: device.macs_per_s,
+                    P.DEVICE_UP_BPS: device.up_bps,
+                    P.DEVICE_DOWN_BPS: device.down_bps,
+                }
+                | assignment.to_config(self.layer_names)
+            )
+            content = RecordDict({P.ARRAYS: to_record(sub), P.CONFIG: conf})
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+        log(DEBUG, "configure_train: round %s, %s clients", server_round, len(messages))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check every reply against what was sent, then merge the good ones by the method's rule."""
+        updates: list[Update] = []
+        answered: set[int] = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            task = self.tasks.get(node)
+            if task is None or node in answered:
+                continue  # a reply to nothing this round asked for, or a duplicate: never counted
+            answered.add(node)
+            row = self._row(server_round, node, task.device, task.cost, "ok")
+            row.bytes_down = task.bytes_down
+            if msg.has_error():
+                row.status, row.reason = "failed", str(msg.error.reason)[-300:]
+                self.client_rounds.append(row)
+                continue
+            arrays, metrics, reason = self._decode(msg)
+            facts = read_metrics(metrics)
+            row.num_examples, row.train_loss, row.macs = facts.num_examples, facts.train_loss, facts.macs
+            row.compute_s, row.download_s, row.upload_s, row.wall_s = (
+                facts.compute_s, facts.download_s, facts.upload_s, facts.wall_s)
+            row.bytes_up = int(sum(getattr(v, "nbytes", 0) for v in arrays.values()))
+            if reason is None:
+                reason = check_reply(arrays, facts, task, self.examples_of.get(node))
+            if reason is not None:
+                row.status, row.reason = "malformed", reason
+            elif self.cfg.round_deadline_s > 0 and row.round_seconds > self.cfg.round_deadline_s:
+                row.status = "dropped"
+                row.reason = f"{row.round_seconds:.1f}s > deadline {self.cfg.round_deadline_s:.1f}s"
+            else:
+                updates.append(Update(task, arrays, facts.num_examples, facts.labels))
+            self.client_rounds.append(row)
+        for node, task in self.tasks.items():
+            if node not in answered:
+                row = self._row(server_round, node, task.device, task.cost, "timeout",
+                                "no reply within round_timeout_s")
+                row.bytes_down = task.bytes_down
+                self.client_rounds.append(row)
+        self.client_rounds.sort(key=lambda r: r.partition_id)
+        if not updates:
+            return None, None
+        merged = self.method.merge(self.current, updates, server_round)
+        ok = [r for r in self.client_rounds if r.status == "ok"]
+        total = sum(r.num_examples for r in ok)
+        metrics = MetricRecord(
+            {"train-loss": sum(r.train_loss * r.num_examples for r in ok) / total, "clients-ok": len(ok)}
+        )
+        return to_record(merged), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """No federated evaluation: the server evaluates the global model at every tier's budget."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> %s: %s clients per round, tier mode %s", self.method.name, self.cfg.clients_per_round,
+            self.cfg.tier_mode)
+        log(INFO, "\t└──> LoD layers: %s", list(self.layer_names))
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _row(self, server_round: int, node: int, device: DeviceCapability, cost: Cost | None, status: str,
+             reason: str = "") -> ClientRound:
+        return ClientRound(
+            server_round,
+            node,
+            self.partition_of.get(node, -1),
+            device.tier,
+            [int(cost.ranks[n]) for n in self.layer_names] if cost is not None and cost.ranks else [],
+            status,
+            cost.fraction if cost is not None else float("nan"),
+            reason,
+        )
+
+    @staticmethod
+    def _decode(msg: Message) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+        """The reply's arrays and metrics as plain Python, or why they cannot be read (never raises)."""
+        try:
+            content = msg.content
+            if P.ARRAYS not in content.array_records or P.METRICS not in content.metric_records:
+                return {}, {}, f"reply lacks '{P.ARRAYS}' or '{P.METRICS}'"
+            metrics = dict(content[P.METRICS])
+        except Exception as err:  # noqa: BLE001 - any unreadable reply is a malformed reply
+            return {}, {}, f"reply unreadable: {type(err).__name__}: {err}"[:300]
+        try:
+            arrays = to_numpy(content[P.ARRAYS])
+        except Exception as err:  # noqa: BLE001
+            return {}, metrics, f"arrays undecodable: {type(err).__name__}: {err}"[:300]
+        return arrays, metrics, None

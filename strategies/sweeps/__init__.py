@@ -1,0 +1,1 @@
+"""Many runs at once: grids of configs as Ray tasks (``maestro-fl sweep``) and the method comparison."""
