@@ -9,12 +9,8 @@ the client's array is ``global[index]``. The server cuts sub-models out with
 
 * :class:`RankPrefix`: the first ``r`` rank components of every LoD layer
   (FedLoD, FedHM, DLRT clients; Maestro, arXiv 2308.14929);
-* :class:`RankWindow`: ``r`` consecutive components starting at a rolling
-  offset (FedRolex's rule on ranks);
 * :class:`WidthCorner`: the first ``⌈p·c⌉`` channels of every hidden layer
   (HeteroFL, FjORD);
-* :class:`WidthWindow`: ``⌈p·c⌉`` consecutive channels from a rolling offset,
-  wrapping around (FedRolex, Alam et al., NeurIPS 2022, arXiv 2212.01548);
 * :class:`Dense`: the whole model (FedAvg).
 
 Each family also measures what its sub-models cost (:meth:`SubModelFamily.cost_table`),
@@ -42,10 +38,6 @@ DimIndex = slice | np.ndarray
 #: per array name, one index per dimension: the client's array is ``global[index]``
 Index = dict[str, tuple[DimIndex, ...]]
 ModelAtWidth = Callable[[float], nn.Module]
-
-#: width fraction at which every hidden layer keeps exactly one channel (``scaled`` gives max(1, ⌈p·c⌉))
-UNIT_WIDTH = 1e-9
-
 
 # -- indices -----------------------------------------------------------------------------------
 def numpy_index(index: Sequence[DimIndex], shape: Sequence[int]) -> tuple[object, ...]:
@@ -224,20 +216,6 @@ class RankPrefix(SubModelFamily):
         return global_model, dict(cost.ranks)
 
 
-class RankWindow(RankPrefix):
-    """``r`` consecutive rank components from a rolling start, wrapping around (FedRolex on ranks).
-
-    In round ``t`` a client of rank ``r`` holds components ``(t - 1 + j) mod R``,
-    ``j = 0..r-1``, of a layer with ``R`` components: over ``R`` rounds every
-    component is trained equally often, where a prefix trains the first ones
-    most. The server's index in the global model varies; the client's model
-    is the plain rank-``r`` LoD layer. Tiers deploy the prefix.
-    """
-
-    def components(self, rank: int, max_rank: int, server_round: int) -> DimIndex:
-        return rolling(server_round - 1, rank, max_rank)
-
-
 class WidthCorner(SubModelFamily):
     """The first ``⌈p·c⌉`` channels (units) of every hidden layer: HeteroFL's and FjORD's sub-models.
 
@@ -278,40 +256,6 @@ class WidthCorner(SubModelFamily):
 
     def global_model(self, arrays: Mapping[str, np.ndarray]) -> nn.Module:
         return load_arrays(copy.deepcopy(self.template), arrays)
-
-
-class WidthWindow(WidthCorner):
-    """``⌈p·c⌉`` consecutive channels of every hidden layer from a rolling start (FedRolex).
-
-    In round ``t`` a layer of ``c`` channels contributes channels
-    ``(t - 1 + j) mod c``, ``j = 0..⌈p·c⌉-1`` (the official code rolls by
-    ``round mod c``; it keeps the same window for a layer's outputs and the
-    next layer's inputs, so the sub-network stays connected). A dimension that
-    flattens ``c`` channels of ``s`` features each (a conv feeding a Linear)
-    moves by whole channels: its unit ``s`` is read from the model at
-    :data:`UNIT_WIDTH`, where every hidden layer keeps one channel.
-    """
-
-    @cached_property
-    def _units(self) -> dict[str, tuple[int, ...]]:
-        return state_shapes(self.build(UNIT_WIDTH))
-
-    def index(self, cost: Cost, server_round: int) -> Index:
-        full = self.shapes(1.0)
-        out: Index = {}
-        for name, shape in self.shapes(cost.fraction).items():
-            idx: list[DimIndex] = []
-            for axis, (d, size) in enumerate(zip(shape, full[name])):
-                if d == size:
-                    idx.append(slice(None))
-                    continue
-                unit = self._units[name][axis]
-                if size % unit or d % unit:
-                    raise ValueError(f"{name}: dimension {axis} of {size} is not whole channels of {unit}")
-                channels = size // unit
-                idx.append(rolling(((server_round - 1) % channels) * unit, d, size))
-            out[name] = tuple(idx)
-        return out
 
 
 class Dense(SubModelFamily):
