@@ -208,9 +208,7 @@ def to_dict(cfg: object) -> dict[str, Any]:
 class SimConfig:
     """Heterogeneous federated LoD training (``maestro-fl simulate``): the main job."""
 
-    strategy: str = "fedlod"  # the method (maestro_fl/methods): 'fedlod', 'dlrt' (DLRT clients), the baselines
-    # 'fedavg_dense' (all clients, full dense model), 'fedavg_exclusive' (only clients that afford it),
-    # 'heterofl', 'fjord' (width slices) and 'fedhm' (truncated SVD of a dense server model)
+    strategy: str = "fedlod"  # the method: a name in maestro_fl.methods.METHODS (each module there says what it is)
     # -- data and model --
     dataset: str = "digits"  # embedded: the main job runs offline
     data_root: str = "data"  # where torchvision datasets are read from (or downloaded to)
