@@ -128,6 +128,20 @@ def aggregate_heterofl(
     return aggregate_indexed(global_arrays, counted)
 
 
+def aggregate_fedrolex(
+    global_arrays: Mapping[str, np.ndarray],
+    updates: Sequence[tuple[Mapping[str, np.ndarray], Index]],
+) -> Arrays:
+    """FedRolex's server rule (Alam et al., NeurIPS 2022, ``combine`` of the official code).
+
+    Each client holds a rolling window of every array (:data:`~maestro_fl.submodels.Index`,
+    possibly wrapping around); every element becomes the unweighted mean over
+    the clients whose window covered it, and an element no window covered
+    keeps its value.
+    """
+    return aggregate_indexed(global_arrays, [(arrays, index, 1.0) for arrays, index in updates])
+
+
 def aggregate_fjord(
     global_arrays: Mapping[str, np.ndarray],
     updates: Sequence[tuple[Mapping[str, np.ndarray], float]],

@@ -32,6 +32,7 @@ METHOD_TABLE: list[tuple[str, dict[str, object]]] = [
     ("fjord", {}),
     ("fjord", {"full_pass": True}),
     ("fedhm", {}),
+    ("fedrolex", {}),
 ]
 IDS = [s + "".join(f"-{k}={v}" for k, v in extra.items()) for s, extra in METHOD_TABLE]
 

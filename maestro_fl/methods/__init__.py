@@ -11,6 +11,7 @@ from .dlrt_clients import DLRTClients
 from .fedavg import FedAvgDense, FedAvgExclusive
 from .fedhm import FedHM
 from .fedlod import FedLoD
+from .fedrolex import FedRolex
 from .width import FjORD, HeteroFL
 
 #: every method by its ``strategy`` name, in the order `maestro-fl compare` lists them
@@ -24,6 +25,7 @@ METHODS: dict[str, type[FederatedMethod]] = {
         HeteroFL,
         FjORD,
         FedHM,
+        FedRolex,
     )
 }
 

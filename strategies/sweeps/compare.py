@@ -38,6 +38,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "fjord": {"strategy": "fjord"},
     "fjord_kd": {"strategy": "fjord", "full_pass": True},
     "fedhm": {"strategy": "fedhm"},
+    "fedrolex": {"strategy": "fedrolex"},
     "fedavg_dense": {"strategy": "fedavg_dense"},
     "fedavg_exclusive": {"strategy": "fedavg_exclusive"},
 }

@@ -1,0 +1,81 @@
+"""FedRolex (Alam et al., NeurIPS 2022, arXiv 2212.01548): rolling sub-model extraction.
+
+Each round, a client at width fraction ``β`` trains a contiguous window of
+``⌈β·c⌉`` channels of every hidden layer of ``c`` channels, starting at
+channel ``(t - 1) mod c`` in round ``t`` and wrapping around, so over ``c``
+rounds every channel is trained equally often, where HeteroFL's fixed corner
+trains the first channels most. Each element is averaged over the clients
+whose window covered it, uncovered elements keep their value
+(:func:`~maestro_fl.aggregation.aggregate_fedrolex`). Clients train their
+window with plain SGD; tiers deploy the leading corner, as HeteroFL's.
+
+Deviations from the official code (``resnet_server.py::split_model``): it
+rolls the window the other way (``torch.roll`` by ``+round``, so the window
+starts at ``-round mod c``); the direction does not change the rule. A
+dimension that flattens ``c`` channels of ``s`` features each (a conv
+feeding a Linear, which the official ResNet does not have) moves by whole
+channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from ..aggregation import aggregate_fedrolex
+from ..budget import Cost
+from ..submodels import Arrays, DimIndex, Index, SubModelFamily, WidthCorner, rolling, state_shapes
+from .base import Assignment, Update
+from .width import WidthMethod
+
+#: width fraction at which every hidden layer keeps exactly one channel (``scaled`` gives max(1, ⌈p·c⌉))
+UNIT_WIDTH = 1e-9
+
+
+class WidthWindow(WidthCorner):
+    """``⌈p·c⌉`` consecutive channels of every hidden layer from a rolling start, wrapping around.
+
+    The same window serves a layer's outputs and the next layer's inputs (both
+    have ``c`` channels), so the sub-network stays connected. A dimension of
+    ``c`` channels of ``s`` features each moves by whole channels; ``s`` is
+    read from the model at :data:`UNIT_WIDTH`, where every hidden layer keeps one channel.
+    """
+
+    @cached_property
+    def _units(self) -> dict[str, tuple[int, ...]]:
+        return state_shapes(self.build(UNIT_WIDTH))
+
+    def index(self, cost: Cost, server_round: int) -> Index:
+        full = self.shapes(1.0)
+        out: Index = {}
+        for name, shape in self.shapes(cost.fraction).items():
+            idx: list[DimIndex] = []
+            for axis, (d, size) in enumerate(zip(shape, full[name])):
+                if d == size:
+                    idx.append(slice(None))
+                    continue
+                unit = self._units[name][axis]
+                if size % unit or d % unit:
+                    raise ValueError(f"{name}: dimension {axis} of {size} is not whole channels of {unit} features")
+                channels = size // unit
+                idx.append(rolling(((server_round - 1) % channels) * unit, d, size))
+            out[name] = tuple(idx)
+        return out
+
+
+class FedRolex(WidthMethod):
+    """Rolling width windows, plain SGD on each, count-averaging over the windows that covered an element."""
+
+    name = "fedrolex"
+
+    def make_family(self, generator: torch.Generator) -> SubModelFamily:
+        return WidthWindow(self.build(1.0), self.input_shape, self.build)
+
+    def assign(self, cost: Cost, tier_costs: Sequence[Cost]) -> Assignment:
+        return Assignment(cost.fraction)
+
+    def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:
+        return aggregate_fedrolex(current, [(u.arrays, u.task.index) for u in updates])
