@@ -82,3 +82,30 @@ def test_a_flattened_conv_moves_by_whole_channels() -> None:
     assert conv3[0] == slice(2, 66)  # 64 of 128 output channels
     assert fc1[1] == slice(8, 264)  # the same 64 channels × 4 positions of the flattened input
     assert fc1[0] == slice(2, 66)  # 64 of its 128 units
+
+
+# -- on ranks ----------------------------------------------------------------------------------
+def test_rank_windows_roll_over_the_components_and_wrap_around() -> None:
+    """Layer 0 has R = 5 components; a rank-2 client holds components (t-1, t) mod 5 of U and Vᵀ."""
+    strategy, arrays = fake_strategy("fedrolex_rank", [0.4, 1.0], keep_first=0, keep_classifier=False)
+    full = to_numpy(arrays)
+    for server_round, comps in [(1, [0, 1]), (3, [2, 3]), (5, [4, 0])]:
+        low, high = messages(strategy, arrays, server_round)
+        got = sent(low)
+        np.testing.assert_array_equal(got["0.in_network.weight"], full["0.in_network.weight"][comps])
+        np.testing.assert_array_equal(got["0.out_network.weight"], full["0.out_network.weight"][:, comps])
+        np.testing.assert_array_equal(got["0.out_network.bias"], full["0.out_network.bias"])
+        assert sent(high)["0.in_network.weight"].shape == (5, 6)
+        assert list(low.content["config"]["level-ranks"]) == []  # no ordered dropout: the whole window trains
+
+
+def test_rank_windows_merge_back_count_averaged() -> None:
+    """Round 5: A (rank 2 of 5, 10 examples) holds components 4, 0 and sends 1s; B (full, 30) sends 3s."""
+    strategy, arrays = fake_strategy("fedrolex_rank", [0.4, 1.0], [10, 30], keep_first=0, keep_classifier=False)
+    a, b = messages(strategy, arrays, 5)
+    g = to_numpy(strategy.aggregate_train(5, [reply(a, filled(a, 1.0), 10), reply(b, filled(b, 3.0), 30)])[0])
+    np.testing.assert_allclose(g["0.in_network.weight"][[4, 0]], 2.0)
+    np.testing.assert_allclose(g["0.in_network.weight"][[1, 2, 3]], 3.0)
+    np.testing.assert_allclose(g["0.out_network.weight"][:, [4, 0]], 2.0)
+    row = {r.partition_id: r for r in strategy.client_rounds}[0]
+    assert row.bytes_down == row.bytes_up == 4 * (2 * (6 + 5) + 5 + 2 * (5 + 4) + 4)  # its window and the biases

@@ -33,6 +33,7 @@ METHOD_TABLE: list[tuple[str, dict[str, object]]] = [
     ("fjord", {"full_pass": True}),
     ("fedhm", {}),
     ("fedrolex", {}),
+    ("fedrolex_rank", {}),
 ]
 IDS = [s + "".join(f"-{k}={v}" for k, v in extra.items()) for s, extra in METHOD_TABLE]
 

@@ -11,7 +11,7 @@ from .dlrt_clients import DLRTClients
 from .fedavg import FedAvgDense, FedAvgExclusive
 from .fedhm import FedHM
 from .fedlod import FedLoD
-from .fedrolex import FedRolex
+from .fedrolex import FedRolex, FedRolexRank
 from .width import FjORD, HeteroFL
 
 #: every method by its ``strategy`` name, in the order `maestro-fl compare` lists them
@@ -26,6 +26,7 @@ METHODS: dict[str, type[FederatedMethod]] = {
         FjORD,
         FedHM,
         FedRolex,
+        FedRolexRank,
     )
 }
 

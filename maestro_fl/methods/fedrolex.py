@@ -1,4 +1,4 @@
-"""FedRolex (Alam et al., NeurIPS 2022, arXiv 2212.01548): rolling sub-model extraction.
+"""FedRolex (Alam et al., NeurIPS 2022, arXiv 2212.01548): rolling sub-model extraction, on widths and on ranks.
 
 Each round, a client at width fraction ``β`` trains a contiguous window of
 ``⌈β·c⌉`` channels of every hidden layer of ``c`` channels, starting at
@@ -15,6 +15,10 @@ starts at ``-round mod c``); the direction does not change the rule. A
 dimension that flattens ``c`` channels of ``s`` features each (a conv
 feeding a Linear, which the official ResNet does not have) moves by whole
 channels.
+
+:class:`FedRolexRank` applies the same rule to the rank components of an
+LoD model: a window of ``r`` of a layer's ``R`` components rolls instead of
+FedLoD's prefix.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ import torch
 
 from ..aggregation import aggregate_fedrolex
 from ..budget import Cost
-from ..submodels import Arrays, DimIndex, Index, SubModelFamily, WidthCorner, rolling, state_shapes
+from ..submodels import Arrays, DimIndex, Index, RankPrefix, SubModelFamily, WidthCorner, rolling, state_shapes
 from .base import Assignment, Update
+from .fedlod import FedLoD
 from .width import WidthMethod
 
 #: width fraction at which every hidden layer keeps exactly one channel (``scaled`` gives max(1, ⌈p·c⌉))
@@ -76,6 +81,46 @@ class FedRolex(WidthMethod):
 
     def assign(self, cost: Cost, tier_costs: Sequence[Cost]) -> Assignment:
         return Assignment(cost.fraction)
+
+    def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:
+        return aggregate_fedrolex(current, [(u.arrays, u.task.index) for u in updates])
+
+
+class RankWindow(RankPrefix):
+    """``r`` consecutive rank components from a rolling start, wrapping around (FedRolex on ranks).
+
+    In round ``t`` a client of rank ``r`` holds components ``(t - 1 + j) mod R``,
+    ``j = 0..r-1``, of a layer with ``R`` components: over ``R`` rounds every
+    component is trained equally often, where a prefix trains the first ones
+    most. The client's module is the plain rank-``r`` LoD layer; tiers deploy the prefix.
+    """
+
+    def components(self, rank: int, max_rank: int, server_round: int) -> DimIndex:
+        return rolling(server_round - 1, rank, max_rank)
+
+
+class FedRolexRank(FedLoD):
+    """FedRolex's rule on the ranks of an LoD model: an evenly covered window against FedLoD's ordered prefix.
+
+    Clients train every component of their window (no ordered dropout); the
+    server count-averages each component over the windows that covered it.
+    It tests FedLoD's premise: whether ordering (prefixes trained most) beats
+    even coverage when tiers deploy prefixes.
+    """
+
+    name = "fedrolex_rank"
+
+    def make_family(self, generator: torch.Generator) -> SubModelFamily:
+        prefix = super().make_family(generator)
+        return RankWindow(prefix.template, self.input_shape)
+
+    @property
+    def sampler(self) -> str:
+        return "none"
+
+    @property
+    def passes(self) -> int:
+        return 1
 
     def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:
         return aggregate_fedrolex(current, [(u.arrays, u.task.index) for u in updates])

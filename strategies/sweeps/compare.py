@@ -39,6 +39,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "fjord_kd": {"strategy": "fjord", "full_pass": True},
     "fedhm": {"strategy": "fedhm"},
     "fedrolex": {"strategy": "fedrolex"},
+    "fedrolex_rank": {"strategy": "fedrolex_rank"},
     "fedavg_dense": {"strategy": "fedavg_dense"},
     "fedavg_exclusive": {"strategy": "fedavg_exclusive"},
 }
