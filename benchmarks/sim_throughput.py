@@ -8,6 +8,7 @@ in-process, no engine). Both runs do identical work: same clients, ranks,
 data and aggregation. It reports
 
 * wall seconds per round and client updates per second (rounds after the first);
+* the server's own seconds per round (``configure_train`` + ``aggregate_train``, no evaluation);
 * the overhead ratio = simulation round time / in-process round time (both
   without the central evaluation, which is identical);
 * the peak memory of the whole process tree (Ray's raylet, GCS and workers included), as summed
@@ -129,6 +130,7 @@ def main() -> None:
             "cpus_per_client": args.cpus_per_client,
             "rounds_measured": len(sim),
             "sim_round_s": float(sim["train_wall_seconds"].mean()),
+            "server_round_s": float(sim["server_seconds"].mean()),  # configure_train + aggregate_train only
             "sim_round_with_eval_s": float(sim["wall_seconds"].mean()),
             "inprocess_round_s": float(base["train_wall_seconds"].mean()),
             "updates_per_s": float(sim["ok"].sum() / sim["train_wall_seconds"].sum()),

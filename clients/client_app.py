@@ -22,10 +22,11 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from maestro_fl import protocol as P
+from maestro_fl import wire
 from maestro_fl.budget import BACKWARD_FACTOR, transfer_seconds
 from maestro_fl.config import SimConfig, parse_faults, resolve
 from maestro_fl.federated import federation
@@ -88,7 +89,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     epochs = int(conf[P.LOCAL_EPOCHS])
     assignment = Assignment.from_config(conf, fed.layer_names)
     model = method.client_model(assignment)
-    model.load_state_dict(received.to_torch_state_dict())
+    model.load_state_dict({k: torch.from_numpy(wire.decode(v.stype, v.data).copy()) for k, v in received.items()})
     # charged by the method's cost model, for the sub-model as received (before any rank change in training)
     cost = method.client_cost(model, assignment)
 
@@ -101,7 +102,9 @@ def handle_train(msg: Message, context: Context) -> Message:
                           augment=fed.data.augment, device=device)
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
     _inject_reply_fault(fault, state, fed.layer_names[0] if fed.layer_names else None)
-    reply_arrays = ArrayRecord(state)
+    reply_arrays = ArrayRecord()
+    for k, v in state.items():
+        reply_arrays[k] = Array(*wire.encode(v.numpy()))
 
     macs = BACKWARD_FACTOR * cost.macs * result.sample_passes  # what its loop ran, by the cost model
     bytes_in, bytes_out = received.count_bytes(), reply_arrays.count_bytes()

@@ -136,7 +136,7 @@ def check_reply(
                 g == e for i, (g, e) in enumerate(zip(got, shape)) if i != axis
             )
             return f"{name}: wrong {'rank' if only_rank else 'shape'}, got {got}, sent {tuple(shape)}"
-        if str(value.dtype) != task.dtypes[name]:
+        if value.dtype.name != task.dtypes[name]:
             return f"{name}: wrong dtype, got {value.dtype}, sent {task.dtypes[name]}"
         if not np.isfinite(value).all():
             return f"{name}: non-finite values (NaN/Inf)"

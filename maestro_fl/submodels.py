@@ -98,7 +98,7 @@ def ranks_of(arrays: Mapping[str, np.ndarray]) -> Ranks:
 
 def load_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> nn.Module:
     """Load NumPy arrays into ``model`` (strict: every entry of its state dict)."""
-    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    model.load_state_dict({k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()})
     return model
 
 

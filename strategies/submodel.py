@@ -31,6 +31,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from maestro_fl import protocol as P
+from maestro_fl import wire
 from maestro_fl.budget import Cost, DeviceCapability
 from maestro_fl.config import SimConfig, to_dict
 from maestro_fl.convert import lod_layers
@@ -41,11 +42,15 @@ from maestro_fl.submodels import index_shape, take
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
+    """The record's arrays (read-only views of its bytes; :mod:`maestro_fl.wire`)."""
+    return {k: wire.decode(v.stype, v.data) for k, v in record.items()}
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    record = ArrayRecord()
+    for k, v in arrays.items():
+        record[k] = Array(*wire.encode(v))
+    return record
 
 
 class SubModelStrategy(Strategy):
@@ -74,6 +79,7 @@ class SubModelStrategy(Strategy):
         self._config_json = json.dumps(to_dict(cfg))
         self._budgets: dict[tuple[int, DeviceCapability], Cost | None] = {}
         self._tiers: dict[int, dict[int, Cost]] = {}
+        self._encoded: dict[tuple[str, tuple[object, ...]], Array] = {}  # this round's arrays, as sent
 
     # -- registration -------------------------------------------------------------------------
     def registration_messages(self, grid: Grid) -> list[Message]:
@@ -163,7 +169,7 @@ class SubModelStrategy(Strategy):
     ) -> Iterable[Message]:
         """One message per sampled client, carrying only its sub-model and its assignment."""
         self.current = to_numpy(arrays)
-        self.tasks, self.client_rounds = {}, []
+        self.tasks, self.client_rounds, self._encoded = {}, [], {}
         tiers = list(self.tier_costs().values())
         messages = []
         for node in self.sample(server_round):
@@ -184,7 +190,7 @@ class SubModelStrategy(Strategy):
                 assignment=assignment,
                 index=index,
                 shapes={k: index_shape(index[k], self.current[k].shape) for k in index},
-                dtypes={k: str(v.dtype) for k, v in sub.items()},
+                dtypes={k: v.dtype.name for k, v in sub.items()},
                 bytes_down=sum(v.nbytes for v in sub.values()),
             )
             conf = ConfigRecord(
@@ -199,7 +205,7 @@ class SubModelStrategy(Strategy):
                 }
                 | assignment.to_config(self.layer_names)
             )
-            content = RecordDict({P.ARRAYS: to_record(sub), P.CONFIG: conf})
+            content = RecordDict({P.ARRAYS: self._record(sub, index), P.CONFIG: conf})
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         log(DEBUG, "configure_train: round %s, %s clients", server_round, len(messages))
         return messages
@@ -282,6 +288,17 @@ class SubModelStrategy(Strategy):
             cost.fraction if cost is not None else float("nan"),
             reason,
         )
+
+    def _record(self, sub: Mapping[str, np.ndarray], index: Mapping[str, tuple[object, ...]]) -> ArrayRecord:
+        """The sub-model as an ArrayRecord; a part many clients hold this round (the dense parameters,
+        the factors of one tier) is encoded once and the same bytes are sent to each."""
+        record = ArrayRecord()  # filled item by item: ArrayRecord(dict) would copy every Array
+        for name, value in sub.items():
+            key = (name, tuple((i.start, i.stop, i.step) if isinstance(i, slice) else i.tobytes() for i in index[name]))
+            if key not in self._encoded:
+                self._encoded[key] = Array(*wire.encode(value))
+            record[name] = self._encoded[key]
+        return record
 
     @staticmethod
     def _decode(msg: Message) -> tuple[dict[str, Any], dict[str, Any], str | None]:
