@@ -16,7 +16,10 @@ The run's :class:`~maestro_fl.config.SimConfig` arrives with every message
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import threading
 import time
 from functools import lru_cache
 
@@ -31,6 +34,7 @@ from maestro_fl.budget import BACKWARD_FACTOR, transfer_seconds
 from maestro_fl.config import SimConfig, parse_faults, resolve
 from maestro_fl.federated import federation
 from maestro_fl.methods import Assignment
+from maestro_fl.training import torch_threads
 
 from .devices import device_for
 
@@ -72,20 +76,23 @@ def handle_query(msg: Message, context: Context) -> Message:
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    started = time.perf_counter()
     cfg = config_of(msg)
+    with torch_threads(cfg.client_threads):
+        return _train(msg, context, cfg)
+
+
+def _train(msg: Message, context: Context, cfg: SimConfig) -> Message:
+    started = time.perf_counter()
     pid = int(context.node_config["partition-id"])
-    fault = parse_faults(cfg.fault_injection).get(pid)
-    if fault == "raise":
-        raise RuntimeError(f"injected failure on partition {pid}")
-    if fault == "timeout":
-        time.sleep(cfg.round_timeout_s + 1.0)
+    conf: ConfigRecord = msg.content[P.CONFIG]
+    server_round = int(conf[P.SERVER_ROUND])
+    injected = parse_faults(cfg.fault_injection).get(pid)
+    fault = injected.kind if injected is not None and injected.applies(server_round) else None
+    _inject_process_fault(fault, pid, cfg.round_timeout_s)
 
     fed = federation(cfg)
     method = fed.method
-    conf: ConfigRecord = msg.content[P.CONFIG]
     received: ArrayRecord = msg.content[P.ARRAYS]
-    server_round = int(conf[P.SERVER_ROUND])
     epochs = int(conf[P.LOCAL_EPOCHS])
     assignment = Assignment.from_config(conf, fed.layer_names)
     model = method.client_model(assignment)
@@ -110,7 +117,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     bytes_in, bytes_out = received.count_bytes(), reply_arrays.count_bytes()
     metrics = MetricRecord(
         {
-            P.NUM_EXAMPLES: len(train),
+            P.NUM_EXAMPLES: len(train) * (10**6 if fault == "examples" else 1),
             P.TRAIN_LOSS: result.loss,
             P.PARTITION_ID: pid,
             **({P.LABELS: list(result.labels)} if result.labels else {}),
@@ -122,6 +129,20 @@ def handle_train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(RecordDict({P.ARRAYS: reply_arrays, P.METRICS: metrics}), reply_to=msg)
+
+
+def _inject_process_fault(fault: str | None, pid: int, round_timeout_s: float) -> None:
+    """Fail, stall or kill this client on purpose (``fault_injection``), to test the engine."""
+    if fault == "raise":
+        raise RuntimeError(f"injected failure on partition {pid}")
+    if fault == "timeout":
+        time.sleep(round_timeout_s + 1.0)
+    if fault == "hang":
+        threading.Event().wait()
+    if fault == "exit":
+        os._exit(3)
+    if fault == "segfault":
+        ctypes.string_at(0)
 
 
 def _inject_reply_fault(fault: str | None, state: dict[str, torch.Tensor], first_layer: str | None) -> None:
@@ -140,6 +161,10 @@ def _inject_reply_fault(fault: str | None, state: dict[str, torch.Tensor], first
             return
     if fault == "nan":
         state[name] = state[name].clone().fill_(float("nan"))
+    elif fault == "huge":
+        state[name] = state[name].clone().fill_(1e30)
+    elif fault == "dtype":
+        state[name] = state[name].double()
     elif fault == "shape":  # a wrong non-rank dimension
         state[name] = torch.zeros(state[name].shape[0], state[name].shape[1] + 1, *state[name].shape[2:])
     elif fault == "rank":  # more components than the client was given

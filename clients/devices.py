@@ -23,14 +23,13 @@ and optionally ``rank_fraction``.
 
 from __future__ import annotations
 
-import csv
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
 from maestro_fl.budget import DeviceCapability
 from maestro_fl.config import ConfigError, SimConfig
+from maestro_fl.population import PopulationError, load_population
 
 DEFAULT_TIERS: tuple[DeviceCapability, ...] = (
     DeviceCapability(0, macs_per_s=8e6, memory_bytes=2.3e6, up_bps=5e4, down_bps=1e5, availability=0.6),
@@ -39,8 +38,6 @@ DEFAULT_TIERS: tuple[DeviceCapability, ...] = (
     DeviceCapability(3, macs_per_s=35e6, memory_bytes=4.0e6, up_bps=1e6, down_bps=5e6, availability=0.9),
     DeviceCapability(4, macs_per_s=200e6, memory_bytes=64e6, up_bps=5e6, down_bps=2e7, availability=0.95),
 )
-
-TRACE_COLUMNS = ("client_id", "tier", "macs_per_s", "memory_bytes", "up_bps", "down_bps", "availability")
 
 
 def tier_table(cfg: SimConfig) -> tuple[DeviceCapability, ...]:
@@ -71,13 +68,7 @@ def tier_assignment(num_clients: int, shares: tuple[float, ...], seed: int) -> n
 def device_for(partition_id: int, cfg: SimConfig) -> DeviceCapability:
     """The device client ``partition_id`` runs on (deterministic in seed and partition id)."""
     if cfg.population_csv:
-        trace = load_trace(cfg.population_csv)
-        if partition_id >= len(trace):
-            raise ConfigError(
-                f"population_csv has {len(trace)} clients but num_clients is {cfg.num_clients}; "
-                "the trace needs one row per client"
-            )
-        return trace[partition_id]
+        return load_trace(cfg.population_csv, cfg.num_clients)[partition_id]
     tiers = tier_table(cfg)
     return tiers[int(_assignment(cfg.num_clients, cfg.tier_shares, cfg.seed)[partition_id])]
 
@@ -87,35 +78,9 @@ def _assignment(num_clients: int, shares: tuple[float, ...], seed: int) -> np.nd
     return tier_assignment(num_clients, shares, seed)
 
 
-@lru_cache(maxsize=4)
-def load_trace(path: str) -> tuple[DeviceCapability, ...]:
-    """Per-client capabilities from a CSV trace, ordered by ``client_id``."""
-    with open(Path(path), newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in TRACE_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ConfigError(f"population_csv {path!r} lacks columns {missing}; required: {list(TRACE_COLUMNS)}")
-        rows = list(reader)
-    out = []
-    for line, row in enumerate(rows, start=2):
-        try:
-            cap = DeviceCapability(
-                tier=int(row["tier"]),
-                macs_per_s=float(row["macs_per_s"]),
-                memory_bytes=float(row["memory_bytes"]),
-                up_bps=float(row["up_bps"]),
-                down_bps=float(row["down_bps"]),
-                availability=float(row["availability"]),
-                rank_fraction=float(row.get("rank_fraction") or 0.0),
-            )
-        except ValueError as err:
-            raise ConfigError(f"population_csv {path!r} line {line}: {err}") from None
-        if min(cap.macs_per_s, cap.memory_bytes, cap.up_bps, cap.down_bps) <= 0 or not 0 < cap.availability <= 1:
-            raise ConfigError(
-                f"population_csv {path!r} line {line}: capabilities must be > 0 and availability in (0, 1]"
-            )
-        out.append((int(row["client_id"]), cap))
-    ids = sorted(i for i, _ in out)
-    if ids != list(range(len(out))):
-        raise ConfigError(f"population_csv {path!r}: client_id must run 0..{len(out) - 1} without gaps")
-    return tuple(cap for _, cap in sorted(out, key=lambda t: t[0]))
+def load_trace(path: str, num_clients: int | None = None) -> tuple[DeviceCapability, ...]:
+    """Per-client capabilities from a CSV trace (:func:`maestro_fl.population.load_population`), checked."""
+    try:
+        return load_population(path, num_clients)
+    except PopulationError as err:
+        raise ConfigError(str(err)) from None

@@ -128,6 +128,52 @@ def aggregate_heterofl(
     return aggregate_indexed(global_arrays, counted)
 
 
+def aggregate_robust(
+    global_arrays: Mapping[str, np.ndarray],
+    updates: Sequence[tuple[Mapping[str, np.ndarray], Index]],
+    rule: str = "median",
+    trim_fraction: float = 0.2,
+) -> Arrays:
+    """A robust merge per element over the clients whose part holds it: median or trimmed mean.
+
+    For clients holding equal shapes this is Flower's ``FedMedian``
+    (coordinate-wise median) and ``FedTrimmedAvg`` (drop ``⌊β·n⌋`` of the
+    ``n`` values at each end, average the rest); here ``n`` is the number of
+    clients holding the element, so it serves every sub-model family.
+    Elements no client holds keep their value. Unweighted, as Flower's.
+    """
+    if rule not in ("median", "trimmed_mean"):
+        raise ValueError(f"rule must be 'median' or 'trimmed_mean', got {rule!r}")
+    if not 0.0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction!r}")
+    out: Arrays = {}
+    for name, current in global_arrays.items():
+        holders = [(a[name], idx[name]) for a, idx in updates if name in a]
+        if not holders:
+            out[name] = np.array(current, copy=True)
+            continue
+        stack = np.full((len(holders), *current.shape), np.nan)  # NaN: this client does not hold the element
+        for k, (block, index) in enumerate(holders):
+            stack[k][numpy_index(index, current.shape)] = block
+        count = (~np.isnan(stack)).sum(axis=0)
+        ordered = np.sort(stack, axis=0)  # NaNs last
+        if rule == "median":
+            lo = np.maximum(count - 1, 0) // 2
+            hi = count // 2
+            value = 0.5 * (np.take_along_axis(ordered, lo[None], 0)[0] + np.take_along_axis(ordered, hi[None], 0)[0])
+        else:
+            cut = np.floor(trim_fraction * count).astype(int)
+            sums = np.concatenate([np.zeros((1, *current.shape)), np.cumsum(np.nan_to_num(ordered), axis=0)])
+            kept = count - 2 * cut
+            total = np.take_along_axis(sums, (count - cut)[None], 0)[0] - np.take_along_axis(sums, cut[None], 0)[0]
+            value = total / np.maximum(kept, 1)
+        merged = np.array(current, dtype=np.float64, copy=True)
+        held = count > 0
+        merged[held] = value[held]
+        out[name] = merged.astype(current.dtype, copy=False)
+    return out
+
+
 def aggregate_fedrolex(
     global_arrays: Mapping[str, np.ndarray],
     updates: Sequence[tuple[Mapping[str, np.ndarray], Index]],
@@ -266,11 +312,11 @@ def aggregate_zero_padded(
             continue
         if name not in axes:
             weight = sum(w for _, w in holders)
-            out[name] = (sum(w * b.astype(np.float64) for b, w in holders) / weight).astype(current.dtype)
+            out[name] = (sum(np.float64(w) * b.astype(np.float64) for b, w in holders) / weight).astype(current.dtype)
             continue
         acc = np.zeros(current.shape, dtype=np.float64)
         for block, w in holders:
-            acc[tuple(slice(0, d) for d in block.shape)] += w * block
+            acc[tuple(slice(0, d) for d in block.shape)] += np.float64(w) * block.astype(np.float64)
         out[name] = (acc / total).astype(current.dtype)
     return out
 

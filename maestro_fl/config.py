@@ -250,10 +250,17 @@ class SimConfig:
     aggregation: str = "ordered"  # FedLoD's rule. 'ordered': per-component prefix averaging; 'svd': average
     # U Vᵀ and re-factor; 'zero_pad': pad factors with zeros to the global rank, average over all clients
     server_shrink_eps: float = 0.0  # server-side progressive shrinking of the aggregate; 0 = off
+    max_update_norm: float = 10.0  # reject a reply that moved its sub-model by > this x its norm: honest ones moved
+    # 0.06-0.1x (median) and at most 0.38x (DLRT, which re-factors: 1.03x) over 8 methods x 20 rounds on digits; 0 = off
+    robust_merge: str = "none"  # 'median' or 'trimmed_mean' per element over holders (Flower's FedMedian/FedTrimmedAvg)
+    trim_fraction: float = 0.2  # trimmed mean: the share cut at each end (Flower's FedTrimmedAvg default beta)
     # -- engine --
-    backend: str = "ray"  # 'ray' (Flower's simulation engine) or 'local' (in-process, for debugging)
+    backend: str = "ray"  # 'ray': ClientApps in Ray actors that are replaced when they die or hang;
+    # 'flower': Flower's own simulation engine (Ray); 'local': in this process, one client after another
     num_cpus_per_client: float = 1.0  # 2 actors on 2 cores: the main job takes 55 s, 91 s with one 2-CPU actor
     num_gpus_per_client: float = 0.0  # fractional GPUs per ClientApp when Ray sees GPUs
+    client_threads: int = 1  # torch threads of a client's local training: 1 gives the same tables on every
+    # backend and machine (matmul results depend on the thread count); more only helps large models
     ray_address: str = ""  # attach to an existing Ray cluster ('auto' or host:port); '' = start a local one
     round_timeout_s: float = 300.0  # wall seconds the server waits for replies; later ones count as timeouts
     # -- run --
@@ -262,7 +269,7 @@ class SimConfig:
     run_name: str = ""  # '' = sim-dataset-model-seed-timestamp
     resume: str = ""  # a run directory to continue from its last checkpoint
     progress: bool = True  # one line per round
-    fault_injection: str = ""  # robustness testing: 'partition:kind,...', kind in raise|timeout|nan|shape|rank
+    fault_injection: str = ""  # robustness testing: 'partition:kind[@round],...' (kinds: config.FAULT_KINDS)
 
     def validate(self) -> SimConfig:
         check_one_of("strategy", self.strategy, strategies())
@@ -274,7 +281,7 @@ class SimConfig:
         check_one_of("sampler", self.sampler, SAMPLERS)
         check_one_of("tier_mode", self.tier_mode, ("fixed", "dynamic"))
         check_non_negative("keep_first", self.keep_first)
-        check_one_of("backend", self.backend, ("ray", "local"))
+        check_one_of("backend", self.backend, ("ray", "flower", "local"))
         check_one_of("aggregation", self.aggregation, ("ordered", "svd", "zero_pad"))
         if self.strategy != "fedlod" and (self.aggregation != "ordered" or self.server_shrink_eps > 0):
             raise ConfigError(
@@ -285,7 +292,8 @@ class SimConfig:
             raise ConfigError(f"full_pass (self-distillation) applies to 'fedlod' and 'fjord', not {self.strategy!r}")
         check_fraction("dlrt_tau", self.dlrt_tau)
         check_positive("dlrt_lr", self.dlrt_lr)
-        for name in ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "classes_per_client"):
+        for name in ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "classes_per_client",
+                     "client_threads"):
             check_positive(name, getattr(self, name))
         if self.clients_per_round > self.num_clients:
             raise ConfigError(
@@ -295,15 +303,30 @@ class SimConfig:
             check_positive(name, getattr(self, name))
         for name in ("momentum", "weight_decay", "lambda_gl", "compute_budget_s", "round_deadline_s"):
             check_non_negative(name, getattr(self, name))
-        for name in ("server_shrink_eps", "num_gpus_per_client"):
+        for name in ("server_shrink_eps", "num_gpus_per_client", "max_update_norm"):
             check_non_negative(name, getattr(self, name))
+        check_one_of("robust_merge", self.robust_merge, ("none", "median", "trimmed_mean"))
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction!r}")
+        if self.robust_merge != "none":
+            from .methods import METHODS
+
+            if not METHODS[self.strategy].elementwise_rule(self):
+                raise ConfigError(
+                    f"robust_merge applies to methods whose server rule averages each element over its holders; "
+                    f"{self.strategy!r} (aggregation {self.aggregation!r}) rebuilds products or masks rows")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if not self.population_csv:
             if not self.tier_shares or any(s < 0 for s in self.tier_shares) or sum(self.tier_shares) <= 0:
                 raise ConfigError(f"tier_shares must be non-negative with a positive sum, got {self.tier_shares!r}")
-        elif not Path(self.population_csv).is_file():
-            raise ConfigError(f"population_csv: file {self.population_csv!r} does not exist")
+        else:
+            from .population import PopulationError, load_population
+
+            try:
+                load_population(self.population_csv, self.num_clients)
+            except PopulationError as err:
+                raise ConfigError(str(err)) from None
         for i, p in enumerate(self.tier_fractions):
             check_fraction(f"tier_fractions[{i}]", p)
         if self.tier_fractions and not self.population_csv and len(self.tier_fractions) != len(self.tier_shares):
@@ -321,15 +344,40 @@ class SimConfig:
         return self
 
 
-FAULT_KINDS = ("raise", "timeout", "nan", "shape", "rank")
+#: the project's own fault injection (``fault_injection = "partition:kind[@round],..."``), what each does
+FAULT_KINDS = {
+    "raise": "the ClientApp raises an exception",
+    "timeout": "the client replies after round_timeout_s (a straggler)",
+    "hang": "the client never replies",
+    "exit": "the client's process exits",
+    "segfault": "the client's process dies of a segmentation fault",
+    "nan": "a reply array is NaN",
+    "huge": "a reply array is 1e30 (finite)",
+    "shape": "a reply array has a wrong non-rank dimension",
+    "rank": "a reply factor holds more components than were sent",
+    "dtype": "a reply array comes back as float64",
+    "examples": "the reply claims a million times its examples",
+    "duplicate": "the reply is delivered twice",
+}
 
 
-def parse_faults(spec: str) -> dict[int, str]:
-    """``'3:raise,7:nan'`` → ``{3: 'raise', 7: 'nan'}`` (partition id → fault)."""
-    out: dict[int, str] = {}
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    round: int | None = None  # None: every round
+
+    def applies(self, server_round: int) -> bool:
+        return self.round is None or self.round == server_round
+
+
+def parse_faults(spec: str) -> dict[int, Fault]:
+    """``'3:raise,7:exit@2'`` → ``{3: Fault('raise'), 7: Fault('exit', 2)}`` (partition id → fault)."""
+    out: dict[int, Fault] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        pid, sep, kind = item.partition(":")
-        if not sep or not pid.strip().isdigit() or kind.strip() not in FAULT_KINDS:
-            raise ConfigError(f"fault_injection item {item!r} must be 'partition:kind' with kind in {list(FAULT_KINDS)}")
-        out[int(pid)] = kind.strip()
+        pid, sep, rest = item.partition(":")
+        kind, at, when = rest.strip().partition("@")
+        if not sep or not pid.strip().isdigit() or kind not in FAULT_KINDS or (at and not when.strip().isdigit()):
+            raise ConfigError(f"fault_injection item {item!r} must be 'partition:kind' or 'partition:kind@round' "
+                              f"with kind in {list(FAULT_KINDS)}")
+        out[int(pid)] = Fault(kind, int(when) if at else None)
     return out

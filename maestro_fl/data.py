@@ -35,7 +35,7 @@ _NORMALIZE = {
 
 
 class DatasetNotFoundError(FileNotFoundError):
-    """A dataset is neither under ``data_root`` nor downloadable."""
+    """A dataset is neither under ``data_root`` nor downloadable, or what is there is not that dataset."""
 
 
 @dataclass(frozen=True)
@@ -151,14 +151,38 @@ def _cifar10(root: Path, download: bool) -> ImageData:
     def read(files: list[str]) -> Split:
         xs, ys = [], []
         for f in files:
-            with open(folder / f, "rb") as fh:
-                batch = pickle.load(fh, encoding="bytes")
-            xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
+            try:
+                with open(folder / f, "rb") as fh:
+                    batch = _CifarUnpickler(fh, encoding="bytes").load()
+                xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
+            except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
+                raise DatasetNotFoundError(f"data_root: {folder / f} is not a CIFAR-10 batch ({err})") from None
         x = torch.from_numpy(np.concatenate(xs)).float().div_(255.0)
         return Split(_normalize(x, "cifar10"), torch.from_numpy(np.concatenate(ys)))
 
     return ImageData("cifar10", read(names[:5]), read(names[5:]), InputSpec(3, 32, 10), augment=True)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Reads CIFAR-10's python batches and nothing else: a pickle is a program, and ``data_root`` is the user's.
+
+    The batches are dicts of byte strings, lists of ints and one uint8 NumPy
+    array; only the NumPy globals such an array needs may be loaded.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"CIFAR-10 batch refers to {module}.{name}; only arrays, lists and bytes "
+                                         "are allowed in the batches (is data_root a CIFAR-10 folder?)")
+        return super().find_class(module, name)
 
 
 def _crop_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

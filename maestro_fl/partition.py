@@ -48,19 +48,52 @@ def partition_indices(
         raise ValueError(f"num_clients must be in [1, {len(labels)}] (the number of examples), got {num_partitions}")
     key = hashlib.sha256(
         np.ascontiguousarray(labels).tobytes()
-        + repr((num_partitions, scheme, alpha, classes_per_client, min_partition_size, seed)).encode()
-    ).hexdigest()[:24]
-    cache = Path(tempfile.gettempdir()) / "maestro-fl-partitions" / f"{key}.npz"
-    if cache.exists():
-        with np.load(cache) as z:
-            sizes = z["sizes"]
-            return list(np.split(z["indices"], np.cumsum(sizes)[:-1]))
+        + repr((CACHE_FORMAT, num_partitions, scheme, alpha, classes_per_client, min_partition_size, seed)).encode()
+    ).hexdigest()
+    cache = Path(tempfile.gettempdir()) / "maestro-fl-partitions" / f"{key[:24]}.npz"
+    cached = _read_cache(cache, key, len(labels), num_partitions)
+    if cached is not None:
+        return cached
     out = _partition(labels, num_partitions, scheme, alpha, classes_per_client, min_partition_size, seed)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".{os.getpid()}.npz")
-    np.savez(tmp, indices=np.concatenate(out), sizes=np.array([len(o) for o in out]))
+    indices = np.concatenate(out)
+    np.savez(tmp, indices=indices, sizes=np.array([len(o) for o in out]), key=np.array(key),
+             digest=np.array(_digest(indices)))
     os.replace(tmp, cache)
     return out
+
+
+CACHE_FORMAT = 2  # bump when what a cache file holds changes
+
+
+def _digest(indices: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _read_cache(path: Path, key: str, num_examples: int, num_partitions: int) -> list[np.ndarray] | None:
+    """The cached partition, or ``None`` when the file is missing, foreign, damaged or not for these arguments.
+
+    The cache sits in the shared temp folder: every file is checked against the
+    full key of what it was made from and the digest of its content, and the
+    partition must be one of the dataset's examples among exactly the clients asked for.
+    """
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None
+            indices, sizes = z["indices"].astype(np.int64), z["sizes"].astype(np.int64)
+            if str(z["digest"]) != _digest(indices):
+                return None
+    except Exception:  # noqa: BLE001 - any unreadable cache file is recomputed
+        return None
+    if len(sizes) != num_partitions or sizes.sum() != len(indices) or (sizes < 0).any():
+        return None
+    if len(indices) and (indices.min() < 0 or indices.max() >= num_examples or len(np.unique(indices)) != len(indices)):
+        return None
+    return list(np.split(indices, np.cumsum(sizes)[:-1]))
 
 
 def _partition(

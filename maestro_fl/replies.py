@@ -99,8 +99,20 @@ def read_metrics(metrics: Mapping[str, Any]) -> ReplyFacts:
     )
 
 
+def update_ratio(arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> float:
+    """``‖reply − sent‖ / ‖sent‖`` over all arrays (float64): how far local training moved the sub-model."""
+    moved = sum(float(np.sum((arrays[k].astype(np.float64) - sent[k].astype(np.float64)) ** 2)) for k in sent)
+    size = sum(float(np.sum(sent[k].astype(np.float64) ** 2)) for k in sent)
+    return math.sqrt(moved) / max(math.sqrt(size), 1e-12)
+
+
 def check_reply(
-    arrays: Mapping[str, Any], facts: ReplyFacts, task: ClientTask, registered_examples: int | None = None
+    arrays: Mapping[str, Any],
+    facts: ReplyFacts,
+    task: ClientTask,
+    registered_examples: int | None = None,
+    sent: Mapping[str, np.ndarray] | None = None,
+    max_update_norm: float = 0.0,
 ) -> str | None:
     """Why the reply cannot be merged, or ``None`` when it can.
 
@@ -114,6 +126,9 @@ def check_reply(
         What the client was sent: every array's shape and dtype.
     registered_examples : int, optional
         The number of training examples the client reported at registration.
+    sent : mapping, optional
+        The arrays the client was sent; with ``max_update_norm > 0`` the
+        update ``‖reply − sent‖`` may be at most ``max_update_norm·‖sent‖``.
     """
     if facts.problems:
         return "metrics incomplete: " + "; ".join(facts.problems)[:250]
@@ -140,4 +155,8 @@ def check_reply(
             return f"{name}: wrong dtype, got {value.dtype}, sent {task.dtypes[name]}"
         if not np.isfinite(value).all():
             return f"{name}: non-finite values (NaN/Inf)"
+    if sent is not None and max_update_norm > 0:
+        ratio = update_ratio(arrays, sent)
+        if not ratio <= max_update_norm:
+            return f"update norm {ratio:.3g}x the sent model's exceeds max_update_norm = {max_update_norm:g}"
     return None

@@ -14,6 +14,8 @@ The run directory's layout is :mod:`maestro_fl.results`.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,11 +25,53 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from maestro_fl.callbacks import CentralEvaluation, Checkpointing, Progress, RoundCallback, RoundResult, RoundTables
-from maestro_fl.config import SimConfig, resolve, to_dict
+from maestro_fl.config import SimConfig, parse_faults, resolve, to_dict
 from maestro_fl.federated import federation
 from maestro_fl.results import DEVICES, FINAL_COLUMNS, TIERS, RunDir, format_table, new_run_dir, timestamp
 
+from .runners.ray_grid import RoundInterrupted
 from .submodel import SubModelStrategy, to_numpy, to_record
+
+
+class RunInterrupted(RuntimeError):
+    """The run stopped at a user's request; its run directory holds every round before the stop."""
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM, the graceful way: the first asks the run to stop, a second aborts at once.
+
+    Used as a context manager around a run (handlers are installed only in the
+    main thread); :meth:`requested` is polled by the round loop and the grids.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self._event.is_set():  # the second signal: abort now
+            self._restore()
+            raise KeyboardInterrupt
+        self._event.set()
+        print(f"\n{signal.Signals(signum).name}: stopping after abandoning the round under way "
+              "(again to abort at once)", flush=True)
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
 
 
 def default_callbacks(cfg: SimConfig, run: RunDir, strategy: SubModelStrategy, test, input_shape) -> list[RoundCallback]:  # type: ignore[no-untyped-def]
@@ -43,9 +87,20 @@ def default_callbacks(cfg: SimConfig, run: RunDir, strategy: SubModelStrategy, t
 
 
 def run_server(
-    grid: Grid, cfg: SimConfig, run_dir: Path, extra_callbacks: Sequence[RoundCallback] = ()
+    grid: Grid,
+    cfg: SimConfig,
+    run_dir: Path,
+    extra_callbacks: Sequence[RoundCallback] = (),
+    stop: StopRequest | None = None,
 ) -> list[dict[str, Any]]:
-    """Run (or resume) the federation in ``run_dir``; returns the final per-tier rows."""
+    """Run (or resume) the federation in ``run_dir``; returns the final per-tier rows.
+
+    Raises
+    ------
+    RunInterrupted
+        ``stop`` was requested: the round under way is abandoned (nothing of it
+        is written), so the tables and the checkpoint end at the same round.
+    """
     run = RunDir(run_dir)
     fed = federation(cfg)
     strategy = SubModelStrategy(fed.method, cfg)
@@ -70,14 +125,18 @@ def run_server(
     callbacks = [*default_callbacks(cfg, run, strategy, fed.data.test, fed.data.spec.shape), *extra_callbacks]
     for cb in callbacks:
         cb.on_run_start(start, cfg.rounds)
+    done_round = start - 1
     try:
         for server_round in range(start, cfg.rounds + 1):
+            if stop is not None and stop.requested():
+                raise RoundInterrupted("stop requested")
             started = time.perf_counter()
             # 1. configure: sample clients, cut their sub-models
             messages = list(strategy.configure_train(server_round, to_record(arrays), ConfigRecord(), grid))
             configured = time.perf_counter()
             # 2. send and receive
-            replies = grid.send_and_receive(messages, timeout=cfg.round_timeout_s) if messages else []
+            replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout_s)) if messages else []
+            replies += injected_duplicates(replies, cfg, strategy.partition_of, server_round)
             received = time.perf_counter()
             # 3. aggregate the good replies
             merged, _ = strategy.aggregate_train(server_round, replies)
@@ -94,13 +153,25 @@ def run_server(
                 server_seconds=(configured - started) + (done - received),
                 started=started,
             )
-            stop = [cb.after_round(result) for cb in callbacks]
-            if any(stop):
+            done_round = server_round
+            if any([cb.after_round(result) for cb in callbacks]):
                 break
+    except RoundInterrupted:
+        raise RunInterrupted(
+            f"interrupted: rounds 1-{done_round} of {cfg.rounds} are in {run_dir} (tables and checkpoint); "
+            f"continue with: maestro-fl simulate resume={run_dir}"
+        ) from None
     finally:
         for cb in callbacks:
             cb.on_run_end()
     return run.final_table() if run.has(TIERS) else []
+
+
+def injected_duplicates(replies: list[Any], cfg: SimConfig, partition_of: dict[int, int], server_round: int) -> list[Any]:
+    """The ``duplicate`` fault: replies of the named partitions delivered a second time (as a network would)."""
+    faults = parse_faults(cfg.fault_injection)
+    return [r for r in replies if (f := faults.get(partition_of.get(r.metadata.src_node_id, -1))) is not None
+            and f.kind == "duplicate" and f.applies(server_round)]
 
 
 def print_final(rows: list[dict[str, Any]]) -> None:

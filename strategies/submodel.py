@@ -80,6 +80,7 @@ class SubModelStrategy(Strategy):
         self._budgets: dict[tuple[int, DeviceCapability], Cost | None] = {}
         self._tiers: dict[int, dict[int, Cost]] = {}
         self._encoded: dict[tuple[str, tuple[object, ...]], Array] = {}  # this round's arrays, as sent
+        self.ignored: list[tuple[int, str]] = []  # replies of the last round that no client round owns
 
     # -- registration -------------------------------------------------------------------------
     def registration_messages(self, grid: Grid) -> list[Message]:
@@ -215,14 +216,21 @@ class SubModelStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check every reply against what was sent, then merge the good ones by the method's rule."""
         updates: list[Update] = []
-        answered: set[int] = set()
+        answered: dict[int, ClientRound] = {}
+        self.ignored = []
         for msg in replies:
             node = msg.metadata.src_node_id
             task = self.tasks.get(node)
-            if task is None or node in answered:
-                continue  # a reply to nothing this round asked for, or a duplicate: never counted
-            answered.add(node)
+            if task is None:  # a reply to nothing this round asked for: never counted
+                self.ignored.append((node, "reply from a node that was not asked this round"))
+                continue
+            if node in answered:  # a duplicate or replay: only the first reply counts
+                answered[node].reason = (answered[node].reason + "; " if answered[node].reason else "") + \
+                    "a second reply was ignored"
+                self.ignored.append((node, "duplicate reply"))
+                continue
             row = self._row(server_round, node, task.device, task.cost, "ok")
+            answered[node] = row
             row.bytes_down = task.bytes_down
             if msg.has_error():
                 row.status, row.reason = "failed", str(msg.error.reason)[-300:]
@@ -235,7 +243,8 @@ class SubModelStrategy(Strategy):
                 facts.compute_s, facts.download_s, facts.upload_s, facts.wall_s)
             row.bytes_up = int(sum(getattr(v, "nbytes", 0) for v in arrays.values()))
             if reason is None:
-                reason = check_reply(arrays, facts, task, self.examples_of.get(node))
+                reason = check_reply(arrays, facts, task, self.examples_of.get(node), take(self.current, task.index),
+                                     self.cfg.max_update_norm)
             if reason is not None:
                 row.status, row.reason = "malformed", reason
             elif self.cfg.round_deadline_s > 0 and row.round_seconds > self.cfg.round_deadline_s:
@@ -253,7 +262,7 @@ class SubModelStrategy(Strategy):
         self.client_rounds.sort(key=lambda r: r.partition_id)
         if not updates:
             return None, None
-        merged = self.method.merge(self.current, updates, server_round)
+        merged = self.method.merge_updates(self.current, updates, server_round)
         ok = [r for r in self.client_rounds if r.status == "ok"]
         total = sum(r.num_examples for r in ok)
         metrics = MetricRecord(

@@ -40,9 +40,10 @@ def small(tmp_path: Path, **kw: object) -> SimConfig:
 
 
 @pytest.mark.slow
-def test_ray_engine_smoke(tmp_path: Path, flwr_home: str) -> None:
-    """A real Flower simulation on Ray: 6 clients, 2 rounds, one client raising, one sending NaN."""
-    run = run_simulation(small(tmp_path, backend="ray", run_name="ray", fault_injection="1:raise,4:nan"))
+@pytest.mark.parametrize("backend", ["ray", "flower"])
+def test_ray_engine_smoke(tmp_path: Path, flwr_home: str, backend: str) -> None:
+    """A real simulation on Ray, on our grid and on Flower's engine: 6 clients, 2 rounds, one raising, one NaN."""
+    run = run_simulation(small(tmp_path, backend=backend, run_name=backend, fault_injection="1:raise,4:nan"))
     rounds = pd.read_csv(run / "rounds.csv")
     assert rounds["round"].tolist() == [1, 2]
     assert (rounds["failed"] == 1).all() and (rounds["malformed"] == 1).all()
@@ -157,7 +158,7 @@ def test_flwr_run_works_and_leaves_nothing_running(tmp_path: Path) -> None:
     from strategies.runners.flwr_run import flwr_run
 
     before = {p.pid for p in psutil.process_iter() if "superlink" in " ".join(_cmd(p))}
-    trace = always_online_population(tmp_path / "population.csv")
+    trace = always_online_population(tmp_path / "population.csv", 4)
     code = flwr_run(
         [f"{k}={v}" for k, v in {
             "num-clients": 4, "clients-per-round": 2, "rounds": 1, "model": "mlp", "partition": "iid",

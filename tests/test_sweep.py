@@ -32,15 +32,15 @@ def write(tmp_path: Path, grid: str, extra: str = "", name: str = "s.toml") -> P
 
 @pytest.mark.slow
 def test_grid_runs_skips_finished_and_records_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bad_trace = tmp_path / "bad.csv"  # passes the config check (the file exists), fails every client at run time
-    bad_trace.write_text("client_id,tier,macs_per_s,memory_bytes,up_bps,down_bps,availability\n0,0,1e9,1e9,1e6,1e6,0\n")
-    spec = write(tmp_path, f'seed = [0, 1]\nalpha = [0.5, 1.0]\npopulation_csv = ["", "{bad_trace}"]')
+    empty = tmp_path / "empty"  # passes the config check (the folder exists), holds no MNIST: fails at run time
+    empty.mkdir()
+    spec = write(tmp_path, f'seed = [0, 1]\nalpha = [0.5, 1.0]\ndataset = ["digits", "mnist"]\ndata_root = ["{empty}"]')
     assert main(["sweep", str(spec)]) == 0
     results = pd.read_csv(tmp_path / "out" / "t" / "results.csv")
     runs = results.drop_duplicates("run")
     assert len(runs) == 8
     failed = runs[runs["status"] == "failed"]
-    assert len(failed) == 4 and failed["population_csv"].eq(str(bad_trace)).all()
+    assert len(failed) == 4 and failed["dataset"].eq("mnist").all()
     ok = results[results["status"] == "ok"]
     assert set(ok["tier"]) == {0, 1} and ok["accuracy"].between(0, 1).all()
     for run in failed["run"]:

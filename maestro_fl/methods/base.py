@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .. import protocol as P
+from ..aggregation import aggregate_robust
 from ..budget import Cost, DeviceCapability, affordable
 from ..convert import Ranks
 from ..data import Split
@@ -290,6 +291,18 @@ class FederatedMethod(ABC):
     @abstractmethod
     def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:
         """The new global arrays from the good replies of ``server_round``."""
+
+    @classmethod
+    def elementwise_rule(cls, cfg: SimConfig) -> bool:
+        """Whether the server rule averages each element over the clients holding it (robust merges may replace it)."""
+        return True
+
+    def merge_updates(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:
+        """:meth:`merge`, or the run's robust merge (median, trimmed mean) over the same parts."""
+        if self.cfg.robust_merge == "none":
+            return self.merge(current, updates, server_round)
+        return aggregate_robust(current, [(u.arrays, u.task.index) for u in updates], self.cfg.robust_merge,
+                                self.cfg.trim_fraction)
 
 
 def examples_weighted(updates: Sequence[Update]) -> list[tuple[Arrays, Index, float]]:

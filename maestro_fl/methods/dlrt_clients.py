@@ -70,5 +70,9 @@ class DLRTClients(FedLoD):
             layer.pad_(assignment.ranks[name])  # DLRT may have lowered the rank; the reply keeps the shape it was sent
         return LocalResult(trained, stats)
 
+    @classmethod
+    def elementwise_rule(cls, cfg):  # type: ignore[no-untyped-def]
+        return False  # products are averaged
+
     def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:
         return aggregate_svd(current, corners_weighted(updates))

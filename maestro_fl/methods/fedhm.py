@@ -37,5 +37,9 @@ class FedHM(FedLoD):
     def passes(self) -> int:
         return 1
 
+    @classmethod
+    def elementwise_rule(cls, cfg):  # type: ignore[no-untyped-def]
+        return False  # products are averaged
+
     def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:
         return aggregate_fedhm(current, corners_weighted(updates))

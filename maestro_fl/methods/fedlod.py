@@ -92,6 +92,10 @@ class FedLoD(FederatedMethod):
         )
         return LocalResult(model, stats)
 
+    @classmethod
+    def elementwise_rule(cls, cfg):  # type: ignore[no-untyped-def]
+        return cfg.aggregation == "ordered" and cfg.server_shrink_eps == 0
+
     def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:
         merged = RULES[self.cfg.aggregation](current, corners_weighted(updates))
         if self.cfg.server_shrink_eps > 0:  # Maestro's progressive shrinking, on the server's aggregate

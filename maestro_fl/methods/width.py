@@ -88,6 +88,10 @@ class HeteroFL(WidthMethod):
     def assign(self, cost: Cost, tier_costs: Sequence[Cost]) -> Assignment:
         return Assignment(cost.fraction, label_mask=self.cfg.heterofl_label_mask)
 
+    @classmethod
+    def elementwise_rule(cls, cfg):  # type: ignore[no-untyped-def]
+        return not cfg.heterofl_label_mask  # the masked classifier averages rows over class holders
+
     def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:
         indexed = [(u.arrays, u.task.index, 1.0) for u in updates]
         if not self.cfg.heterofl_label_mask:

@@ -15,6 +15,8 @@ import sys
 
 from maestro_fl.config import ConfigError, resolve
 
+from ..server_app import RunInterrupted
+
 
 def _split(args: list[str]) -> tuple[str | None, list[str]]:
     """``[CONFIG.toml] key=value ...``; ``--key value`` and ``--key=value`` are accepted too."""
@@ -97,9 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"maestro-fl {ns.command}: config error: {err}", file=sys.stderr)
         return 2
-    except FileNotFoundError as err:
+    except FileNotFoundError as err:  # includes a run directory's missing or damaged files
         print(f"maestro-fl {ns.command}: {err}", file=sys.stderr)
         return 2
+    except RunInterrupted as err:
+        print(f"maestro-fl {ns.command}: {err}", file=sys.stderr)
+        return 130
     return 0
 
 

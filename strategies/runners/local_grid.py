@@ -1,35 +1,33 @@
-"""A Grid that runs a ClientApp in this process, one message after another.
+"""A Grid that runs a ClientApp in this process, one message after another (``backend=local``).
 
-For tests and debugging (``backend=local``), and as the baseline of
-``benchmarks/sim_throughput.py``: the same ServerApp logic with no engine in
-between. Node ids are 1..N and node ``i`` has partition id ``i - 1``.
+For tests and debugging, and as the in-process side of
+``benchmarks/sim_throughput.py``. Node ids are 1..N and node ``i`` has
+partition id ``i - 1``. Clients are simulated as running in parallel: a
+reply is dropped (a timeout) when *its own* processing took longer than the
+round's timeout, not when the clients before it did. A client that hangs or
+kills its process stops this process too: use ``backend=ray`` for those.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Message
 from flwr.clientapp import ClientApp
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.run import Run
+
+from .ray_grid import RoundInterrupted, node_contexts, run_client_app, set_task_identity
 
 
 class LocalGrid(Grid):
-    def __init__(self, client_app: ClientApp, num_nodes: int) -> None:
+    def __init__(self, client_app: ClientApp, num_nodes: int, should_stop: Callable[[], bool] = lambda: False) -> None:
         self.client_app = client_app
-        self.contexts = {
-            i + 1: Context(run_id=0, node_id=i + 1, node_config={"partition-id": i, "num-partitions": num_nodes},
-                           state=RecordDict(), run_config={})
-            for i in range(num_nodes)
-        }
+        self.contexts = node_contexts(num_nodes)
+        self.should_stop = should_stop
         self._run = Run.create_empty(run_id=0)
-        # outside a Flower runtime, instruction messages take their sender from TaskIdentity
-        for attr, value in (("run_id", 0), ("node_id", 0), ("task_id", 1)):
-            if getattr(TaskIdentity, "_" + attr) is None:
-                setattr(TaskIdentity, attr, value)
+        set_task_identity()
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -53,16 +51,15 @@ class LocalGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Run each message through the ClientApp; a client that raises yields an error reply.
 
-        Replies that arrive after ``timeout`` (measured from the first message) are discarded,
-        as the SuperLink would.
+        A reply whose client took longer than ``timeout`` is discarded, as the
+        SuperLink would discard a late one.
         """
-        start, replies = time.perf_counter(), []
+        replies = []
         for msg in messages:
-            node = msg.metadata.dst_node_id
-            try:
-                reply = self.client_app(msg, self.contexts[node])
-            except Exception as err:  # noqa: BLE001 - a failing client must not stop the server
-                reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
-            if timeout is None or time.perf_counter() - start <= timeout:
+            if self.should_stop():
+                raise RoundInterrupted("stop requested")
+            started = time.perf_counter()
+            reply = run_client_app(self.client_app, msg, self.contexts[msg.metadata.dst_node_id])
+            if timeout is None or time.perf_counter() - started <= timeout:
                 replies.append(reply)
         return replies

@@ -1,11 +1,17 @@
-"""``maestro-fl simulate``: the federation on Flower's simulation engine with the Ray backend.
+"""``maestro-fl simulate``: run a federation on a backend.
 
-The ServerApp runs in this process; the ClientApp, loaded by its Flower
-reference (:data:`maestro_fl.protocol.CLIENTAPP_REF`), runs in Ray actors with
-``num_cpus_per_client``/``num_gpus_per_client`` each. Ray is started here (or
-attached to ``ray_address``) and always shut down at the end; Flower's home,
-telemetry and update checks are pointed away from the user's machine and the
-network.
+The ServerApp's loop runs in this process; the ClientApp, loaded by its
+Flower reference (:data:`maestro_fl.protocol.CLIENTAPP_REF`), runs
+
+* ``backend=ray`` (default): in a pool of Ray actors of ``num_cpus_per_client``/
+  ``num_gpus_per_client`` each (:class:`~strategies.runners.ray_grid.RayGrid`);
+* ``backend=flower``: in Flower's own simulation engine (``run_simulation``,
+  its Ray backend; see :mod:`strategies.runners.ray_grid` for why it is not the default);
+* ``backend=local``: in this process, one message after another.
+
+Ray is started here (or attached to ``ray_address``) and always shut down at
+the end; Flower's home, telemetry and update checks are pointed away from the
+user's machine and the network.
 """
 
 from __future__ import annotations
@@ -16,10 +22,10 @@ import tempfile
 from pathlib import Path
 
 from maestro_fl import protocol as P
-from maestro_fl.config import SimConfig, resolve, to_dict
+from maestro_fl.config import ConfigError, SimConfig, resolve, to_dict
 from maestro_fl.results import RunDir, new_run_dir, timestamp
 
-from ..server_app import print_final, run_server
+from ..server_app import StopRequest, print_final, run_server
 
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -41,12 +47,29 @@ def load_ref(ref: str):  # type: ignore[no-untyped-def]
     return getattr(importlib.import_module(module), attr)
 
 
+#: what a resumed run may change: how and where it executes, and how long it goes on
+RESUMABLE = ("rounds", "progress", "backend", "num_cpus_per_client", "num_gpus_per_client", "ray_address",
+             "round_timeout_s", "resume", "out_dir", "run_name")
+
+
 def prepare_run_dir(cfg: SimConfig) -> tuple[SimConfig, Path]:
-    """A new run directory, or the one to resume with its saved config."""
+    """A new run directory, or the one to resume with its saved config.
+
+    On resume, the saved config is the run's; only the fields of
+    :data:`RESUMABLE` may be changed (e.g. more ``rounds``). Any other field
+    set to a value other than the saved one is refused, naming it.
+    """
     if cfg.resume:
         run_dir = Path(cfg.resume)
         saved = RunDir(run_dir).config()
-        saved.update(resume=str(run_dir))
+        defaults, given = to_dict(SimConfig()), to_dict(cfg)
+        changed = sorted(k for k, v in given.items() if k not in RESUMABLE and v != defaults.get(k)
+                         and v != saved.get(k))
+        if changed:
+            shown = ", ".join(f"{k}={given[k]!r} (the run has {saved.get(k)!r})" for k in changed)
+            raise ConfigError(f"resume: a resumed run keeps its settings; cannot change {shown}. "
+                              f"Allowed with resume: {', '.join(RESUMABLE[:-3])}")
+        saved.update({k: given[k] for k in RESUMABLE if given[k] != defaults[k]} | {"resume": str(run_dir)})
         return resolve(SimConfig, overrides=saved), run_dir
     name = cfg.run_name or f"sim-{cfg.dataset}-{cfg.model}-s{cfg.seed}-{timestamp()}"
     run_dir = new_run_dir(cfg.out_dir, name)
@@ -55,25 +78,76 @@ def prepare_run_dir(cfg: SimConfig) -> tuple[SimConfig, Path]:
 
 
 def run_simulation(cfg: SimConfig) -> Path:
-    """Run (or resume) a federation; returns its run directory."""
+    """Run (or resume) a federation; returns its run directory.
+
+    Raises
+    ------
+    RunInterrupted
+        After a first Ctrl-C (SIGINT or SIGTERM): the round under way was
+        abandoned, the tables and checkpoint hold every round before it.
+    """
     cfg.validate()
     cfg, run_dir = prepare_run_dir(cfg)
     quiet_flower()
-    if cfg.backend == "local":
-        from .local_grid import LocalGrid
+    with StopRequest() as stop:
+        if cfg.backend == "local":
+            from .local_grid import LocalGrid
 
-        rows = run_server(LocalGrid(load_ref(P.CLIENTAPP_REF), cfg.num_clients), cfg, run_dir)
-    else:
-        rows = _run_on_ray(cfg, run_dir)
-    print(f"\nrun directory: {run_dir}")
-    print_final(rows)
+            grid = LocalGrid(load_ref(P.CLIENTAPP_REF), cfg.num_clients, should_stop=stop.requested)
+            rows = run_server(grid, cfg, run_dir, stop=stop)
+        elif cfg.backend == "ray":
+            rows = _run_on_ray_grid(cfg, run_dir, stop)
+        else:
+            rows = _run_on_flower_engine(cfg, run_dir)
+    if cfg.progress:
+        print(f"\nrun directory: {run_dir}")
+        print_final(rows)
     return run_dir
 
 
-def _run_on_ray(cfg: SimConfig, run_dir: Path) -> list[dict[str, object]]:
+def ray_init_args(cfg_address: str) -> dict[str, object]:
+    """``ray.init`` arguments: attach to ``ray_address``, or start a Ray of our own (never a stale one)."""
+    args: dict[str, object] = {"include_dashboard": False, "logging_level": "error", "log_to_driver": False}
+    if cfg_address:
+        args["address"] = cfg_address
+    else:
+        # 'local' starts our own Ray even where another cluster's address file lingers in /tmp/ray
+        # (ray.init() would otherwise try to join it, and hang if it is gone)
+        args.update(address="local", num_cpus=os.cpu_count() or 1)
+    return args
+
+
+def _run_on_ray_grid(cfg: SimConfig, run_dir: Path, stop: StopRequest) -> list[dict[str, object]]:
     import ray
-    from flwr.serverapp import Grid, ServerApp
+
+    from .ray_grid import RayGrid
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(**ray_init_args(cfg.ray_address))
+    grid = None
+    try:
+        resources = ray.cluster_resources()
+        per_cpu = int(resources.get("CPU", 1) // cfg.num_cpus_per_client)
+        per_gpu = int(resources.get("GPU", 0) // cfg.num_gpus_per_client) if cfg.num_gpus_per_client > 0 else per_cpu
+        actors = max(1, min(per_cpu, per_gpu, cfg.num_clients))
+        env = {k: os.environ[k] for k in (*FLOWER_ENV, "FLWR_HOME") if k in os.environ}
+        grid = RayGrid(P.CLIENTAPP_REF, cfg.num_clients, num_actors=actors,
+                       actor_options={"num_cpus": cfg.num_cpus_per_client, "num_gpus": cfg.num_gpus_per_client},
+                       env=env, should_stop=stop.requested)
+        return run_server(grid, cfg, run_dir, stop=stop)
+    finally:
+        if grid is not None:
+            grid.shutdown()
+        if started_here and ray.is_initialized():
+            ray.shutdown()
+
+
+def _run_on_flower_engine(cfg: SimConfig, run_dir: Path) -> list[dict[str, object]]:
+    """Flower's own simulation engine (``backend=flower``): no replacement of dead actors, no Ctrl-C."""
+    import ray
     from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation as flower_run_simulation
 
     result: dict[str, list[dict[str, object]]] = {}
@@ -88,16 +162,9 @@ def _run_on_ray(cfg: SimConfig, run_dir: Path) -> list[dict[str, object]]:
             failure.append(err)
             raise
 
-    init_args: dict[str, object] = {"include_dashboard": False, "logging_level": "error", "log_to_driver": False}
-    if cfg.ray_address:
-        init_args["address"] = cfg.ray_address
-    else:
-        # 'local' starts our own Ray even where another cluster's address file lingers in /tmp/ray
-        # (ray.init() would otherwise try to join it, and hang if it is gone)
-        init_args.update(address="local", num_cpus=os.cpu_count() or 1)
     backend_config = {
         "client_resources": {"num_cpus": cfg.num_cpus_per_client, "num_gpus": cfg.num_gpus_per_client},
-        "init_args": init_args,
+        "init_args": ray_init_args(cfg.ray_address),
     }
     try:
         flower_run_simulation(
@@ -115,4 +182,3 @@ def _run_on_ray(cfg: SimConfig, run_dir: Path) -> list[dict[str, object]]:
     if "rows" not in result:
         raise RuntimeError(f"the simulation ended without finishing; see the log above (run directory {run_dir})")
     return result["rows"]
-

@@ -1,0 +1,316 @@
+"""A Flower ``Grid`` whose nodes run in a pool of Ray actors: the Message API and ClientApp, an engine of our own.
+
+Why not Flower's simulation engine (``flwr.simulation.run_simulation``, still
+available as ``backend=flower``): in Flower 1.41 its Ray backend puts a dead
+actor back into its pool, so one client process that exits or segfaults makes
+every later message routed to that actor fail; a hung client keeps the run
+from ever exiting; Ctrl-C does not stop it; and its in-memory link state scans
+every stored message per node every 0.1 s, so its overhead grows with the
+federation. This grid keeps what a strategy and a ClientApp see (Messages in,
+Messages out, one Context per node) and runs the ClientApp in actors:
+
+* **batched and streamed**: an actor gets a batch of messages per call and
+  streams each reply back as it is made (a Ray streaming generator), so the
+  per-call cost is paid per batch, and nothing finished is lost;
+* **dead actors are replaced**: the batch's unfinished messages are retried one
+  per call on a fresh actor, so the client that kills its process is found and
+  recorded ``failed``, and the healthy ones behind it still train;
+* **hung clients are abandoned** at the round's timeout: their actor is killed
+  and replaced; messages it had not started were already handed to idle actors;
+* **interruptible**: ``should_stop()`` is polled while waiting, and the round is
+  abandoned (:class:`RoundInterrupted`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+#: Error codes of replies the grid makes itself
+CLIENT_EXCEPTION, PROCESS_DIED = 0, 1
+
+
+class RoundInterrupted(RuntimeError):
+    """The round was abandoned because a stop was requested (Ctrl-C)."""
+
+
+def set_task_identity() -> None:
+    """Outside a Flower runtime, messages take their sender from TaskIdentity."""
+    for attr, value in (("run_id", 0), ("node_id", 0), ("task_id", 1)):
+        if getattr(TaskIdentity, "_" + attr) is None:
+            setattr(TaskIdentity, attr, value)
+
+
+def node_contexts(num_nodes: int) -> dict[int, Context]:
+    """Node ``i + 1`` has partition id ``i``, as in Flower's simulation."""
+    return {
+        i + 1: Context(run_id=0, node_id=i + 1, node_config={"partition-id": i, "num-partitions": num_nodes},
+                       state=RecordDict(), run_config={})
+        for i in range(num_nodes)
+    }
+
+
+def run_client_app(app: Any, msg: Message, context: Context) -> Message:
+    """The ClientApp's reply, or an error reply when it raises (a failing client never stops the server)."""
+    try:
+        return app(msg, context)
+    except Exception as err:  # noqa: BLE001
+        return Message(Error(code=CLIENT_EXCEPTION, reason=f"{type(err).__name__}: {err}"[-1000:]), reply_to=msg)
+
+
+class ClientWorker:
+    """A Ray actor that runs the ClientApp on batches of messages (instantiated through ``ray.remote``).
+
+    It runs with two threads: one works through a batch, the other takes
+    :meth:`cancel` calls for messages the driver moved to another actor.
+    """
+
+    def __init__(self, client_app_ref: str, env: dict[str, str], threads: int, sys_path: list[str]) -> None:
+        os.environ.update(env)
+        for path in reversed(sys_path):  # the driver's import path: modules named by reference import here too
+            if path not in sys.path and os.path.isdir(path):
+                sys.path.insert(0, path)
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        set_task_identity()
+        from .ray_engine import load_ref
+
+        self.app = load_ref(client_app_ref)
+        self.cancelled: set[tuple[int, int]] = set()  # (dispatch, message index)
+        self.lock = threading.Lock()
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def cancel(self, keys: list[tuple[int, int]]) -> None:
+        with self.lock:
+            self.cancelled.update(keys)
+
+    def run(self, dispatch: int, batch: list[tuple[int, Message, Context]]):  # type: ignore[no-untyped-def]
+        """For each message: ``("start", i)`` when it begins, ``("done", i, reply, context)`` when it ends.
+
+        ``dispatch`` numbers the grid's calls: a cancellation names the call it
+        is for, so a message moved away and later back is not skipped.
+        """
+        with self.lock:  # earlier calls are over: their cancellations are moot
+            self.cancelled = {k for k in self.cancelled if k[0] >= dispatch}
+        for i, msg, context in batch:
+            with self.lock:
+                skip = (dispatch, i) in self.cancelled
+            if skip:
+                continue
+            yield ("start", i)
+            yield ("done", i, run_client_app(self.app, msg, context), context)
+
+
+@dataclass
+class _Running:
+    """An actor's current call: the generator of its batch and what of the batch has started."""
+
+    gen: Any
+    dispatch: int
+    batch: list[int]
+    started: set[int] = field(default_factory=set)
+
+
+class RayGrid(Grid):
+    """Nodes ``1..num_nodes`` (partition ids ``0..num_nodes-1``) served by ``num_actors`` Ray actors.
+
+    Parameters
+    ----------
+    client_app_ref : str
+        The ClientApp as a reference (``"package.module:app"``), imported in each actor.
+    num_nodes : int
+        Clients in the federation.
+    num_actors : int
+        Actors in the pool (each with ``actor_options``' resources).
+    actor_options : dict
+        ``num_cpus``/``num_gpus`` of each actor (Ray's ``.options``).
+    env : dict
+        Environment variables set in every actor (Flower's quiet settings).
+    batch_size : int, optional
+        Messages per actor call; default: a round's messages split into 4 batches per actor.
+    should_stop : callable, optional
+        Polled while waiting; when it returns True the round is abandoned.
+    """
+
+    def __init__(
+        self,
+        client_app_ref: str,
+        num_nodes: int,
+        *,
+        num_actors: int,
+        actor_options: dict[str, Any],
+        env: dict[str, str] | None = None,
+        batch_size: int | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        import ray
+
+        self._ray = ray
+        self.contexts = node_contexts(num_nodes)
+        self._run = Run.create_empty(run_id=0)
+        set_task_identity()
+        self.client_app_ref = client_app_ref
+        self.actor_options = dict(actor_options)
+        self.env = dict(env or {})
+        self.threads = max(1, int(self.actor_options.get("num_cpus", 1)))
+        self.sys_path = [os.path.abspath(p or os.getcwd()) for p in sys.path]
+        self.batch_size = batch_size
+        self.should_stop = should_stop
+        self._remote = ray.remote(ClientWorker)
+        self.actors = [self._new_actor() for _ in range(max(1, num_actors))]
+        self.restarts = 0  # actors replaced after a death or a hang
+        self._dispatches = 0
+
+    def _new_actor(self):  # type: ignore[no-untyped-def]
+        return self._remote.options(max_concurrency=2, **self.actor_options).remote(
+            self.client_app_ref, self.env, self.threads, self.sys_path)
+
+    def _replace(self, slot: int) -> None:
+        self._ray.kill(self.actors[slot], no_restart=True)
+        self.actors[slot] = self._new_actor()
+        self.restarts += 1
+
+    # -- Grid API -----------------------------------------------------------------------------
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError("RayGrid only supports send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError("RayGrid only supports send_and_receive")
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Every message through the ClientApp of its node; the replies that came within ``timeout``.
+
+        A client whose process dies gets an error reply; one still running at
+        ``timeout`` gets none (the server records it as timed out).
+        """
+        ray = self._ray
+        messages = list(messages)
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        batch = self.batch_size or max(1, math.ceil(len(messages) / (4 * len(self.actors))))
+        queue: deque[list[int]] = deque(
+            list(range(i, min(i + batch, len(messages)))) for i in range(0, len(messages), batch)
+        )
+        replies: dict[int, Message] = {}
+        running: dict[int, _Running] = {}
+        while queue or running:
+            for slot in range(len(self.actors)):  # hand out work to idle actors
+                if slot not in running:
+                    if not queue:
+                        self._steal(queue, running, replies)
+                    if queue:
+                        ids = queue.popleft()
+                        items = [(i, messages[i], self.contexts[messages[i].metadata.dst_node_id]) for i in ids]
+                        self._dispatches += 1
+                        gen = self.actors[slot].run.options(num_returns="streaming").remote(self._dispatches, items)
+                        running[slot] = _Running(gen, self._dispatches, ids)
+            if not running:
+                break
+            if self.should_stop():
+                for slot in list(running):
+                    self._replace(slot)
+                raise RoundInterrupted("stop requested")
+            wait = min(0.2, max(0.0, deadline - time.monotonic()))
+            ready, _ = ray.wait([r.gen for r in running.values()], num_returns=len(running), timeout=wait)
+            ready_ids = {id(g) for g in ready}
+            for slot, job in list(running.items()):
+                if id(job.gen) in ready_ids:
+                    self._advance(slot, job, running, queue, messages, replies)
+            if time.monotonic() >= deadline:
+                for slot in list(running):  # abandon whatever is still running (hung or slow clients)
+                    self._replace(slot)
+                break
+        return [replies[i] for i in sorted(replies)]
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _advance(
+        self,
+        slot: int,
+        job: _Running,
+        running: dict[int, _Running],
+        queue: deque[list[int]],
+        messages: list[Message],
+        replies: dict[int, Message],
+    ) -> None:
+        ray = self._ray
+        try:
+            item = ray.get(next(job.gen))
+        except StopIteration:
+            del running[slot]
+            return
+        except ray.exceptions.RayActorError as err:
+            del running[slot]
+            self._replace(slot)
+            unfinished = [i for i in job.batch if i not in replies]
+            in_flight = [i for i in unfinished if i in job.started]
+            if len(in_flight) == 1 or len(unfinished) == 1:  # the client that was running killed its process
+                i = (in_flight or unfinished)[0]
+                reason = f"client process died: {str(err).splitlines()[0][:200]}"
+                replies[i] = Message(Error(code=PROCESS_DIED, reason=reason), reply_to=messages[i])
+                rest = [j for j in unfinished if j != i]
+                if rest:
+                    queue.appendleft(rest)
+            else:  # which one died is unknown: retry one per call to find it; the healthy ones still train
+                queue.extendleft([i] for i in reversed(unfinished))
+            return
+        if item[0] == "start":
+            job.started.add(item[1])
+        else:
+            _, i, reply, context = item
+            if i not in replies:  # a message moved to another actor may come back twice: the first counts
+                replies[i] = reply
+                self.contexts[messages[i].metadata.dst_node_id] = context
+
+    def _steal(self, queue: deque[list[int]], running: dict[int, _Running], replies: dict[int, Message]) -> None:
+        """Move the messages a busy actor has not started to the queue, for an idle actor.
+
+        The busy actor is told to skip them; should one start before it hears
+        so, the first reply counts.
+        """
+        best, waiting = None, []
+        for slot, job in running.items():
+            unstarted = [i for i in job.batch if i not in job.started and i not in replies]
+            if len(unstarted) > len(waiting):
+                best, waiting = slot, unstarted
+        if best is None:
+            return
+        job = running[best]
+        if not (job.started - set(replies)):  # nothing in flight there yet: take the second half, if any
+            if len(waiting) < 2:
+                return
+            waiting = waiting[len(waiting) // 2:]
+        self.actors[best].cancel.remote([(job.dispatch, i) for i in waiting])
+        job.batch = [i for i in job.batch if i not in waiting]
+        queue.append(waiting)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            self._ray.kill(actor, no_restart=True)
+        self.actors = []

@@ -1,0 +1,153 @@
+"""The Ray grid for real: exactly one reply per message, dead and hung clients, Ctrl-C and resume, determinism."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from maestro_fl.config import SimConfig, resolve
+from strategies.runners.ray_engine import run_simulation
+from tests.test_simulation import always_online_population, local
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+#: columns that depend on wall-clock time, not on the computation
+WALL = {"wall_seconds", "train_wall_seconds", "server_seconds", "wall_s"}
+
+ECHO_APP = '''
+import random, time
+from flwr.app import Message, RecordDict, MetricRecord, Context
+from flwr.clientapp import ClientApp
+app = ClientApp()
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    time.sleep(random.random() * 0.01)
+    return Message(RecordDict({"metrics": MetricRecord({"pid": int(context.node_config["partition-id"])})}),
+                   reply_to=msg)
+'''
+
+
+def test_every_message_gets_exactly_one_reply_while_idle_actors_steal_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ray
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from strategies.runners.ray_grid import RayGrid
+
+    (tmp_path / "echo_app.py").write_text(ECHO_APP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="error", log_to_driver=False)
+    try:
+        grid = RayGrid("echo_app:app", 300, num_actors=2, actor_options={"num_cpus": 1})
+        for _ in range(6):
+            msgs = [Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=n,
+                            message_type=MessageType.TRAIN) for n in range(1, 151)]
+            got = [m.metadata.src_node_id for m in grid.send_and_receive(msgs, timeout=60)]
+            assert sorted(got) == list(range(1, 151))
+        grid.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def config(tmp_path: Path, **kw: object) -> SimConfig:
+    trace = always_online_population(tmp_path / "population.csv", 10)
+    return resolve(SimConfig, overrides={"model": "mlp", "num_clients": 10, "clients_per_round": 10, "rounds": 3,
+                                        "local_epochs": 1, "partition": "iid", "progress": False,
+                                        "population_csv": str(trace), "out_dir": str(tmp_path)} | kw)
+
+
+def test_dead_and_hung_clients_cost_one_client_round_each_on_ray(tmp_path: Path, flwr_home: str) -> None:
+    """Process exits, a segfault and a hang are recorded; the run ends; later rounds are untouched."""
+    faults = "1:exit@1,2:segfault@2,3:hang@2,4:raise,5:huge,6:duplicate,7:exit@3"
+    started = time.monotonic()
+    run = run_simulation(config(tmp_path, backend="ray", run_name="faults", fault_injection=faults,
+                                round_timeout_s=15.0))
+    assert time.monotonic() - started < 120
+    clients = pd.read_csv(run / "clients.csv", keep_default_na=False)
+    status = {(r.partition_id, r.round): (r.status, r.reason) for r in clients.itertuples()}
+    assert status[(1, 1)][0] == "failed" and "process died" in status[(1, 1)][1]
+    assert status[(2, 2)][0] == "failed" and "process died" in status[(2, 2)][1]
+    assert status[(7, 3)][0] == "failed" and "process died" in status[(7, 3)][1]
+    assert status[(3, 2)] == ("timeout", "no reply within round_timeout_s")
+    assert all(status[(4, r)][0] == "failed" for r in (1, 2, 3))
+    assert all(status[(5, r)][0] == "malformed" for r in (1, 2, 3))
+    assert all(status[(6, r)] == ("ok", "a second reply was ignored") for r in (1, 2, 3))
+    for pid in (0, 8, 9):  # healthy every round, also after the deaths
+        assert all(status[(pid, r)][0] == "ok" for r in (1, 2, 3))
+    for pid in (1, 2, 3, 7):  # the faulty clients are healthy in the other rounds
+        assert sum(status[(pid, r)][0] == "ok" for r in (1, 2, 3)) == 2
+    assert pd.read_csv(run / "rounds.csv")["round"].tolist() == [1, 2, 3]
+
+
+def deterministic(run: Path) -> dict[str, pd.DataFrame]:
+    out = {}
+    for table in ("rounds.csv", "tiers.csv", "clients.csv"):
+        df = pd.read_csv(run / table, keep_default_na=False)
+        out[table] = df.drop(columns=[c for c in df.columns if c in WALL or c == "node_id"])
+    return out
+
+
+def assert_same_tables(a: Path, b: Path) -> None:
+    ta, tb = deterministic(a), deterministic(b)
+    for name in ta:
+        pd.testing.assert_frame_equal(ta[name], tb[name], check_exact=True, obj=name)
+
+
+def test_the_same_seed_gives_identical_tables_on_local_and_on_ray(tmp_path: Path, flwr_home: str) -> None:
+    """Client training runs on one thread whatever the process has, so local (2 threads here) = Ray (1 per actor)."""
+    cfg = config(tmp_path, partition="dirichlet", rounds=3)
+    ray_run = run_simulation(resolve(SimConfig, overrides={**vars(cfg), "backend": "ray", "run_name": "ray"}))
+    local_run = run_simulation(resolve(SimConfig, overrides={**vars(cfg), "backend": "local", "run_name": "local"}))
+    assert_same_tables(ray_run, local_run)
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "import sys; from strategies.cli import main; sys.exit(main(sys.argv[1:]))", *args]
+
+
+def test_ctrl_c_mid_round_then_resume_gives_the_tables_of_an_uninterrupted_run(tmp_path: Path, flwr_home: str) -> None:
+    """SIGINT while round 2 waits for a hung client: exit 130, tables and checkpoint at round 1, resume = uninterrupted."""
+    trace = always_online_population(tmp_path / "population.csv", 10)
+    args = ["model=mlp", "num_clients=10", "clients_per_round=10", "rounds=3", "local_epochs=1", "partition=iid",
+            "progress=false", f"population_csv={trace}", f"out_dir={tmp_path}", "fault_injection=3:hang@2",
+            "round_timeout_s=8", "backend=ray"]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    full = subprocess.run(cli("simulate", *args, "run_name=full"), env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    proc = subprocess.Popen(cli("simulate", *args, "run_name=cut"), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    rounds = tmp_path / "cut" / "rounds.csv"
+    deadline = time.monotonic() + 180
+    while not (rounds.exists() and len(rounds.read_text().splitlines()) >= 2):  # round 1 is written
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before round 1"
+        time.sleep(0.1)
+    time.sleep(1.0)  # round 2 is waiting on the hung client
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "maestro-fl simulate resume=" in err
+    assert pd.read_csv(rounds)["round"].tolist() == [1]
+
+    resumed = subprocess.run(cli("simulate", f"resume={tmp_path / 'cut'}", "backend=ray"), env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_tables(tmp_path / "full", tmp_path / "cut")
+
+
+def test_the_local_backend_matches_the_in_process_grid_of_the_tests(tmp_path: Path) -> None:
+    """run_simulation(backend=local) and the tests' LocalGrid helper run the same server loop."""
+    cfg = config(tmp_path, backend="local", rounds=2)
+    a = run_simulation(resolve(SimConfig, overrides={**vars(cfg), "run_name": "a"}))
+    local(cfg, tmp_path / "b")
+    assert_same_tables(a, tmp_path / "b")
