@@ -30,7 +30,7 @@ from maestro_fl.dlrt import KLSIntegrator, dlrt_factorize  # noqa: E402
 from maestro_fl.footprint import footprint  # noqa: E402
 from maestro_fl.models import InputSpec, build_model  # noqa: E402
 
-MODELS = {"resnet18": InputSpec(3, 32, 10), "cnn": InputSpec(1, 8, 10)}
+MODELS = {"resnet18": InputSpec.image(3, 32, 10), "cnn": InputSpec.image(1, 8, 10)}
 
 
 def _sync(device: torch.device) -> None:

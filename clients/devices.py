@@ -67,8 +67,8 @@ def tier_assignment(num_clients: int, shares: tuple[float, ...], seed: int) -> n
 
 def device_for(partition_id: int, cfg: SimConfig) -> DeviceCapability:
     """The device client ``partition_id`` runs on (deterministic in seed and partition id)."""
-    if cfg.population_csv:
-        return load_trace(cfg.population_csv, cfg.num_clients)[partition_id]
+    if cfg.devices:
+        return load_trace(cfg.devices, cfg.num_clients)[partition_id]
     tiers = tier_table(cfg)
     return tiers[int(_assignment(cfg.num_clients, cfg.tier_shares, cfg.seed)[partition_id])]
 

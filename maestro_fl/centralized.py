@@ -88,7 +88,8 @@ def run_train(cfg: TrainConfig) -> Path:
     cfg.validate()
     device = resolve_device(cfg.device)
     gen = seed_everything(cfg.seed)
-    data = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
+    data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, samples=cfg.dataset_samples,
+                        label_column=cfg.label_column, input_column=cfg.input_column)
     name = cfg.run_name or f"train-{cfg.dataset}-{cfg.model}-s{cfg.seed}-{timestamp()}"
     run_dir = new_run_dir(cfg.out_dir, name)
     RunDir(run_dir).save_config(cfgmod.to_dict(cfg))

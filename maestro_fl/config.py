@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 from .data import DATASETS
 from .models import MODELS, NORMS
+from .references import UnresolvedReference, is_reference
+from .references import resolve as resolve_reference
 from .training import SAMPLERS
 
 
@@ -39,8 +41,11 @@ class TrainConfig:
     """Centralized low-rank training (``maestro-fl train``): train once, deploy at many ranks."""
 
     method: str = "lod"  # 'lod' (Maestro) or 'dlrt' (rank-adaptive KLS integrator, Schotthöfer et al.)
-    dataset: str = "digits"  # embedded in scikit-learn: works offline, trains in seconds
+    dataset: str = "digits"  # embedded in scikit-learn: works offline, trains in seconds (see maestro_fl/data.py)
     data_root: str = "data"  # where torchvision datasets are read from (or downloaded to)
+    dataset_samples: int = 0  # generated datasets (mnist1d): how many; 0 = the generator's own 5,000
+    label_column: str = "label"  # tabular sources (Hugging Face, parquet, saved): the label column
+    input_column: str = ""  # the input column; '' = every other column
     download: bool = False  # never touch the network unless asked
     model: str = "cnn"  # ~160k weights; fits digits in about a minute on 2 cores
     norm: str = "default"  # 'default' = the model's own ('bn' for ResNet/VGG, none for small nets)
@@ -72,8 +77,8 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         check_one_of("method", self.method, ("lod", "dlrt"))
-        check_one_of("dataset", self.dataset, DATASETS)
-        check_one_of("model", self.model, tuple(MODELS))
+        check_dataset(self)
+        check_model(self.model)
         check_one_of("norm", self.norm, ("default", *NORMS))
         check_one_of("init", self.init, ("svd", "random"))
         check_one_of("sampler", self.sampler, SAMPLERS)
@@ -98,15 +103,48 @@ class TrainConfig:
         check_non_negative("lambda_gl", self.lambda_gl)
         check_non_negative("shrink_eps", self.shrink_eps)
         check_non_negative("keep_first", self.keep_first)
-        if self.dataset != "digits" and not self.download and not Path(self.data_root).exists():
-            raise ConfigError(
-                f"data_root: {self.data_root!r} does not exist; dataset {self.dataset!r} is read from there "
-                "(set data_root to the folder that holds it, or download=true to fetch it)"
-            )
         return self
 
 
 # -- field checks -----------------------------------------------------------
+def check_dataset(cfg: TrainConfig | SimConfig) -> None:
+    """A built-in name, ``hf:NAME``, an existing path, or a reference that imports; a torchvision root that exists."""
+    name = cfg.dataset
+    if name in DATASETS or name.startswith("hf:"):
+        pass
+    elif is_reference(name):
+        check_reference("dataset", name)
+    elif not Path(name).exists():
+        raise ConfigError(f"dataset must be one of {list(DATASETS)}, 'hf:NAME', an existing path (a saved dataset, "
+                          f"a .parquet file, an image folder) or a reference 'package.module:attr'; got {name!r}")
+    if name in ("mnist", "fashion_mnist", "cifar10") and not cfg.download and not Path(cfg.data_root).exists():
+        raise ConfigError(
+            f"data_root: {cfg.data_root!r} does not exist; dataset {name!r} is read from there "
+            "(set data_root to the folder that holds it, or download=true to fetch it)"
+        )
+    check_non_negative("dataset_samples", cfg.dataset_samples)
+
+
+def check_model(name: str) -> None:
+    """A built-in model or a reference to an ``nn.Module`` or a function building one."""
+    if name in MODELS:
+        return
+    if not is_reference(name):
+        raise ConfigError(f"model must be one of {sorted(MODELS)} or a reference 'package.module:attr' "
+                          f"(an nn.Module, or a function building one), got {name!r}")
+    obj = check_reference("model", name)
+    if not callable(obj):
+        raise ConfigError(f"model: {name!r} is a {type(obj).__name__}, not an nn.Module or a function building one")
+
+
+def check_reference(field: str, reference: str) -> object:
+    try:
+        return resolve_reference(reference, field)
+    except UnresolvedReference as err:
+        raise ConfigError(str(err)) from None
+
+
+
 def check_one_of(name: str, value: object, allowed: Sequence[object]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
@@ -210,8 +248,12 @@ class SimConfig:
 
     strategy: str = "fedlod"  # the method: a name in maestro_fl.methods.METHODS (each module there says what it is)
     # -- data and model --
-    dataset: str = "digits"  # embedded: the main job runs offline
+    dataset: str = "digits"  # embedded: the main job runs offline (what else it may be: maestro_fl/data.py)
     data_root: str = "data"  # where torchvision datasets are read from (or downloaded to)
+    dataset_samples: int = 0  # generated datasets (mnist1d): how many; 0 = the generator's own 5,000
+    label_column: str = "label"  # tabular sources (Hugging Face, parquet, saved): the label column
+    input_column: str = ""  # the input column; '' = every other column
+    partition_by: str = ""  # partition='natural': the column whose values are the clients (a writer id)
     download: bool = False  # never touch the network unless asked
     model: str = "cnn"  # ~160k weights: 50 clients x 30 rounds fit in a few minutes on 2 cores
     norm: str = "gn"  # GroupNorm: batch-independent, so safe under non-IID data; with it lr 0.1 is stable
@@ -222,7 +264,9 @@ class SimConfig:
     num_clients: int = 50  # the smallest federation the main job must show; FjORD/HeteroFL use 100
     clients_per_round: int = 20  # 40% participation: with 10, the full tier needs ~2x the rounds
     rounds: int = 60  # the full-rank tier passes 90% at ~40 rounds and is at ~93% by 50-60
-    partition: str = "dirichlet"  # label-skewed non-IID, the common FL benchmark setting
+    partition: str = "dirichlet"  # label-skewed non-IID, the common FL benchmark setting; or iid, pathological,
+    # natural (one client per value of partition_by, as FEMNIST is split by writer)
+    min_partition_size: int = 10  # Dirichlet redraws until every client holds this many (flwr-datasets' default)
     alpha: float = 0.5  # Dirichlet concentration: clearly non-IID, every client keeps several classes
     classes_per_client: int = 2  # for partition='pathological' (McMahan et al.)
     val_fraction: float = 0.1  # each client's held-out validation share
@@ -241,7 +285,8 @@ class SimConfig:
     heterofl_label_mask: bool = False  # HeteroFL's masked classifier: 1.5-1.9 pp lower per tier here (3 seeds)
     # -- devices --
     tier_shares: tuple[float, ...] = (0.2, 0.2, 0.2, 0.2, 0.2)  # five tiers in equal shares (FjORD, HeteroFL)
-    population_csv: str = ""  # per-client capabilities (a FedScale-like trace); overrides tier_shares
+    devices: str = ""  # '' = the built-in tiers in tier_shares; a CSV trace of per-client capabilities
+    # (FedScale-like), or a reference 'package.module:attr' to a population (maestro_fl/population.py)
     tier_mode: str = "fixed"  # 'fixed': a client keeps its tier; 'dynamic': redrawn every round (HeteroFL)
     tier_fractions: tuple[float, ...] = ()  # explicit rank fraction per tier; () = derive from each device
     compute_budget_s: float = 15.0  # per-round compute a device may spend: tiers land at ~0.15/0.25/0.4/0.7/1 rank
@@ -273,11 +318,14 @@ class SimConfig:
 
     def validate(self) -> SimConfig:
         check_one_of("strategy", self.strategy, strategies())
-        check_one_of("dataset", self.dataset, DATASETS)
-        check_one_of("model", self.model, tuple(MODELS))
+        check_dataset(self)
+        check_model(self.model)
         check_one_of("norm", self.norm, ("default", *NORMS))
         check_one_of("init", self.init, ("svd", "random"))
-        check_one_of("partition", self.partition, ("iid", "dirichlet", "pathological"))
+        check_one_of("partition", self.partition, ("iid", "dirichlet", "pathological", "natural"))
+        if (self.partition == "natural") != bool(self.partition_by):
+            raise ConfigError("partition='natural' and partition_by=COLUMN go together (one client per value of the column)")
+        check_positive("min_partition_size", self.min_partition_size)
         check_one_of("sampler", self.sampler, SAMPLERS)
         check_one_of("tier_mode", self.tier_mode, ("fixed", "dynamic"))
         check_non_negative("keep_first", self.keep_first)
@@ -317,26 +365,21 @@ class SimConfig:
                     f"{self.strategy!r} (aggregation {self.aggregation!r}) rebuilds products or masks rows")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
-        if not self.population_csv:
+        if not self.devices:
             if not self.tier_shares or any(s < 0 for s in self.tier_shares) or sum(self.tier_shares) <= 0:
                 raise ConfigError(f"tier_shares must be non-negative with a positive sum, got {self.tier_shares!r}")
         else:
             from .population import PopulationError, load_population
 
             try:
-                load_population(self.population_csv, self.num_clients)
-            except PopulationError as err:
+                load_population(self.devices, self.num_clients)
+            except (PopulationError, UnresolvedReference) as err:
                 raise ConfigError(str(err)) from None
         for i, p in enumerate(self.tier_fractions):
             check_fraction(f"tier_fractions[{i}]", p)
-        if self.tier_fractions and not self.population_csv and len(self.tier_fractions) != len(self.tier_shares):
+        if self.tier_fractions and not self.devices and len(self.tier_fractions) != len(self.tier_shares):
             raise ConfigError(
                 f"tier_fractions has {len(self.tier_fractions)} entries but there are {len(self.tier_shares)} tiers"
-            )
-        if self.dataset != "digits" and not self.download and not Path(self.data_root).exists():
-            raise ConfigError(
-                f"data_root: {self.data_root!r} does not exist; dataset {self.dataset!r} is read from there "
-                "(set data_root to the folder that holds it, or download=true to fetch it)"
             )
         if self.resume and not (Path(self.resume) / "config.json").is_file():
             raise ConfigError(f"resume: {self.resume!r} is not a run directory (no config.json)")

@@ -1,6 +1,6 @@
 """Turning any ``nn.Module`` into an LoD model and back.
 
-``factorize`` replaces Linear/Conv2d layers by :class:`~maestro_fl.layers.LoDLayer`
+``factorize`` replaces Linear/Conv1d/Conv2d layers by :class:`~maestro_fl.layers.LoDLayer`
 (SVD or fresh initialization, ranks chosen explicitly, by a global fraction or
 by an energy threshold). ``extract`` cuts a trained LoD model down to given
 ranks and returns a standalone smaller model; ``to_dense`` goes back to plain
@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -84,6 +85,148 @@ def active_ranks(model: nn.Module, ranks: Mapping[str, int] | None) -> Iterator[
             m.active_rank = saved[n]
 
 
+#: the layer types factorize() replaces (exact types: see plan_factorization for subclasses)
+FACTORIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """What :func:`factorize` does with one module or parameter, and why."""
+
+    name: str  # every name the module is registered under, joined by ' = '
+    kind: str  # the module's class, or 'parameter'
+    rank: int | None  # the LoD rank, when factorized
+    reason: str  # why it stays dense ('' when factorized)
+
+    @property
+    def factorized(self) -> bool:
+        return self.rank is not None
+
+
+@dataclass(frozen=True)
+class FactorizationPlan:
+    """Every candidate of a model, factorized or left dense with the reason; printable as a table."""
+
+    decisions: tuple[LayerDecision, ...]
+
+    @property
+    def factorized(self) -> tuple[LayerDecision, ...]:
+        return tuple(d for d in self.decisions if d.factorized)
+
+    def __str__(self) -> str:
+        width = max((len(d.name) for d in self.decisions), default=4)
+        lines = [f"{'layer':<{width}}  {'kind':<14}  decision"]
+        for d in self.decisions:
+            what = f"LoD rank {d.rank}" if d.factorized else f"dense: {d.reason}"
+            lines.append(f"{d.name:<{width}}  {d.kind:<14}  {what}")
+        return "\n".join(lines)
+
+
+def plan_factorization(
+    model: nn.Module,
+    rank: float | Mapping[str, int] | None = None,
+    *,
+    energy: float | None = None,
+    keep_first: int = 0,
+    keep_classifier: bool = False,
+    skip_unprofitable: bool = False,
+) -> FactorizationPlan:
+    """Decide, for every candidate of ``model``, whether :func:`factorize` replaces it and at which rank.
+
+    The rule for what stays dense, in order:
+
+    * modules that are not exactly ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``:
+      a subclass may change ``forward``, or be read directly by its parent
+      (``nn.MultiheadAttention`` reads its ``out_proj.weight``);
+    * a layer whose weight is shared with another module (tied weights): factoring
+      one would untie them;
+    * grouped or non-zero-padded convolutions (no unfolded-kernel factorization);
+    * vector-like layers, whose rank-1 factors are no smaller (``m + n ≥ m·n``);
+    * the first ``keep_first`` candidates and, with ``keep_classifier``, the last Linear;
+    * with ``skip_unprofitable``, layers whose chosen rank saves nothing (``r·(m + n) ≥ m·n``).
+
+    Parameters of other modules (an attention's ``in_proj_weight``, an
+    embedding) are listed as not factorizable. A module registered under
+    several names is one decision, and stays one module.
+    """
+    if rank is not None and energy is not None:
+        raise ValueError("factorize: give either rank or energy, not both")
+    if isinstance(rank, float | int) and not isinstance(rank, bool):
+        check_fraction("rank", float(rank))
+    if energy is not None:
+        check_fraction("energy", energy)
+    if keep_first < 0:
+        raise ValueError(f"keep_first must be >= 0, got {keep_first}")
+    names: dict[int, list[str]] = {}
+    modules: dict[int, nn.Module] = {}
+    for name, module in _walk(model):
+        names.setdefault(id(module), []).append(name)
+        modules[id(module)] = module
+    owners: dict[int, set[int]] = {}  # parameter -> the modules holding it directly
+    for key, module in modules.items():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(key)
+    candidates = [k for k, m in modules.items() if type(m) in FACTORIZABLE]
+    if isinstance(rank, Mapping):
+        known = {n for k in candidates for n in names[k]}
+        unknown = sorted(set(rank) - known)
+        if unknown:
+            raise ValueError(f"rank: unknown layers {unknown}; factorizable layers are {sorted(known)}")
+    classifier = next((k for k in reversed(candidates) if type(modules[k]) is nn.Linear), None)
+    decisions: list[LayerDecision] = []
+    for key, module in modules.items():
+        label, kind = " = ".join(names[key]), type(module).__name__
+        if isinstance(module, LoDLayer):
+            continue
+        if isinstance(module, FACTORIZABLE) and type(module) not in FACTORIZABLE:
+            decisions.append(LayerDecision(label, kind, None, f"a subclass of {type(module).__mro__[1].__name__}"))
+            continue
+        if key not in candidates:
+            for pname, p in module.named_parameters(recurse=False):
+                if p.ndim >= 2:
+                    decisions.append(LayerDecision(f"{label}.{pname}", "parameter", None,
+                                                   f"a raw {tuple(p.shape)} parameter of {kind}: not factorizable"))
+            continue
+        w = module.weight
+        m, n = w.shape[0], w[0].numel()
+        full = min(m, n)
+        index = candidates.index(key)
+        reason = ""
+        if len(owners.get(id(w), ())) > 1:
+            others = sorted(" = ".join(names[o]) for o in owners[id(w)] if o != key)
+            reason = f"its weight is tied to {others}"
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d)) and (module.groups != 1 or module.padding_mode != "zeros"):
+            reason = "grouped or non-zero-padded convolution"
+        elif m + n >= m * n:
+            reason = f"vector-like ({m}x{n}): factors would be no smaller"
+        elif index < keep_first:
+            reason = f"keep_first={keep_first}"
+        elif keep_classifier and key == classifier:
+            reason = "keep_classifier"
+        if reason:
+            decisions.append(LayerDecision(label, kind, None, reason))
+            continue
+        if rank is None and energy is None:
+            r = full
+        elif energy is not None:
+            sq = singular_values(module).double().pow(2)
+            kept = sq.cumsum(0) / sq.sum()
+            r = int((kept < energy - 1e-12).sum().item()) + 1
+        elif isinstance(rank, Mapping):
+            given = [rank[n] for n in names[key] if n in rank]
+            r = int(given[0]) if given else full
+            if not 1 <= r <= full:
+                raise ValueError(f"rank[{names[key][0]!r}] = {r}; allowed: an integer in [1, {full}] (min(out, in·∏k))")
+        else:
+            r = ceil_rank(float(rank), full)
+        r = min(r, full)
+        if skip_unprofitable and r * (m + n) >= m * n:
+            decisions.append(LayerDecision(label, kind, None, f"rank {r} saves nothing (skip_unprofitable)"))
+            continue
+        decisions.append(LayerDecision(label, kind, r, ""))
+    return FactorizationPlan(tuple(decisions))
+
+
 def factorize(
     model: nn.Module,
     rank: float | Mapping[str, int] | None = None,
@@ -94,8 +237,9 @@ def factorize(
     keep_classifier: bool = False,
     skip_unprofitable: bool = False,
     generator: torch.Generator | None = None,
+    verbose: bool = False,
 ) -> nn.Module:
-    """Replace the model's Linear/Conv2d layers by LoD layers, in place.
+    """Replace the model's Linear/Conv1d/Conv2d layers by LoD layers, in place.
 
     Parameters
     ----------
@@ -119,56 +263,26 @@ def factorize(
         Leave the last Linear layer dense.
     skip_unprofitable : bool
         Leave a layer dense when its chosen rank saves no parameters.
+    verbose : bool
+        Print the plan: every layer, factorized or dense and why.
 
     Notes
     -----
-    The rule for layers that stay dense: grouped or non-zero-padded
-    convolutions (no unfolded-kernel factorization), vector-like layers whose
-    rank-1 factors are already no smaller than the weight (``m + n ≥ m·n``),
-    the layers excluded by ``keep_first``/``keep_classifier``, and, with
-    ``skip_unprofitable``, layers whose rank gives ``r·(m + n) ≥ m·n``.
+    What stays dense, and why, is :func:`plan_factorization`'s rule; call it to
+    read the plan before factorizing. A module registered under several names
+    is replaced by one LoD layer under all of them (it stays shared).
     """
-    if rank is not None and energy is not None:
-        raise ValueError("factorize: give either rank or energy, not both")
-    if isinstance(rank, float | int) and not isinstance(rank, bool):
-        check_fraction("rank", float(rank))
-    if energy is not None:
-        check_fraction("energy", energy)
-    if keep_first < 0:
-        raise ValueError(f"keep_first must be >= 0, got {keep_first}")
-    candidates = [(n, m) for n, m in _walk(model) if type(m) in (nn.Linear, nn.Conv2d)]
-    if isinstance(rank, Mapping):
-        names = {n for n, _ in candidates}
-        unknown = sorted(set(rank) - names)
-        if unknown:
-            raise ValueError(f"rank: unknown layers {unknown}; factorizable layers are {sorted(names)}")
-    classifier = next((n for n, m in reversed(candidates) if isinstance(m, nn.Linear)), None)
-    for i, (name, layer) in enumerate(candidates):
-        if i < keep_first or (keep_classifier and name == classifier):
-            continue
-        w = layer.weight
-        m, n = w.shape[0], w[0].numel()
-        if m + n >= m * n:
-            continue
-        full = min(m, n)
-        if rank is None and energy is None:
-            r = full
-        elif energy is not None:
-            sq = singular_values(layer).double().pow(2)
-            kept = sq.cumsum(0) / sq.sum()
-            r = int((kept < energy - 1e-12).sum().item()) + 1
-        elif isinstance(rank, Mapping):
-            r = int(rank.get(name, full))
-            if not 1 <= r <= full:
-                raise ValueError(f"rank[{name!r}] = {r}; allowed: an integer in [1, {full}] (min(out, in·k·k))")
-        else:
-            r = ceil_rank(float(rank), full)
-        r = min(r, full)
-        if skip_unprofitable and r * (m + n) >= m * n:
-            continue
-        lod = lod_from_dense(layer, r, init=init, generator=generator)
+    plan = plan_factorization(model, rank, energy=energy, keep_first=keep_first, keep_classifier=keep_classifier,
+                              skip_unprofitable=skip_unprofitable)
+    if verbose:
+        print(plan)
+    by_name = {n: m for n, m in _walk(model)}
+    for decision in plan.factorized:
+        names = decision.name.split(" = ")
+        lod = lod_from_dense(by_name[names[0]], decision.rank, init=init, generator=generator)  # type: ignore[arg-type]
         if lod is not None:
-            _set_module(model, name, lod)
+            for name in names:
+                _set_module(model, name, lod)
     return model
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 from abc import ABCMeta, abstractmethod
 
 import copy
+import math
 from collections.abc import Callable
 
 import torch
@@ -36,7 +37,7 @@ from torch import nn
 
 from .convert import _set_module, _walk, lod_layers
 from .data import Split
-from .layers import LoDConv2d, LoDLayer, LoDLinear
+from .layers import LoDConv, LoDConv1d, LoDConv2d, LoDLayer, LoDLinear
 from .training import EpochStats, Step, WholeModel, run_epoch
 
 
@@ -157,27 +158,33 @@ class DLRTLinear(DLRTLayer):
         return LoDLinear(self.fan_in, self.fan_out, rank, bias=self.bias is not None).to(self.U.device)
 
 
-class DLRTConv2d(DLRTLayer):
-    """The kernel unfolded to ``out × (in·k·k)``: ``Vᵀ`` acts as a k×k convolution into r channels."""
+class DLRTConv(DLRTLayer):
+    """The kernel unfolded to ``out × (in·∏k)``: ``Vᵀ`` acts as a convolution into r channels (1-D or 2-D)."""
 
-    def __init__(self, conv: nn.Conv2d, rank: int, max_rank: int | None = None, min_rank: int = 2) -> None:
-        kh, kw = conv.kernel_size
-        super().__init__(conv.out_channels, conv.in_channels * kh * kw, rank, conv.bias is not None, max_rank, min_rank)
-        self.in_channels, self.kernel_size = conv.in_channels, conv.kernel_size
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d, rank: int, max_rank: int | None = None, min_rank: int = 2) -> None:
+        super().__init__(conv.out_channels, conv.in_channels * math.prod(conv.kernel_size), rank, conv.bias is not None,
+                         max_rank, min_rank)
+        self.in_channels, self.kernel_size = conv.in_channels, tuple(conv.kernel_size)
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.dims = len(self.kernel_size)
+        self._conv = F.conv1d if self.dims == 1 else F.conv2d
 
     def _apply_factors(self, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         q = right.shape[1]
-        h = F.conv2d(x, right.T.reshape(q, self.in_channels, *self.kernel_size), None,
-                     self.stride, self.padding, self.dilation)
-        return F.conv2d(h, left.reshape(self.fan_out, q, 1, 1))
+        h = self._conv(x, right.T.reshape(q, self.in_channels, *self.kernel_size), None,
+                       self.stride, self.padding, self.dilation)
+        return self._conv(h, left.reshape(self.fan_out, q, *(1,) * self.dims))
 
     def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
-        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+        return y if self.bias is None else y + self.bias.view(1, -1, *(1,) * self.dims)
 
-    def empty_lod(self, rank: int) -> LoDConv2d:
-        return LoDConv2d(self.in_channels, self.fan_out, self.kernel_size, rank, stride=self.stride,
-                         padding=self.padding, dilation=self.dilation, bias=self.bias is not None).to(self.U.device)
+    def empty_lod(self, rank: int) -> LoDConv:
+        cls = LoDConv1d if self.dims == 1 else LoDConv2d
+        return cls(self.in_channels, self.fan_out, self.kernel_size, rank, stride=self.stride,
+                   padding=self.padding, dilation=self.dilation, bias=self.bias is not None).to(self.U.device)
+
+
+DLRTConv2d = DLRTConv  # the name of the 2-D case
 
 
 def dlrt_layers(model: nn.Module) -> dict[str, DLRTLayer]:
@@ -200,12 +207,12 @@ def dlrt_factorize(
     The classifier (last Linear) stays dense by default, as in the paper;
     grouped convolutions and layers too small to factor stay dense too.
     """
-    candidates = [(n, m) for n, m in _walk(model) if type(m) in (nn.Linear, nn.Conv2d)]
+    candidates = [(n, m) for n, m in _walk(model) if type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d)]
     classifier = next((n for n, m in reversed(candidates) if isinstance(m, nn.Linear)), None)
     for i, (name, layer) in enumerate(candidates):
         if i < keep_first or (keep_classifier and name == classifier):
             continue
-        if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.padding_mode != "zeros"):
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and (layer.groups != 1 or layer.padding_mode != "zeros"):
             continue
         fan_out, fan_in = layer.weight.shape[0], layer.weight[0].numel()
         if min(fan_out, fan_in) < 4:
@@ -216,7 +223,7 @@ def dlrt_factorize(
         if isinstance(layer, nn.Linear):
             new = DLRTLinear(layer.in_features, layer.out_features, rank, layer.bias is not None, max_rank, min_rank)
         else:
-            new = DLRTConv2d(layer, rank, max_rank, min_rank)
+            new = DLRTConv(layer, rank, max_rank, min_rank)
         new = new.to(layer.weight.device)
         if init == "svd":
             new.init_from_weight(layer.weight.detach())
@@ -250,11 +257,12 @@ def lod_to_dlrt(model: nn.Module, min_rank: int = 1) -> nn.Module:
     for name, lod in lod_layers(out).items():
         r = lod.max_rank
         new: DLRTLayer
-        if isinstance(lod, LoDConv2d):
-            conv = nn.Conv2d(lod.in_channels, lod.out_channels, lod.kernel_size, stride=lod.in_network.stride,
+        if isinstance(lod, LoDConv):
+            cls = nn.Conv1d if lod.dims == 1 else nn.Conv2d
+            conv = cls(lod.in_channels, lod.out_channels, lod.kernel_size, stride=lod.in_network.stride,
                              padding=lod.in_network.padding, dilation=lod.in_network.dilation,
                              bias=lod.bias is not None, device="meta")
-            new = DLRTConv2d(conv, r, max_rank=r, min_rank=min_rank)
+            new = DLRTConv(conv, r, max_rank=r, min_rank=min_rank)
         else:
             new = DLRTLinear(lod.fan_in, lod.fan_out, r, bias=lod.bias is not None, max_rank=r, min_rank=min_rank)
         new = new.to_empty(device=lod.u_matrix().device)

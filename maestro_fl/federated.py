@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import SimConfig, resolve, to_dict
 from .convert import lod_layers, ranks_at_fraction
-from .data import ImageData, Split, load_dataset
+from .data import Split, TaskData, load_dataset
 from .footprint import footprint
 from .methods import METHODS, FederatedMethod
 from .models import MODELS, InputSpec, build_model
@@ -31,7 +31,7 @@ from .training import evaluate
 
 @dataclass(frozen=True)
 class Federation:
-    data: ImageData
+    data: TaskData
     partitions: tuple[tuple[np.ndarray, np.ndarray], ...]  # (train, validation) indices per client
     method: FederatedMethod
 
@@ -54,15 +54,19 @@ def model_builder(cfg: SimConfig, spec: InputSpec, static_batchnorm: bool = Fals
     """``build(p)``: the run's dense model at hidden-width fraction ``p`` (1.0 = full).
 
     Width-sliced methods replace BatchNorm by HeteroFL's static BN (``'sbn'``):
-    running statistics of different widths cannot be averaged.
+    running statistics of different widths cannot be averaged. A model given
+    by reference gets ``norm`` only when the config sets one.
     """
-    norm = inspect.signature(MODELS[cfg.model]).parameters["norm"].default if cfg.norm == "default" else cfg.norm
-    if static_batchnorm and norm == "bn":
-        norm = "sbn"
+    if cfg.model in MODELS:
+        norm = inspect.signature(MODELS[cfg.model]).parameters["norm"].default if cfg.norm == "default" else cfg.norm
+        if static_batchnorm and norm == "bn":
+            norm = "sbn"
+    else:
+        norm = None if cfg.norm == "default" else cfg.norm
     return partial(_build, cfg.model, spec, norm)
 
 
-def _build(name: str, spec: InputSpec, norm: str, width: float = 1.0) -> nn.Module:
+def _build(name: str, spec: InputSpec, norm: str | None, width: float = 1.0) -> nn.Module:
     return build_model(name, spec, norm, width=width)
 
 
@@ -72,6 +76,12 @@ def make_method(cfg: SimConfig, spec: InputSpec) -> FederatedMethod:
     return cls(cfg, spec.shape, model_builder(cfg, spec, cls.static_batchnorm))
 
 
+def load_task(cfg: SimConfig) -> TaskData:
+    """The run's dataset, as the config names it."""
+    return load_dataset(cfg.dataset, cfg.data_root, cfg.download, samples=cfg.dataset_samples,
+                        label_column=cfg.label_column, input_column=cfg.input_column, partition_by=cfg.partition_by)
+
+
 def federation(cfg: SimConfig) -> Federation:
     return _federation(json.dumps(to_dict(cfg), sort_keys=True))
 
@@ -79,13 +89,15 @@ def federation(cfg: SimConfig) -> Federation:
 @lru_cache(maxsize=2)
 def _federation(key: str) -> Federation:
     cfg = SimConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(key).items()})
-    data = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
+    data = load_task(cfg)
     parts = partition_indices(
         data.train.y.numpy(),
         cfg.num_clients,
         cfg.partition,
         alpha=cfg.alpha,
         classes_per_client=cfg.classes_per_client,
+        min_partition_size=cfg.min_partition_size,
+        groups=data.groups,
         seed=cfg.seed,
     )
     splits = tuple(train_val_split(p, cfg.val_fraction, cfg.seed + i) for i, p in enumerate(parts))

@@ -1,11 +1,17 @@
-"""Parameters, MACs and bytes of a model at a rank assignment.
+"""Parameters, MACs and bytes of a model at a rank assignment, from a counter that sees every operation.
 
-MACs count the multiply-accumulates of Linear, Conv2d and LoD layers for one
-sample (norm layers, activations and pooling are not counted; they are a few
-percent at most for the models here). Parameters count every parameter of
-the model. By default a layer is counted as :func:`maestro_fl.convert.extract`
-would deploy it: an LoD layer at rank ``r`` costs ``r·(m + n)`` weights,
-unless its dense form ``m·n`` is smaller.
+MACs are ``FLOPs / 2`` of a real forward pass of one sample under
+:class:`torch.utils.flop_counter.FlopCounterMode`, so every operation the model
+runs counts (1-D and 2-D convolutions, attention, LoD factors at their rank),
+and a module called twice counts twice. Parameters count each tensor once,
+however many modules share it. By default a layer counts as
+:func:`maestro_fl.convert.extract` would deploy it: an LoD layer at rank ``r``
+costs ``r·(m + n)`` weights and the MACs of its two factors, unless its dense
+form ``m·n`` is smaller, in which case it costs the dense layer's.
+
+The pass runs in eval mode with autograd on (and nothing backward), which
+keeps PyTorch's fused inference paths (``TransformerEncoderLayer``'s) out of
+the way: the counter sees the plain operations.
 """
 
 from __future__ import annotations
@@ -15,15 +21,19 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .convert import _walk, active_ranks
 from .layers import LoDLayer, dense_is_smaller
+from .models import InputSpec
+
+Inputs = tuple[int, ...] | InputSpec | torch.Tensor
 
 
 @dataclass(frozen=True)
 class LayerFootprint:
     name: str
-    kind: str  # "lod", "linear", "conv2d" or "other" (all remaining parameters)
+    kind: str  # "lod", or the module's class name in lower case ("linear", "conv1d", ...), or "(other)"
     rank: int | None
     params: int
     macs: int
@@ -76,15 +86,22 @@ class Footprint:
         return [asdict(layer) for layer in self.layers]
 
 
-def _out_positions(out: torch.Tensor, features: int) -> int:
-    """Output positions per sample: pixels for a conv, leading dims for a Linear."""
-    return out[0].numel() // features
+def example_input(inputs: Inputs, model: nn.Module) -> torch.Tensor:
+    """One all-zero sample for a shape (float), an :class:`InputSpec` (its dtype) or a given tensor."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    if isinstance(inputs, InputSpec):
+        return inputs.example(1).to(device)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return torch.zeros(1, *inputs, device=device, dtype=dtype)
 
 
 @torch.no_grad()
 def probe_forward(
     model: nn.Module,
-    input_shape: tuple[int, ...],
+    inputs: Inputs,
     ranks: Mapping[str, int] | None,
     hooks: list[tuple[nn.Module, Callable[..., None]]],
 ) -> None:
@@ -93,28 +110,48 @@ def probe_forward(
     was_training = model.training
     model.eval()
     try:
-        param = next(model.parameters())
-        x = torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
         with active_ranks(model, ranks):
-            model(x)
+            model(example_input(inputs, model))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
 
 
-@torch.no_grad()
+def count_flops(model: nn.Module, inputs: Inputs, ranks: Mapping[str, int] | None = None) -> dict[str, int]:
+    """FLOPs of one forward pass per module path (inclusive of children; ``""`` is the whole model)."""
+    was_training = model.training
+    model.eval()
+    x = example_input(inputs, model)
+    try:
+        with active_ranks(model, ranks), torch.enable_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    out: dict[str, int] = {}
+    for key, ops in counter.get_flop_counts().items():
+        if key == "Global":
+            continue
+        path = key.split(".", 1)[1] if "." in key else ""  # drop the root's class name
+        out[path] = int(sum(ops.values()))
+    out.setdefault("", int(counter.get_total_flops()))
+    return out
+
+
 def footprint(
     model: nn.Module,
-    input_shape: tuple[int, ...],
+    inputs: Inputs,
     ranks: Mapping[str, int] | None = None,
     *,
     as_deployed: bool = True,
 ) -> Footprint:
-    """Footprint of ``model`` at ``ranks`` for one input of ``input_shape`` (C, H, W).
+    """Footprint of ``model`` at ``ranks`` for one input.
 
     Parameters
     ----------
+    inputs : tuple, InputSpec or Tensor
+        One sample's shape (float inputs), its :class:`~maestro_fl.models.InputSpec`
+        (token ids need its integer dtype), or a sample batch of one.
     ranks : dict, optional
         Per-LoD-layer ranks; layers not named count at their ``max_rank``.
     as_deployed : bool
@@ -122,42 +159,43 @@ def footprint(
         rule). ``False`` counts the factors as they are trained.
     """
     ranks = dict(ranks or {})
-    modules = [(n, m) for n, m in _walk(model) if isinstance(m, (LoDLayer, nn.Linear, nn.Conv2d))]
-    positions: dict[str, int] = {}
-
-    def hook_for(name: str):  # type: ignore[no-untyped-def]
-        def hook(mod: nn.Module, args: object, out: torch.Tensor) -> None:
-            feats = mod.fan_out if isinstance(mod, LoDLayer) else out.shape[1]
-            positions[name] = _out_positions(out, feats)
-
-        return hook
-
-    probe_forward(model, input_shape, ranks, [(module, hook_for(name)) for name, module in modules])
-
+    flops = count_flops(model, inputs, ranks)
+    seen_modules: set[int] = set()
+    seen_params: set[int] = set()
     rows: list[LayerFootprint] = []
-    counted: set[int] = set()
-    for name, module in modules:
-        if name not in positions:  # defined but never called in forward
+
+    def exclusive(path: str, module: nn.Module) -> int:
+        prefix = f"{path}." if path else ""
+        children = sum(flops.get(prefix + name, 0) for name, child in module.named_children())
+        return flops.get(path, 0) - children
+
+    def new_params(params: list[nn.Parameter]) -> int:
+        count = 0
+        for p in params:
+            if id(p) not in seen_params:
+                seen_params.add(id(p))
+                count += p.numel()
+        return count
+
+    for path, module in [("", model), *_walk(model)]:
+        if id(module) in seen_modules:  # a module registered under several names counts once, under its first
             continue
-        pos = positions[name]
-        for p in module.parameters():
-            counted.add(id(p))
+        seen_modules.add(id(module))
         if isinstance(module, LoDLayer):
             m, n = module.fan_out, module.fan_in
-            r = ranks.get(name, module.max_rank)
+            r = ranks.get(path, module.max_rank) if module.active_rank is None or path in ranks else module.active_rank
             bias = 0 if module.bias is None else module.bias.numel()
-            dense_w = m * n
+            new_params(list(module.parameters()))
+            macs = flops.get(path, 0) // 2
+            dense_macs = macs * m * n // max(r * (m + n), 1)
             if as_deployed and dense_is_smaller(m, n, r):
-                weights = dense_w
+                rows.append(LayerFootprint(path, "lod", r, m * n + bias, dense_macs, m * n + bias, dense_macs))
             else:
-                weights = r * (m + n)
-            rows.append(LayerFootprint(name, "lod", r, weights + bias, pos * weights, dense_w + bias, pos * dense_w))
-        else:
-            weights = module.weight.numel()
-            n_params = sum(p.numel() for p in module.parameters(recurse=False))
-            kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
-            rows.append(LayerFootprint(name, kind, None, n_params, pos * weights, n_params, pos * weights))
-    other = sum(p.numel() for p in model.parameters() if id(p) not in counted)
-    if other:
-        rows.append(LayerFootprint("(other)", "other", None, other, 0, other, 0))
+                rows.append(LayerFootprint(path, "lod", r, r * (m + n) + bias, macs, m * n + bias, dense_macs))
+            continue
+        own = new_params(list(module.parameters(recurse=False)))
+        macs = exclusive(path, module) // 2
+        if own or macs:
+            kind = "(other)" if not path else type(module).__name__.lower()
+            rows.append(LayerFootprint(path or "(root)", kind, None, own, macs, own, macs))
     return Footprint(tuple(rows))

@@ -101,6 +101,12 @@ class LoDLayer(nn.Module, metaclass=ABCMeta):
     def bias(self) -> torch.Tensor | None:
         return self.out_network.bias
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight at the active rank: for code that reads a layer's ``.weight`` directly
+        (PyTorch's fused ``TransformerEncoderLayer`` inference path). Not a parameter: train the factors."""
+        return self.dense_weight()
+
     # -- Maestro's regulariser and importance ------------------------------
     def tail_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(‖Vᵀ_{b:, :}‖_F, ‖U_{:, b:}‖_F)`` for every ``b`` (reverse cumsum)."""
@@ -165,7 +171,7 @@ class LoDLayer(nn.Module, metaclass=ABCMeta):
 
     @abstractmethod
     def to_dense_module(self, rank: int | None = None) -> nn.Module:
-        """A plain ``nn.Linear``/``nn.Conv2d`` computing this layer at ``rank``."""
+        """A plain ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` computing this layer at ``rank``."""
 
     def extra_repr(self) -> str:
         return f"max_rank={self.max_rank}, active_rank={self.active_rank}"
@@ -231,45 +237,45 @@ class LoDLinear(LoDLayer):
         return dense
 
 
-class LoDConv2d(LoDLayer):
-    """A k×k convolution into ``r`` channels followed by a 1×1 convolution.
+class LoDConv(LoDLayer):
+    """A k-wide (1-D) or k×k (2-D) convolution into ``r`` channels followed by a 1-wide/1×1 convolution.
 
-    This factorizes the kernel unfolded to ``out × (in·k·k)``: ``in_network``
-    is ``Vᵀ`` reshaped to ``r × in × k × k`` and keeps the original stride,
-    padding and dilation; ``out_network`` is ``U`` as a 1×1 convolution with
-    the bias. Grouped convolutions are not factorized
+    This factorizes the kernel unfolded to ``out × (in·∏k)``: ``in_network``
+    is ``Vᵀ`` reshaped to ``r × in × k...`` and keeps the original stride,
+    padding and dilation; ``out_network`` is ``U`` as a pointwise convolution
+    with the bias. Grouped convolutions are not factorized
     (:func:`maestro_fl.convert.factorize` leaves them dense).
     """
 
-    in_network: nn.Conv2d
-    out_network: nn.Conv2d
+    dims: int = 2
+    in_network: nn.Conv1d | nn.Conv2d
+    out_network: nn.Conv1d | nn.Conv2d
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int | tuple[int, int],
+        kernel_size: int | tuple[int, ...],
         max_rank: int,
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
+        stride: int | tuple[int, ...] = 1,
+        padding: int | tuple[int, ...] | str = 0,
+        dilation: int | tuple[int, ...] = 1,
         bias: bool = True,
     ) -> None:
         super().__init__(max_rank)
-        self.in_network = nn.Conv2d(
-            in_channels, max_rank, kernel_size, stride=stride, padding=padding, dilation=dilation, bias=False
-        )
-        self.out_network = nn.Conv2d(max_rank, out_channels, 1, bias=bias)
+        conv = nn.Conv1d if self.dims == 1 else nn.Conv2d
+        self.in_network = conv(in_channels, max_rank, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                               bias=False)
+        self.out_network = conv(max_rank, out_channels, 1, bias=bias)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = self.in_network.kernel_size
         if max_rank > self.full_rank:
-            raise ValueError(f"max_rank {max_rank} exceeds min(out, in·k·k) = {self.full_rank}")
+            raise ValueError(f"max_rank {max_rank} exceeds min(out, in·∏k) = {self.full_rank}")
 
     @property
     def fan_in(self) -> int:
-        kh, kw = self.kernel_size
-        return self.in_channels * kh * kw
+        return self.in_channels * math.prod(self.kernel_size)
 
     @property
     def fan_out(self) -> int:
@@ -288,13 +294,15 @@ class LoDConv2d(LoDLayer):
         if r < self.max_rank:
             w_in, w_out = w_in[:r], w_out[:, :r]
         conv = self.in_network
-        h = F.conv2d(x, w_in, None, conv.stride, conv.padding, conv.dilation)
-        return F.conv2d(h, w_out, self.out_network.bias)
+        fn = F.conv1d if self.dims == 1 else F.conv2d
+        h = fn(x, w_in, None, conv.stride, conv.padding, conv.dilation)
+        return fn(h, w_out, self.out_network.bias)
 
-    def to_dense_module(self, rank: int | None = None) -> nn.Conv2d:
+    def to_dense_module(self, rank: int | None = None) -> nn.Conv1d | nn.Conv2d:
         w = self.dense_weight(rank)
         conv = self.in_network
-        dense = nn.Conv2d(
+        cls = nn.Conv1d if self.dims == 1 else nn.Conv2d
+        dense = cls(
             self.in_channels,
             self.out_channels,
             self.kernel_size,
@@ -310,12 +318,24 @@ class LoDConv2d(LoDLayer):
         return dense
 
 
-def _unfolded_weight(layer: nn.Linear | nn.Conv2d) -> torch.Tensor:
+class LoDConv1d(LoDConv):
+    """An ``nn.Conv1d`` as ordered factors (:class:`LoDConv` on a 1-D kernel)."""
+
+    dims = 1
+
+
+class LoDConv2d(LoDConv):
+    """An ``nn.Conv2d`` as ordered factors (:class:`LoDConv` on a k×k kernel)."""
+
+    dims = 2
+
+
+def _unfolded_weight(layer: nn.Linear | nn.Conv1d | nn.Conv2d) -> torch.Tensor:
     return layer.weight.detach().reshape(layer.weight.shape[0], -1)
 
 
 @torch.no_grad()
-def singular_values(layer: nn.Linear | nn.Conv2d) -> torch.Tensor:
+def singular_values(layer: nn.Linear | nn.Conv1d | nn.Conv2d) -> torch.Tensor:
     """Singular values of a dense layer's (unfolded) weight."""
     return torch.linalg.svdvals(_unfolded_weight(layer).double()).to(layer.weight.dtype)
 
@@ -334,10 +354,10 @@ def lod_from_dense(
     lod: LoDLayer
     if isinstance(layer, nn.Linear):
         lod = LoDLinear(layer.in_features, layer.out_features, rank, bias=layer.bias is not None)
-    elif isinstance(layer, nn.Conv2d):
+    elif isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         if layer.groups != 1 or layer.padding_mode != "zeros":
             return None
-        lod = LoDConv2d(
+        lod = (LoDConv1d if isinstance(layer, nn.Conv1d) else LoDConv2d)(
             layer.in_channels,
             layer.out_channels,
             layer.kernel_size,

@@ -7,7 +7,9 @@ width ``p`` therefore has exactly the shapes of the leading corners
 ``[:⌈p·c_out⌉, :⌈p·c_in⌉, ...]`` of the full model's tensors (flattening is
 channel-major, so the first channels are the first features).
 
-* ``mlp`` and ``cnn``: small models for the embedded 8×8 digits data.
+* ``mlp``: two hidden layers over the flattened input (any shape); ``cnn``: a
+  small CNN for the embedded 8×8 digits data.
+* ``cnn1d``: a 1-D CNN for signals (MNIST-1D).
 * ``lenet5``: the Caffe LeNet-5 (conv 20, conv 50, fc 500) that DLRT's
   LeNet-5/MNIST table uses (430,500 weights without biases), for 28×28 input.
 * ``resnet18`` and ``vgg19``: the CIFAR-style networks of Maestro, HeteroFL
@@ -16,24 +18,57 @@ channel-major, so the first channels are the first features).
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+
+from .references import is_reference, resolve
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """Shape of one input sample and the number of classes."""
+    """What one input sample is: its shape (images ``(C, H, W)``, signals ``(C, L)``, tokens ``(L,)``,
+    features ``(D,)``), its dtype, and the number of classes.
 
-    channels: int
-    size: int
+    Attributes
+    ----------
+    shape : tuple of int
+        One sample's shape, without the batch dimension.
+    num_classes : int
+        Output classes.
+    dtype : str
+        ``"float32"``, or ``"int64"`` for token ids.
+    vocab_size : int
+        For token ids: they lie in ``[0, vocab_size)``; 0 otherwise.
+    """
+
+    shape: tuple[int, ...]
     num_classes: int
+    dtype: str = "float32"
+    vocab_size: int = 0
+
+    @classmethod
+    def image(cls, channels: int, size: int, num_classes: int) -> InputSpec:
+        """A square image of ``channels × size × size``."""
+        return cls((channels, size, size), num_classes)
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.size, self.size)
+    def channels(self) -> int:
+        return self.shape[0]
+
+    @property
+    def size(self) -> int:
+        """The spatial side (images, signals)."""
+        return self.shape[-1]
+
+    def example(self, batch: int = 1) -> torch.Tensor:
+        """An all-zero batch of inputs of this spec (probes, checks)."""
+        return torch.zeros(batch, *self.shape, dtype=getattr(torch, self.dtype))
 
 
 NORMS = ("bn", "sbn", "gn", "none")
@@ -57,7 +92,8 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 
 def mlp(spec: InputSpec, norm: str = "none", width: float = 1.0) -> nn.Module:
-    d = spec.channels * spec.size * spec.size
+    """Two hidden layers (256, 128) over the flattened input, any shape."""
+    d = math.prod(spec.shape)
     h1, h2 = scaled(256, width), scaled(128, width)
     return nn.Sequential(
         nn.Flatten(), nn.Linear(d, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(), nn.Linear(h2, spec.num_classes)
@@ -152,6 +188,42 @@ def resnet18(spec: InputSpec, norm: str = "bn", width: float = 1.0) -> nn.Module
 _VGG19 = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
 
 
+def cnn1d(spec: InputSpec, norm: str = "gn", width: float = 1.0) -> nn.Module:
+    """Three 1-D convolutions and two Linear layers, for signals such as MNIST-1D (``(1, 40)``: ~116k weights).
+
+    The MNIST-1D authors' CNN (Greydanus & Kobak, ICML 2024) is three stride-2
+    1-D convolutions of 25 channels; this one is wider, keeps the first
+    convolution at stride 1, and has a norm after every convolution (its
+    default GroupNorm is batch-independent, as the federated defaults want).
+    """
+    c1, c2, c3, h = (scaled(c, width) for c in (32, 64, 64, 128))
+    length = spec.shape[-1]
+    after = ((length - 1) // 2) // 2 + 1  # two stride-2 convolutions with padding 2, kernel 5
+    return nn.Sequential(
+        nn.Conv1d(spec.shape[0], c1, 5, padding=2),
+        _norm1d(norm, c1),
+        nn.ReLU(),
+        nn.Conv1d(c1, c2, 5, stride=2, padding=2),
+        _norm1d(norm, c2),
+        nn.ReLU(),
+        nn.Conv1d(c2, c3, 5, stride=2, padding=2),
+        _norm1d(norm, c3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(c3 * after, h),
+        nn.ReLU(),
+        nn.Linear(h, spec.num_classes),
+    )
+
+
+def _norm1d(kind: str, channels: int) -> nn.Module:
+    if kind == "bn":
+        return nn.BatchNorm1d(channels)
+    if kind == "sbn":
+        return nn.BatchNorm1d(channels, track_running_stats=False)
+    return _norm(kind, channels)  # GroupNorm and Identity do not care about the dimension
+
+
 def vgg19(spec: InputSpec, norm: str = "bn", width: float = 1.0) -> nn.Module:
     layers: list[nn.Module] = []
     cin = spec.channels
@@ -169,6 +241,7 @@ def vgg19(spec: InputSpec, norm: str = "bn", width: float = 1.0) -> nn.Module:
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "cnn": cnn,
+    "cnn1d": cnn1d,
     "lenet5": lenet5,
     "resnet18": resnet18,
     "vgg19": vgg19,
@@ -176,10 +249,43 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def build_model(name: str, spec: InputSpec, norm: str | None = None, width: float = 1.0) -> nn.Module:
-    """Dense model ``name`` for inputs of ``spec``; ``norm`` is one of :data:`NORMS` (``None``: the model's own)."""
-    if name not in MODELS:
-        raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
+    """Dense model ``name`` for inputs of ``spec``; ``norm`` is one of :data:`NORMS` (``None``: the model's own).
+
+    ``name`` may also be a reference ``package.module:attr`` (or an object of the
+    Python API, :mod:`maestro_fl.references`) to an ``nn.Module``, copied, or to a
+    function building one, called with the arguments it takes of ``spec``,
+    ``width`` and ``norm``. Width-sliced methods need ``width``: an ``nn.Module``
+    object has one width only.
+    """
     if not 0.0 < width <= 1.0:
         raise ValueError(f"width must be in (0, 1], got {width!r}")
+    if is_reference(name):
+        return _user_model(name, spec, norm, width)
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)} or a reference 'package.module:attr', got {name!r}")
     builder = MODELS[name]
     return builder(spec, width=width) if norm is None else builder(spec, norm=norm, width=width)
+
+
+def _user_model(name: str, spec: InputSpec, norm: str | None, width: float) -> nn.Module:
+    obj = resolve(name, "model")
+    if isinstance(obj, nn.Module):
+        if width != 1.0:
+            raise ValueError(f"model: {name!r} is an nn.Module of one width; width-sliced methods need a function "
+                             "that builds the model at width=p")
+        return copy.deepcopy(obj)
+    params = inspect.signature(obj).parameters
+    kwargs: dict[str, object] = {}
+    if "spec" in params:
+        kwargs["spec"] = spec
+    if "width" in params:
+        kwargs["width"] = width
+    elif width != 1.0:
+        raise ValueError(f"model: {name!r} takes no width argument; width-sliced methods build the model at "
+                         "width=p (keeping the first ⌈p·c⌉ channels of every hidden layer)")
+    if "norm" in params and norm is not None:
+        kwargs["norm"] = norm
+    model = obj(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: {name!r} returned a {type(model).__name__}, not an nn.Module")
+    return model

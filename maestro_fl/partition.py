@@ -15,7 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-PARTITIONS = ("iid", "dirichlet", "pathological")
+PARTITIONS = ("iid", "dirichlet", "pathological", "natural")
+
+
+class PartitionError(ValueError):
+    """The partition asked for cannot be made; the message says what would work."""
 
 
 def partition_indices(
@@ -26,35 +30,58 @@ def partition_indices(
     alpha: float = 0.5,
     classes_per_client: int = 2,
     min_partition_size: int = 10,
+    groups: np.ndarray | None = None,
     seed: int = 0,
 ) -> list[np.ndarray]:
     """Indices of each partition's examples.
 
     Parameters
     ----------
-    scheme : {"iid", "dirichlet", "pathological"}
-        IID; label-skewed Dirichlet(α) (Hsu et al. 2019); or pathological, each
-        client holding ``classes_per_client`` classes (McMahan et al. 2017).
+    scheme : {"iid", "dirichlet", "pathological", "natural"}
+        IID; label-skewed Dirichlet(α) (Hsu et al. 2019); pathological, each
+        client holding ``classes_per_client`` classes (McMahan et al. 2017); or
+        natural, one client per value of ``groups`` (a writer id, as FEMNIST is
+        split; flwr-datasets' ``NaturalIdPartitioner``).
     min_partition_size : int
         Dirichlet only: redraw until every partition has at least this many examples.
+    groups : array, optional
+        Natural only: each example's group.
+
+    Raises
+    ------
+    PartitionError
+        The partition cannot be made; the message names the numbers and what would work.
 
     Results are cached on disk (keyed by labels and arguments): a simulation's
     workers then load the server's partition instead of each importing
     ``datasets`` and pyarrow (~70 MB per worker) to recompute it.
     """
     if scheme not in PARTITIONS:
-        raise ValueError(f"partition must be one of {list(PARTITIONS)}, got {scheme!r}")
+        raise PartitionError(f"partition must be one of {list(PARTITIONS)}, got {scheme!r}")
     if num_partitions < 1 or num_partitions > len(labels):
-        raise ValueError(f"num_clients must be in [1, {len(labels)}] (the number of examples), got {num_partitions}")
+        raise PartitionError(f"num_clients must be in [1, {len(labels)}] (the dataset's training examples), "
+                             f"got {num_partitions}")
+    if scheme == "natural":
+        if groups is None or len(groups) != len(labels):
+            raise PartitionError("partition='natural' needs partition_by: a column giving each example's group")
+        found = len(np.unique(groups))
+        if found != num_partitions:
+            raise PartitionError(f"partition='natural': the dataset has {found} groups in partition_by; "
+                                 f"set num_clients={found} (one client per group), got {num_partitions}")
     key = hashlib.sha256(
         np.ascontiguousarray(labels).tobytes()
+        + (np.ascontiguousarray(groups).tobytes() if scheme == "natural" and groups is not None else b"")
         + repr((CACHE_FORMAT, num_partitions, scheme, alpha, classes_per_client, min_partition_size, seed)).encode()
     ).hexdigest()
     cache = Path(tempfile.gettempdir()) / "maestro-fl-partitions" / f"{key[:24]}.npz"
     cached = _read_cache(cache, key, len(labels), num_partitions)
     if cached is not None:
         return cached
-    out = _partition(labels, num_partitions, scheme, alpha, classes_per_client, min_partition_size, seed)
+    try:
+        out = _partition(labels, num_partitions, scheme, alpha, classes_per_client, min_partition_size, seed, groups)
+    except ValueError as err:  # flwr-datasets: "the max number of attempts (10) was reached", and others
+        raise PartitionError(_what_would_work(labels, num_partitions, scheme, alpha, classes_per_client,
+                                              min_partition_size, seed, err)) from None
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".{os.getpid()}.npz")
     indices = np.concatenate(out)
@@ -96,6 +123,39 @@ def _read_cache(path: Path, key: str, num_examples: int, num_partitions: int) ->
     return list(np.split(indices, np.cumsum(sizes)[:-1]))
 
 
+def _what_would_work(
+    labels: np.ndarray, n: int, scheme: str, alpha: float, classes_per_client: int, min_size: int, seed: int,
+    err: Exception,
+) -> str:
+    """Why the partition failed, with settings found to work (tried here, quickly, on the labels alone)."""
+    head = (f"partition: cannot split the {len(labels)} training examples into num_clients={n} "
+            f"{scheme} partitions")
+    if scheme != "dirichlet":
+        return f"{head} ({err})"
+    head += f" (alpha={alpha}) of at least min_partition_size={min_size} examples each"
+    options = []
+    for smaller in sorted({max(1, min_size // 2), max(1, min_size // 4), 1}, reverse=True):
+        if smaller < min_size and _feasible(labels, n, alpha, smaller, seed):
+            options.append(f"min_partition_size={smaller} (smaller clients)")
+            break
+    lo, hi = 1, n - 1  # the most clients that work at this minimum size
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if _feasible(labels, mid, alpha, min_size, seed) else (lo, mid - 1)
+    if lo >= 1 and _feasible(labels, lo, alpha, min_size, seed):
+        options.append(f"num_clients={lo} or fewer")
+    options.append("partition=iid")
+    return f"{head}; flwr-datasets gave up redrawing. These work: " + ", or ".join(options)
+
+
+def _feasible(labels: np.ndarray, n: int, alpha: float, min_size: int, seed: int) -> bool:
+    try:
+        _partition(labels, n, "dirichlet", alpha, 2, min_size, seed, None)
+        return True
+    except ValueError:
+        return False
+
+
 def _partition(
     labels: np.ndarray,
     num_partitions: int,
@@ -104,19 +164,30 @@ def _partition(
     classes_per_client: int,
     min_partition_size: int,
     seed: int,
+    groups: np.ndarray | None,
 ) -> list[np.ndarray]:
     from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        NaturalIdPartitioner,
+        PathologicalPartitioner,
+    )
 
-    ds = Dataset.from_dict({"label": np.asarray(labels).tolist(), "idx": list(range(len(labels)))})
+    columns = {"label": np.asarray(labels).tolist(), "idx": list(range(len(labels)))}
+    if scheme == "natural":
+        columns["group"] = np.asarray(groups).astype(str).tolist()
+    ds = Dataset.from_dict(columns)
     if scheme == "iid":
         part = IidPartitioner(num_partitions=num_partitions)
+    elif scheme == "natural":
+        part = NaturalIdPartitioner(partition_by="group")
     elif scheme == "dirichlet":
         part = DirichletPartitioner(
             num_partitions=num_partitions,
             partition_by="label",
             alpha=alpha,
-            min_partition_size=min(min_partition_size, len(labels) // num_partitions),
+            min_partition_size=min_partition_size,
             self_balancing=True,
             seed=seed,
         )

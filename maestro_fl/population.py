@@ -1,41 +1,103 @@
-"""Device populations from a CSV trace: read and checked completely before anything starts.
+"""Device populations: the defaults' tiers, a CSV trace, or the user's own; checked before anything starts.
 
-A trace has one row per client (FedScale's device traces, Lai et al., ICML
-2022), with the columns :data:`TRACE_COLUMNS` and optionally ``rank_fraction``.
-Every problem is a :class:`~maestro_fl.config.ConfigError` naming the file,
-the line and the column, and saying what is allowed.
+``devices`` in a config is ``""`` (the built-in tiers of ``clients/devices.py``),
+the path of a CSV trace with one row per client (FedScale's device traces,
+Lai et al., ICML 2022), or a reference ``package.module:attr`` / an object of
+the Python API: a list of :class:`~maestro_fl.budget.DeviceCapability` or of
+dicts, a pandas DataFrame, or a function of ``num_clients`` returning one.
+Every source has the columns :data:`TRACE_COLUMNS` (a list of profiles is
+numbered by position) and optionally ``rank_fraction``. Every problem is a
+:class:`PopulationError` naming the source, the row and the column, and
+saying what is allowed.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import inspect
 import math
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from .budget import DeviceCapability
+from .references import is_reference, resolve
 
 TRACE_COLUMNS = ("client_id", "tier", "macs_per_s", "memory_bytes", "up_bps", "down_bps", "availability")
 OPTIONAL_COLUMNS = ("rank_fraction",)
 
 
 class PopulationError(ValueError):
-    """A population trace is malformed (a :class:`~maestro_fl.config.ConfigError` is raised for it)."""
+    """A device population is malformed (the config raises it as a ConfigError)."""
 
 
-def _number(path: str, line: int, column: str, raw: str | None) -> float:
-    try:
-        value = float(raw) if raw is not None and raw.strip() != "" else math.nan
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise PopulationError(f"population_csv {path!r} line {line}: {column} must be a finite number, got {raw!r}")
-    return value
+def load_population(source: str, num_clients: int | None = None) -> tuple[DeviceCapability, ...]:
+    """The devices of ``source`` (a CSV path or a reference), ordered by ``client_id``, checked."""
+    if is_reference(source):
+        return _cached_reference(source, num_clients)
+    return _cached_csv(source, num_clients)
 
 
 @lru_cache(maxsize=8)
-def load_population(path: str, num_clients: int | None = None) -> tuple[DeviceCapability, ...]:
-    """The devices of a trace, ordered by ``client_id``.
+def _cached_csv(path: str, num_clients: int | None) -> tuple[DeviceCapability, ...]:
+    file = Path(path)
+    if not file.is_file():
+        raise PopulationError(f"devices: {path!r} is neither a CSV file nor a reference 'package.module:attr'")
+    try:
+        with open(file, newline="") as fh:
+            reader = csv.DictReader(fh)
+            fields = list(reader.fieldnames or [])
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise PopulationError(f"devices {path!r}: not a readable CSV ({err})") from None
+    return check_rows(rows, fields, f"devices {path!r}", num_clients, first_line=2)
+
+
+@lru_cache(maxsize=8)
+def _cached_reference(reference: str, num_clients: int | None) -> tuple[DeviceCapability, ...]:
+    obj = resolve(reference, "devices")
+    if callable(obj) and not hasattr(obj, "columns"):
+        takes_n = any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in inspect.signature(obj).parameters.values())
+        obj = obj(num_clients) if takes_n else obj()
+    return population_from(obj, num_clients, f"devices {reference!r}")
+
+
+def population_from(obj: Any, num_clients: int | None, source: str = "devices") -> tuple[DeviceCapability, ...]:
+    """The devices of a DataFrame, a list of profiles or a list of dicts, checked like a CSV trace."""
+    if hasattr(obj, "to_dict") and hasattr(obj, "columns"):  # a pandas DataFrame
+        rows = obj.to_dict("records")
+        fields = [str(c) for c in obj.columns]
+    elif isinstance(obj, (list, tuple)) and all(isinstance(d, DeviceCapability) for d in obj):
+        rows = [{"client_id": i, **dataclasses.asdict(d)} for i, d in enumerate(obj)]
+        fields = list(rows[0]) if rows else list(TRACE_COLUMNS)
+    elif isinstance(obj, (list, tuple)) and all(isinstance(d, Mapping) for d in obj):
+        rows = [dict(d) for d in obj]
+        fields = sorted({k for d in rows for k in d})
+        for i, row in enumerate(rows):
+            row.setdefault("client_id", i)
+        fields = sorted(set(fields) | {"client_id"})
+    else:
+        raise PopulationError(f"{source}: got a {type(obj).__name__}; give a list of DeviceCapability or of dicts, "
+                              "a pandas DataFrame, or a function returning one")
+    return check_rows(rows, fields, source, num_clients, first_line=0)
+
+
+def _number(source: str, where: str, column: str, raw: Any) -> float:
+    try:
+        value = float(raw) if raw is not None and str(raw).strip() != "" else math.nan
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise PopulationError(f"{source} {where}: {column} must be a finite number, got {raw!r}")
+    return value
+
+
+def check_rows(
+    rows: list[Mapping[str, Any]], fields: list[str], source: str, num_clients: int | None, first_line: int
+) -> tuple[DeviceCapability, ...]:
+    """Check every row and return the devices ordered by ``client_id``.
 
     Checked: the required columns; numbers that parse and are finite;
     ``macs_per_s``, ``memory_bytes``, ``up_bps``, ``down_bps`` > 0;
@@ -43,47 +105,37 @@ def load_population(path: str, num_clients: int | None = None) -> tuple[DeviceCa
     ``tier`` an integer ≥ 0, the tiers numbered 0..T-1 without gaps;
     ``client_id`` exactly 0..n-1; and, given ``num_clients``, one row per client.
     """
-    file = Path(path)
-    if not file.is_file():
-        raise PopulationError(f"population_csv: file {path!r} does not exist")
-    try:
-        with open(file, newline="") as fh:
-            reader = csv.DictReader(fh)
-            fields = reader.fieldnames or []
-            rows = list(reader)
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise PopulationError(f"population_csv {path!r}: not a readable CSV ({err})") from None
     missing = [c for c in TRACE_COLUMNS if c not in fields]
     if missing:
-        raise PopulationError(f"population_csv {path!r} lacks columns {missing}; required: {list(TRACE_COLUMNS)}, "
+        raise PopulationError(f"{source} lacks columns {missing}; required: {list(TRACE_COLUMNS)}, "
                               f"optional: {list(OPTIONAL_COLUMNS)}")
     out: list[tuple[int, DeviceCapability]] = []
-    for line, row in enumerate(rows, start=2):
-        values = {c: _number(path, line, c, row.get(c)) for c in TRACE_COLUMNS}
-        fraction = _number(path, line, "rank_fraction", row.get("rank_fraction")) if row.get("rank_fraction") else 0.0
+    for n, row in enumerate(rows, start=first_line):
+        where = f"line {n}" if first_line else f"row {n}"
+        values = {c: _number(source, where, c, row.get(c)) for c in TRACE_COLUMNS}
+        raw_fraction = row.get("rank_fraction")
+        fraction = _number(source, where, "rank_fraction", raw_fraction) if raw_fraction not in (None, "") else 0.0
         for c in ("client_id", "tier"):
             if values[c] < 0 or values[c] != int(values[c]):
-                raise PopulationError(f"population_csv {path!r} line {line}: {c} must be an integer >= 0, "
-                                      f"got {row[c]!r}")
+                raise PopulationError(f"{source} {where}: {c} must be an integer >= 0, got {row[c]!r}")
         for c in ("macs_per_s", "memory_bytes", "up_bps", "down_bps"):
             if values[c] <= 0:
-                raise PopulationError(f"population_csv {path!r} line {line}: {c} must be > 0, got {row[c]!r}")
+                raise PopulationError(f"{source} {where}: {c} must be > 0, got {row[c]!r}")
         if not 0 < values["availability"] <= 1:
-            raise PopulationError(f"population_csv {path!r} line {line}: availability must be in (0, 1], "
-                                  f"got {row['availability']!r}")
+            raise PopulationError(f"{source} {where}: availability must be in (0, 1], got {row['availability']!r}")
         if not 0 <= fraction <= 1:
-            raise PopulationError(f"population_csv {path!r} line {line}: rank_fraction must be in [0, 1] "
-                                  f"(0 = derive from the device), got {row.get('rank_fraction')!r}")
+            raise PopulationError(f"{source} {where}: rank_fraction must be in [0, 1] (0 = derive from the device), "
+                                  f"got {raw_fraction!r}")
         cap = DeviceCapability(int(values["tier"]), values["macs_per_s"], values["memory_bytes"], values["up_bps"],
                                values["down_bps"], values["availability"], fraction)
         out.append((int(values["client_id"]), cap))
     ids = sorted(i for i, _ in out)
     if ids != list(range(len(out))):
-        raise PopulationError(f"population_csv {path!r}: client_id must run 0..{len(out) - 1} once each")
+        raise PopulationError(f"{source}: client_id must run 0..{len(out) - 1} once each")
     tiers = sorted({cap.tier for _, cap in out})
     if tiers != list(range(len(tiers))):
-        raise PopulationError(f"population_csv {path!r}: tiers must be numbered 0..T-1 without gaps, got {tiers}")
+        raise PopulationError(f"{source}: tiers must be numbered 0..T-1 without gaps, got {tiers}")
     if num_clients is not None and len(out) != num_clients:
-        raise PopulationError(f"population_csv {path!r} has {len(out)} clients but num_clients is {num_clients}; "
-                              "the trace needs one row per client")
+        raise PopulationError(f"{source} has {len(out)} clients but num_clients is {num_clients}; "
+                              "it needs one row per client")
     return tuple(cap for _, cap in sorted(out, key=lambda t: t[0]))

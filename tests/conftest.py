@@ -47,7 +47,7 @@ TINY_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int]]] = {
         (3, 5, 5),
     ),
     "residual_bn": (TwoBranch, (3, 5, 5)),
-    "digits_cnn": (lambda: build_model("cnn", InputSpec(1, 8, 10)), (1, 8, 8)),
+    "digits_cnn": (lambda: build_model("cnn", InputSpec.image(1, 8, 10)), (1, 8, 8)),
 }
 
 

@@ -61,7 +61,7 @@ def fl_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("fl")
     trace = always_online_population(out / "population.csv")
-    cfg = resolve(SimConfig, overrides=SMALL | {"rounds": 3, "population_csv": str(trace), "backend": "local",
+    cfg = resolve(SimConfig, overrides=SMALL | {"rounds": 3, "devices": str(trace), "backend": "local",
                                                 "fault_injection": "3:raise"})
     run = out / "fl-run"
     run.mkdir()

@@ -203,11 +203,11 @@ def test_fedavg_exclusive_trains_only_clients_that_afford_the_full_model() -> No
 
 # -- width-sliced models and ordered dropout ---------------------------------------------------
 WIDTH_MODELS = [
-    ("mlp", InputSpec(1, 8, 10), None),
-    ("cnn", InputSpec(1, 8, 10), "gn"),
-    ("lenet5", InputSpec(1, 28, 10), None),
-    ("resnet18", InputSpec(3, 32, 10), "sbn"),
-    ("vgg19", InputSpec(3, 32, 10), "gn"),
+    ("mlp", InputSpec.image(1, 8, 10), None),
+    ("cnn", InputSpec.image(1, 8, 10), "gn"),
+    ("lenet5", InputSpec.image(1, 28, 10), None),
+    ("resnet18", InputSpec.image(3, 32, 10), "sbn"),
+    ("vgg19", InputSpec.image(3, 32, 10), "gn"),
 ]
 
 
@@ -226,7 +226,7 @@ def test_a_model_at_width_p_is_the_leading_corner_of_the_full_model(name: str, s
 
 
 def test_width_mlp_footprint_by_hand() -> None:
-    spec = InputSpec(1, 8, 10)
+    spec = InputSpec.image(1, 8, 10)
     fp = footprint(build_model("mlp", spec, width=0.5), spec.shape)
     assert fp.params == (64 * 128 + 128) + (128 * 64 + 64) + (64 * 10 + 10)
     assert fp.macs == 64 * 128 + 128 * 64 + 64 * 10
@@ -246,7 +246,7 @@ def digits_like(n: int = 48) -> Split:
 
 
 def test_ordered_dropout_runs_the_corner_of_the_clients_weights() -> None:
-    spec = InputSpec(1, 8, 10)
+    spec = InputSpec.image(1, 8, 10)
     build = partial(build_model, "cnn", spec, "gn")
     torch.manual_seed(0)
     model = build(width=0.75)
@@ -264,7 +264,7 @@ def test_ordered_dropout_runs_the_corner_of_the_clients_weights() -> None:
 
 @pytest.mark.parametrize("distill", [False, True])
 def test_ordered_dropout_epoch_is_deterministic_and_learns(distill: bool) -> None:
-    spec = InputSpec(1, 8, 10)
+    spec = InputSpec.image(1, 8, 10)
 
     def run() -> tuple[list[float], torch.Tensor]:
         torch.manual_seed(0)
@@ -345,7 +345,7 @@ def test_width_baselines_use_static_batchnorm() -> None:
     from maestro_fl.federated import model_builder
     from maestro_fl.methods import METHODS
 
-    spec = InputSpec(3, 32, 10)
+    spec = InputSpec.image(3, 32, 10)
     for strategy, tracks in [("heterofl", False), ("fjord", False), ("fedlod", True)]:
         cfg = resolve(SimConfig, overrides={"strategy": strategy, "model": "resnet18", "norm": "default"})
         build = model_builder(cfg, spec, METHODS[strategy].static_batchnorm)
@@ -369,7 +369,7 @@ def test_faulty_baseline_clients_are_recorded_and_the_run_goes_on(tmp_path: Path
 
 
 def test_class_mask_trains_only_the_clients_own_output_rows() -> None:
-    spec = InputSpec(1, 8, 10)
+    spec = InputSpec.image(1, 8, 10)
     torch.manual_seed(0)
     model = build_model("mlp", spec, width=0.25)
     before = model[-1].weight.detach().clone()

@@ -75,7 +75,7 @@ def test_a_flattened_conv_moves_by_whole_channels() -> None:
     from maestro_fl.models import InputSpec
 
     cfg = resolve(SimConfig, overrides={"strategy": "fedrolex", "model": "cnn"})
-    method = make_method(cfg, InputSpec(1, 8, 10))
+    method = make_method(cfg, InputSpec.image(1, 8, 10))
     cost = next(c for c in method.cost_table() if c.fraction == 0.5)
     index = method.index(cost, server_round=3)  # channels start at 2
     conv3, fc1 = index["7.weight"], index["12.weight"]

@@ -215,18 +215,18 @@ HEADER = "client_id,tier,macs_per_s,memory_bytes,up_bps,down_bps,availability,ra
         ([f"{i},0,1e6,1e6,1e4,1e4,1,0" for i in (0, 1, 1, 3)], "client_id"),
     ],
 )
-def test_a_bad_population_csv_is_one_clear_line_before_anything_starts(tmp_path: Path, rows: list[str], message: str) -> None:
+def test_a_bad_devices_is_one_clear_line_before_anything_starts(tmp_path: Path, rows: list[str], message: str) -> None:
     path = tmp_path / "population.csv"
     path.write_text("\n".join([HEADER, *rows]) + "\n")
     with pytest.raises(ConfigError, match=message):
-        resolve(SimConfig, overrides={"num_clients": 4, "clients_per_round": 2, "population_csv": str(path)})
+        resolve(SimConfig, overrides={"num_clients": 4, "clients_per_round": 2, "devices": str(path)})
 
 
 def test_a_missing_column_names_it(tmp_path: Path) -> None:
     path = tmp_path / "p.csv"
     path.write_text("client_id,tier,macs_per_s\n0,0,1\n")
     with pytest.raises(ConfigError, match=r"lacks columns \['memory_bytes'"):
-        resolve(SimConfig, overrides={"num_clients": 1, "clients_per_round": 1, "population_csv": str(path)})
+        resolve(SimConfig, overrides={"num_clients": 1, "clients_per_round": 1, "devices": str(path)})
 
 
 def test_cifar_batches_are_read_without_running_code(tmp_path: Path) -> None:
@@ -321,7 +321,7 @@ def test_every_reply_fault_on_the_local_backend_is_recorded_and_healthy_clients_
     spec = ",".join(f"{p}:{k}" for p, k in REPLY_FAULTS.items())
     cfg = resolve(SimConfig, overrides={"model": "mlp", "num_clients": 10, "clients_per_round": 10, "rounds": 2,
                                         "local_epochs": 1, "partition": "iid", "progress": False, "backend": "local",
-                                        "population_csv": str(trace), "fault_injection": spec,
+                                        "devices": str(trace), "fault_injection": spec,
                                         "round_timeout_s": 2.0})
     local(cfg, tmp_path / "run")
     clients = pd.read_csv(tmp_path / "run" / "clients.csv", keep_default_na=False)

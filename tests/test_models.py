@@ -11,13 +11,13 @@ from maestro_fl.convert import factorize, lod_layers
 from maestro_fl.models import InputSpec, build_model
 
 CASES = [
-    ("mlp", InputSpec(1, 8, 10), None),
-    ("cnn", InputSpec(1, 8, 10), "gn"),
-    ("lenet5", InputSpec(1, 28, 10), None),
-    ("resnet18", InputSpec(3, 32, 10), "bn"),
-    ("resnet18", InputSpec(3, 32, 10), "gn"),
-    ("vgg19", InputSpec(3, 32, 10), "bn"),
-    ("vgg19", InputSpec(3, 32, 10), "gn"),
+    ("mlp", InputSpec.image(1, 8, 10), None),
+    ("cnn", InputSpec.image(1, 8, 10), "gn"),
+    ("lenet5", InputSpec.image(1, 28, 10), None),
+    ("resnet18", InputSpec.image(3, 32, 10), "bn"),
+    ("resnet18", InputSpec.image(3, 32, 10), "gn"),
+    ("vgg19", InputSpec.image(3, 32, 10), "bn"),
+    ("vgg19", InputSpec.image(3, 32, 10), "gn"),
 ]
 
 
@@ -35,13 +35,13 @@ def test_models_build_and_convert(name: str, spec: InputSpec, norm: str | None) 
 
 def test_lenet5_is_dlrts_reference_size() -> None:
     """DLRT's LeNet-5/MNIST table counts 430,500 weights (biases excluded)."""
-    model = build_model("lenet5", InputSpec(1, 28, 10))
+    model = build_model("lenet5", InputSpec.image(1, 28, 10))
     weights = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))
     assert weights == 430_500
 
 
 def test_unknown_model_or_norm_is_rejected() -> None:
     with pytest.raises(ValueError, match="model must be one of"):
-        build_model("gpt", InputSpec(1, 8, 10))
+        build_model("gpt", InputSpec.image(1, 8, 10))
     with pytest.raises(ValueError, match="norm must be one of"):
-        build_model("cnn", InputSpec(1, 8, 10), "layer")
+        build_model("cnn", InputSpec.image(1, 8, 10), "layer")

@@ -62,7 +62,7 @@ def config(tmp_path: Path, **kw: object) -> SimConfig:
     trace = always_online_population(tmp_path / "population.csv", 10)
     return resolve(SimConfig, overrides={"model": "mlp", "num_clients": 10, "clients_per_round": 10, "rounds": 3,
                                         "local_epochs": 1, "partition": "iid", "progress": False,
-                                        "population_csv": str(trace), "out_dir": str(tmp_path)} | kw)
+                                        "devices": str(trace), "out_dir": str(tmp_path)} | kw)
 
 
 def test_dead_and_hung_clients_cost_one_client_round_each_on_ray(tmp_path: Path, flwr_home: str) -> None:
@@ -118,7 +118,7 @@ def test_ctrl_c_mid_round_then_resume_gives_the_tables_of_an_uninterrupted_run(t
     """SIGINT while round 2 waits for a hung client: exit 130, tables and checkpoint at round 1, resume = uninterrupted."""
     trace = always_online_population(tmp_path / "population.csv", 10)
     args = ["model=mlp", "num_clients=10", "clients_per_round=10", "rounds=3", "local_epochs=1", "partition=iid",
-            "progress=false", f"population_csv={trace}", f"out_dir={tmp_path}", "fault_injection=3:hang@2",
+            "progress=false", f"devices={trace}", f"out_dir={tmp_path}", "fault_injection=3:hang@2",
             "round_timeout_s=8", "backend=ray"]
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     full = subprocess.run(cli("simulate", *args, "run_name=full"), env=env, cwd=ROOT, capture_output=True, text=True,

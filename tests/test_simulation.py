@@ -36,7 +36,7 @@ def always_online_population(path: Path, n: int = 6) -> Path:
 
 def small(tmp_path: Path, **kw: object) -> SimConfig:
     trace = always_online_population(tmp_path / "population.csv")
-    return resolve(SimConfig, overrides=SMALL | {"out_dir": str(tmp_path), "population_csv": str(trace)} | kw)
+    return resolve(SimConfig, overrides=SMALL | {"out_dir": str(tmp_path), "devices": str(trace)} | kw)
 
 
 @pytest.mark.slow
@@ -129,7 +129,7 @@ def test_bad_simulation_config_names_the_field(tmp_path: Path) -> None:
         ({"clients_per_round": 100}, "clients_per_round"),
         ({"tier_mode": "sometimes"}, "tier_mode"),
         ({"fault_injection": "x:boom"}, "fault_injection"),
-        ({"population_csv": "/nonexistent.csv"}, "population_csv"),
+        ({"devices": "/nonexistent.csv"}, "devices"),
         ({"resume": str(tmp_path)}, "resume"),
     ]:
         with pytest.raises(ConfigError, match=field):
@@ -162,7 +162,7 @@ def test_flwr_run_works_and_leaves_nothing_running(tmp_path: Path) -> None:
     code = flwr_run(
         [f"{k}={v}" for k, v in {
             "num-clients": 4, "clients-per-round": 2, "rounds": 1, "model": "mlp", "partition": "iid",
-            "population-csv": str(trace), "out-dir": str(tmp_path / "runs"), "run-name": "flwr", "progress": "false",
+            "devices": str(trace), "out-dir": str(tmp_path / "runs"), "run-name": "flwr", "progress": "false",
         }.items()]
     )
     assert code == 0
