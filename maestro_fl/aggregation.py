@@ -53,7 +53,7 @@ def aggregate_indexed(global_arrays: Mapping[str, np.ndarray], updates: Sequence
             where = numpy_index(index[name], current.shape)
             if total[where].shape != block.shape:
                 raise ValueError(f"{name}: client block {block.shape} does not match its index {total[where].shape}")
-            total[where] += np.float64(w) * block.astype(np.float64)
+            total[where] += block * np.float64(w)  # float64 product (NEP 50), one temporary
             weight[where] += w
         held = weight > 0
         merged = np.array(current, dtype=np.float64, copy=True)

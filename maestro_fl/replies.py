@@ -99,10 +99,23 @@ def read_metrics(metrics: Mapping[str, Any]) -> ReplyFacts:
     )
 
 
-def update_ratio(arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> float:
-    """``‖reply − sent‖ / ‖sent‖`` over all arrays (float64): how far local training moved the sub-model."""
-    moved = sum(float(np.sum((arrays[k].astype(np.float64) - sent[k].astype(np.float64)) ** 2)) for k in sent)
-    size = sum(float(np.sum(sent[k].astype(np.float64) ** 2)) for k in sent)
+def squared_norm(a: np.ndarray) -> float:
+    """``‖a‖²`` accumulated in float64 (a BLAS dot product of the flattened array)."""
+    flat = np.ravel(a).astype(np.float64, copy=False)
+    return float(np.dot(flat, flat))
+
+
+def update_ratio(arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray],
+                 sent_squared_norm: float | None = None) -> float:
+    """``‖reply − sent‖ / ‖sent‖`` over all arrays (float64): how far local training moved the sub-model.
+
+    Not finite when the reply holds a NaN or an Inf. ``sent_squared_norm``:
+    ``‖sent‖²`` when the caller already knows it (many clients receive the same sub-model).
+    """
+    # the difference in the arrays' own dtype (the mixed-dtype ufunc is 4x slower), squares summed in float64;
+    # a difference that overflows is an Inf, so the ratio is too and the reply is refused, as it should be
+    moved = sum(squared_norm(np.subtract(arrays[k], sent[k])) for k in sent)
+    size = sum(squared_norm(v) for v in sent.values()) if sent_squared_norm is None else sent_squared_norm
     return math.sqrt(moved) / max(math.sqrt(size), 1e-12)
 
 
@@ -113,6 +126,7 @@ def check_reply(
     registered_examples: int | None = None,
     sent: Mapping[str, np.ndarray] | None = None,
     max_update_norm: float = 0.0,
+    sent_squared_norm: float | None = None,
 ) -> str | None:
     """Why the reply cannot be merged, or ``None`` when it can.
 
@@ -129,6 +143,8 @@ def check_reply(
     sent : mapping, optional
         The arrays the client was sent; with ``max_update_norm > 0`` the
         update ``‖reply − sent‖`` may be at most ``max_update_norm·‖sent‖``.
+    sent_squared_norm : float, optional
+        ``‖sent‖²``, when known (saves recomputing it for every client of a tier).
     """
     if facts.problems:
         return "metrics incomplete: " + "; ".join(facts.problems)[:250]
@@ -153,10 +169,13 @@ def check_reply(
             return f"{name}: wrong {'rank' if only_rank else 'shape'}, got {got}, sent {tuple(shape)}"
         if value.dtype.name != task.dtypes[name]:
             return f"{name}: wrong dtype, got {value.dtype}, sent {task.dtypes[name]}"
-        if not np.isfinite(value).all():
-            return f"{name}: non-finite values (NaN/Inf)"
-    if sent is not None and max_update_norm > 0:
-        ratio = update_ratio(arrays, sent)
-        if not ratio <= max_update_norm:
-            return f"update norm {ratio:.3g}x the sent model's exceeds max_update_norm = {max_update_norm:g}"
+    bounded = sent is not None and max_update_norm > 0
+    # a NaN or Inf anywhere makes the update norm non-finite: one pass over the reply serves both checks
+    ratio = update_ratio(arrays, sent, sent_squared_norm) if bounded else math.nan  # type: ignore[arg-type]
+    if not math.isfinite(ratio):
+        for name in task.shapes:
+            if not np.isfinite(arrays[name]).all():
+                return f"{name}: non-finite values (NaN/Inf)"
+    if bounded and not ratio <= max_update_norm:
+        return f"update norm {ratio:.3g}x the sent model's exceeds max_update_norm = {max_update_norm:g}"
     return None

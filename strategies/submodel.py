@@ -36,9 +36,14 @@ from maestro_fl.budget import Cost, DeviceCapability
 from maestro_fl.config import SimConfig, to_dict
 from maestro_fl.convert import lod_layers
 from maestro_fl.methods import ClientTask, FederatedMethod, Update
-from maestro_fl.replies import check_reply, read_metrics
+from maestro_fl.replies import check_reply, read_metrics, squared_norm
 from maestro_fl.results import ClientRound
 from maestro_fl.submodels import index_shape, take
+
+
+def part_key(name: str, index: tuple[object, ...]) -> tuple[str, tuple[object, ...]]:
+    """A hashable name for the part ``index`` of array ``name``: equal parts, equal keys."""
+    return name, tuple((i.start, i.stop, i.step) if isinstance(i, slice) else i.tobytes() for i in index)  # type: ignore[union-attr]
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -80,6 +85,7 @@ class SubModelStrategy(Strategy):
         self._budgets: dict[tuple[int, DeviceCapability], Cost | None] = {}
         self._tiers: dict[int, dict[int, Cost]] = {}
         self._encoded: dict[tuple[str, tuple[object, ...]], Array] = {}  # this round's arrays, as sent
+        self._sent: dict[tuple[object, ...], tuple[dict[str, np.ndarray], float]] = {}  # a sub-model and ‖·‖²
         self.ignored: list[tuple[int, str]] = []  # replies of the last round that no client round owns
 
     # -- registration -------------------------------------------------------------------------
@@ -170,7 +176,7 @@ class SubModelStrategy(Strategy):
     ) -> Iterable[Message]:
         """One message per sampled client, carrying only its sub-model and its assignment."""
         self.current = to_numpy(arrays)
-        self.tasks, self.client_rounds, self._encoded = {}, [], {}
+        self.tasks, self.client_rounds, self._encoded, self._sent = {}, [], {}, {}
         tiers = list(self.tier_costs().values())
         messages = []
         for node in self.sample(server_round):
@@ -243,8 +249,9 @@ class SubModelStrategy(Strategy):
                 facts.compute_s, facts.download_s, facts.upload_s, facts.wall_s)
             row.bytes_up = int(sum(getattr(v, "nbytes", 0) for v in arrays.values()))
             if reason is None:
-                reason = check_reply(arrays, facts, task, self.examples_of.get(node), take(self.current, task.index),
-                                     self.cfg.max_update_norm)
+                sent, sent_norm = self.sent(task)
+                reason = check_reply(arrays, facts, task, self.examples_of.get(node), sent, self.cfg.max_update_norm,
+                                     sent_norm)
             if reason is not None:
                 row.status, row.reason = "malformed", reason
             elif self.cfg.round_deadline_s > 0 and row.round_seconds > self.cfg.round_deadline_s:
@@ -285,6 +292,14 @@ class SubModelStrategy(Strategy):
         log(INFO, "\t└──> LoD layers: %s", list(self.layer_names))
 
     # -- helpers ------------------------------------------------------------------------------
+    def sent(self, task: ClientTask) -> tuple[dict[str, np.ndarray], float]:
+        """What the client was sent and its squared norm (once per distinct sub-model in a round)."""
+        key = tuple(part_key(name, idx) for name, idx in task.index.items())
+        if key not in self._sent:
+            sub = take(self.current, task.index)
+            self._sent[key] = sub, sum(squared_norm(v) for v in sub.values())
+        return self._sent[key]
+
     def _row(self, server_round: int, node: int, device: DeviceCapability, cost: Cost | None, status: str,
              reason: str = "") -> ClientRound:
         return ClientRound(
@@ -303,7 +318,7 @@ class SubModelStrategy(Strategy):
         the factors of one tier) is encoded once and the same bytes are sent to each."""
         record = ArrayRecord()  # filled item by item: ArrayRecord(dict) would copy every Array
         for name, value in sub.items():
-            key = (name, tuple((i.start, i.stop, i.step) if isinstance(i, slice) else i.tobytes() for i in index[name]))
+            key = part_key(name, index[name])
             if key not in self._encoded:
                 self._encoded[key] = Array(*wire.encode(value))
             record[name] = self._encoded[key]

@@ -70,8 +70,8 @@ def test_dead_and_hung_clients_cost_one_client_round_each_on_ray(tmp_path: Path,
     faults = "1:exit@1,2:segfault@2,3:hang@2,4:raise,5:huge,6:duplicate,7:exit@3"
     started = time.monotonic()
     run = run_simulation(config(tmp_path, backend="ray", run_name="faults", fault_injection=faults,
-                                round_timeout_s=15.0))
-    assert time.monotonic() - started < 120
+                                round_timeout_s=30.0))  # a fresh actor's start-up on a loaded CI machine fits
+    assert time.monotonic() - started < 150
     clients = pd.read_csv(run / "clients.csv", keep_default_na=False)
     status = {(r.partition_id, r.round): (r.status, r.reason) for r in clients.itertuples()}
     assert status[(1, 1)][0] == "failed" and "process died" in status[(1, 1)][1]
@@ -82,7 +82,7 @@ def test_dead_and_hung_clients_cost_one_client_round_each_on_ray(tmp_path: Path,
     assert all(status[(5, r)][0] == "malformed" for r in (1, 2, 3))
     assert all(status[(6, r)] == ("ok", "a second reply was ignored") for r in (1, 2, 3))
     for pid in (0, 8, 9):  # healthy every round, also after the deaths
-        assert all(status[(pid, r)][0] == "ok" for r in (1, 2, 3))
+        assert all(status[(pid, r)][0] == "ok" for r in (1, 2, 3)), status
     for pid in (1, 2, 3, 7):  # the faulty clients are healthy in the other rounds
         assert sum(status[(pid, r)][0] == "ok" for r in (1, 2, 3)) == 2
     assert pd.read_csv(run / "rounds.csv")["round"].tolist() == [1, 2, 3]
