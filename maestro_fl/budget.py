@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .convert import Ranks, _walk
-from .footprint import probe_forward
+from .footprint import Inputs, probe_forward
 from .layers import LoDLayer
 
 #: rank fractions a budget can take, from full rank down (fine enough to matter, small enough to tabulate)
@@ -71,7 +71,7 @@ class Cost:
 
 
 @torch.no_grad()
-def activation_count(model: nn.Module, input_shape: tuple[int, ...], ranks: Mapping[str, int] | None = None) -> int:
+def activation_count(model: nn.Module, inputs: Inputs, ranks: Mapping[str, int] | None = None) -> int:
     """Values per sample that training keeps for backward: every leaf output, plus each LoD layer's inner rank-r map."""
     counts: list[int] = []
 
@@ -88,7 +88,7 @@ def activation_count(model: nn.Module, input_shape: tuple[int, ...], ranks: Mapp
             hooks.append((module, lod_hook))
         elif not any(True for _ in module.children()) and not isinstance(module, nn.Flatten):
             hooks.append((module, leaf_hook))
-    probe_forward(model, input_shape, ranks, hooks)
+    probe_forward(model, inputs, ranks, hooks)
     return sum(counts)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from .budget import Cost
 from .convert import lod_layers
 from .data import Split
-from .footprint import footprint
+from .footprint import Inputs, footprint
 from .methods import FederatedMethod
 from .results import (
     CLIENTS,
@@ -69,8 +69,8 @@ class CentralEvaluation(RoundCallback):
     model's, so ratios compare across methods.
     """
 
-    def __init__(self, method: FederatedMethod, test: Split, input_shape: tuple[int, ...]) -> None:
-        self.method, self.test, self.input_shape = method, test, input_shape
+    def __init__(self, method: FederatedMethod, test: Split, inputs: Inputs) -> None:
+        self.method, self.test, self.inputs = method, test, inputs
         self.layer_names = tuple(lod_layers(method.template))
 
     def after_round(self, result: RoundResult) -> bool:
@@ -80,7 +80,7 @@ class CentralEvaluation(RoundCallback):
         for tier, cost in result.tier_costs.items():
             model, ranks = self.method.deploy(global_model, cost)
             loss, acc = evaluate(model, self.test, ranks)
-            fp = footprint(model, self.input_shape, ranks)
+            fp = footprint(model, self.inputs, ranks)
             result.tiers.append(
                 {
                     "round": result.round,

@@ -13,7 +13,7 @@ being the LoD layers' qualified names in the model.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -25,13 +25,26 @@ from .layers import Init, LoDLayer, ceil_rank, dense_is_smaller, lod_from_dense,
 Ranks = dict[str, int]
 
 
-def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """Named modules in definition order, not descending into LoD layers."""
-    for name, child in module.named_children():
+def _walk(module: nn.Module, prefix: str = "", every_name: bool = False,
+          _seen: set[int] | None = None) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules in definition order, not descending into LoD layers.
+
+    A module registered under several names comes once, under its first name;
+    with ``every_name``, under each of them (its children under the first only).
+    """
+    seen = set() if _seen is None else _seen
+    for name, child in module._modules.items():
+        if child is None:
+            continue
         full = f"{prefix}.{name}" if prefix else name
+        if id(child) in seen:
+            if every_name:
+                yield full, child
+            continue
+        seen.add(id(child))
         yield full, child
         if not isinstance(child, LoDLayer):
-            yield from _walk(child, full)
+            yield from _walk(child, full, every_name, seen)
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -40,9 +53,13 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def lod_layers(model: nn.Module) -> dict[str, LoDLayer]:
-    """The model's LoD layers by qualified name, in definition order."""
-    return {n: m for n, m in _walk(model) if isinstance(m, LoDLayer)}
+def lod_layers(model: nn.Module, every_name: bool = False) -> dict[str, LoDLayer]:
+    """The model's LoD layers by qualified name, in definition order.
+
+    A layer registered under several names comes under its first one; with
+    ``every_name`` under each (as the model's ``state_dict`` lists it).
+    """
+    return {n: m for n, m in _walk(model, every_name=every_name) if isinstance(m, LoDLayer)}
 
 
 def model_ranks(model: nn.Module) -> Ranks:
@@ -63,10 +80,14 @@ def check_fraction(field: str, value: float) -> None:
 
 def validate_ranks(model: nn.Module, ranks: Mapping[str, int]) -> None:
     """Raise ``ValueError`` naming the layer if a rank is unknown or out of range."""
-    layers = lod_layers(model)
+    layers = lod_layers(model, every_name=True)
+    given: dict[int, tuple[str, int]] = {}
     for name, r in ranks.items():
         if name not in layers:
             raise ValueError(f"ranks: unknown LoD layer {name!r}; LoD layers are {sorted(layers)}")
+        first = given.setdefault(id(layers[name]), (name, r))
+        if first[1] != r:
+            raise ValueError(f"ranks: {first[0]!r} and {name!r} are one layer, given ranks {first[1]} and {r}")
         if not isinstance(r, int) or not 1 <= r <= layers[name].max_rank:
             raise ValueError(f"ranks[{name!r}] = {r!r}; allowed: an integer in [1, {layers[name].max_rank}]")
 
@@ -159,7 +180,7 @@ def plan_factorization(
         raise ValueError(f"keep_first must be >= 0, got {keep_first}")
     names: dict[int, list[str]] = {}
     modules: dict[int, nn.Module] = {}
-    for name, module in _walk(model):
+    for name, module in _walk(model, every_name=True):
         names.setdefault(id(module), []).append(name)
         modules[id(module)] = module
     owners: dict[int, set[int]] = {}  # parameter -> the modules holding it directly
@@ -276,7 +297,7 @@ def factorize(
                               skip_unprofitable=skip_unprofitable)
     if verbose:
         print(plan)
-    by_name = {n: m for n, m in _walk(model)}
+    by_name = {n: m for n, m in _walk(model, every_name=True)}
     for decision in plan.factorized:
         names = decision.name.split(" = ")
         lod = lod_from_dense(by_name[names[0]], decision.rank, init=init, generator=generator)  # type: ignore[arg-type]
@@ -290,11 +311,22 @@ def truncate(model: nn.Module, ranks: Mapping[str, int]) -> nn.Module:
     """A copy whose LoD layers hold only their first ``ranks[name]`` components."""
     validate_ranks(model, ranks)
     out = copy.deepcopy(model)
-    for name, layer in lod_layers(out).items():
-        if name in ranks:
+    for name, layer in lod_layers(out, every_name=True).items():
+        if name in ranks and ranks[name] < layer.max_rank:  # a layer under two names is cut once
             layer.truncate_(ranks[name])
         layer.active_rank = None
     return out
+
+
+def _replace_by_dense(model: nn.Module, keep: Callable[[LoDLayer], bool]) -> None:
+    """Replace every LoD layer for which ``keep`` is false by its dense module, under each of its names."""
+    dense: dict[int, nn.Module] = {}
+    for name, layer in lod_layers(model, every_name=True).items():
+        if keep(layer):
+            continue
+        if id(layer) not in dense:
+            dense[id(layer)] = layer.to_dense_module()
+        _set_module(model, name, dense[id(layer)])
 
 
 def extract(model: nn.Module, ranks: Mapping[str, int] | float | None = None) -> nn.Module:
@@ -313,15 +345,12 @@ def extract(model: nn.Module, ranks: Mapping[str, int] | float | None = None) ->
     if isinstance(ranks, float | int) and not isinstance(ranks, bool):
         ranks = ranks_at_fraction(model, float(ranks))
     out = truncate(model, ranks or {})
-    for name, layer in lod_layers(out).items():
-        if dense_is_smaller(layer.fan_out, layer.fan_in, layer.max_rank):
-            _set_module(out, name, layer.to_dense_module())
+    _replace_by_dense(out, keep=lambda layer: not dense_is_smaller(layer.fan_out, layer.fan_in, layer.max_rank))
     return out
 
 
 def to_dense(model: nn.Module, ranks: Mapping[str, int] | None = None) -> nn.Module:
     """A copy with every LoD layer replaced by the dense layer ``U_r Vᵀ_r``."""
     out = truncate(model, ranks or {})
-    for name, layer in lod_layers(out).items():
-        _set_module(out, name, layer.to_dense_module())
+    _replace_by_dense(out, keep=lambda layer: False)
     return out

@@ -16,15 +16,17 @@ from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
-from .config import SimConfig, resolve, to_dict
+from .config import ConfigError, SimConfig, resolve, to_dict
 from .convert import lod_layers, ranks_at_fraction
-from .data import Split, TaskData, load_dataset
+from .data import DataError, DatasetNotFoundError, Split, TaskData, load_dataset
 from .footprint import footprint
 from .methods import METHODS, FederatedMethod
 from .models import MODELS, InputSpec, build_model
-from .partition import partition_indices, train_val_split
+from .partition import PartitionError, partition_indices, train_val_split
+from .references import UnresolvedReference
 from .results import RunDir
 from .training import evaluate
 
@@ -73,7 +75,7 @@ def _build(name: str, spec: InputSpec, norm: str | None, width: float = 1.0) -> 
 def make_method(cfg: SimConfig, spec: InputSpec) -> FederatedMethod:
     """The method ``cfg.strategy``, holding the run's initial model (seeded)."""
     cls = METHODS[cfg.strategy]
-    return cls(cfg, spec.shape, model_builder(cfg, spec, cls.static_batchnorm))
+    return cls(cfg, spec, model_builder(cfg, spec, cls.static_batchnorm))
 
 
 def load_task(cfg: SimConfig) -> TaskData:
@@ -102,6 +104,54 @@ def _federation(key: str) -> Federation:
     )
     splits = tuple(train_val_split(p, cfg.val_fraction, cfg.seed + i) for i, p in enumerate(parts))
     return Federation(data, splits, make_method(cfg, data.spec))
+
+
+def check_task(cfg: SimConfig) -> Federation:
+    """Build the run's federation in this process, or raise one :class:`ConfigError` line saying what is wrong.
+
+    It loads the data, makes the partition, builds the method's model and runs
+    one batch of the data through it, so that a dataset that cannot be read, a
+    column that is missing, a partition that cannot be made and an input shape
+    the model rejects all fail before a run directory or an engine exists.
+    The federation is cached: the server's later call reuses it.
+    """
+    try:
+        fed = federation(cfg)
+    except (DataError, DatasetNotFoundError, PartitionError, UnresolvedReference) as err:
+        raise ConfigError(str(err)) from None
+    except (ValueError, TypeError, RuntimeError) as err:  # a model that cannot be built or factorized
+        raise ConfigError(f"model {cfg.model!r}: cannot be built for inputs of shape {fed_shape(cfg)} "
+                          f"({type(err).__name__}: {first_line(err)})") from None
+    model = fed.template
+    x = fed.data.train.x[:2]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as err:  # noqa: BLE001 - whatever the model raises, the user's fix is the same
+        raise ConfigError(f"model {cfg.model!r} rejects the inputs of dataset {cfg.dataset!r} (a batch of shape "
+                          f"{tuple(x.shape)}, {x.dtype}): {type(err).__name__}: {first_line(err)}") from None
+    finally:
+        model.train(was_training)
+    classes = fed.data.spec.num_classes
+    if not isinstance(out, torch.Tensor) or out.shape != (len(x), classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"model {cfg.model!r} must map a batch of {len(x)} inputs to ({len(x)}, {classes}) logits "
+                          f"({classes} classes in dataset {cfg.dataset!r}); it returned {got}")
+    return fed
+
+
+def fed_shape(cfg: SimConfig) -> tuple[int, ...] | str:
+    try:
+        return load_task(cfg).spec.shape
+    except Exception:  # noqa: BLE001 - only for the message
+        return "(unknown)"
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else ""
 
 
 # -- a finished run's global model, deployed after the fact ------------------------------------

@@ -9,9 +9,9 @@ however many modules share it. By default a layer counts as
 costs ``r·(m + n)`` weights and the MACs of its two factors, unless its dense
 form ``m·n`` is smaller, in which case it costs the dense layer's.
 
-The pass runs in eval mode with autograd on (and nothing backward), which
-keeps PyTorch's fused inference paths (``TransformerEncoderLayer``'s) out of
-the way: the counter sees the plain operations.
+The pass runs in eval mode with PyTorch's fused attention path switched off
+(and autograd on, nothing backward): the counter sees the plain operations
+that training runs.
 """
 
 from __future__ import annotations
@@ -121,12 +121,16 @@ def probe_forward(
 def count_flops(model: nn.Module, inputs: Inputs, ranks: Mapping[str, int] | None = None) -> dict[str, int]:
     """FLOPs of one forward pass per module path (inclusive of children; ``""`` is the whole model)."""
     was_training = model.training
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     model.eval()
     x = example_input(inputs, model)
     try:
+        # no fused attention path: it would read every LoD layer's ``.weight`` (a U Vᵀ product) to decide
+        torch.backends.mha.set_fastpath_enabled(False)
         with active_ranks(model, ranks), torch.enable_grad(), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
     out: dict[str, int] = {}
     for key, ops in counter.get_flop_counts().items():
@@ -164,10 +168,16 @@ def footprint(
     seen_params: set[int] = set()
     rows: list[LayerFootprint] = []
 
+    def inclusive(path: str, module: nn.Module) -> int:
+        """A module's FLOPs with its children's; a container never called (a ModuleList) sums its children."""
+        if path in flops:
+            return flops[path]
+        prefix = f"{path}." if path else ""
+        return sum(inclusive(prefix + name, child) for name, child in module.named_children())
+
     def exclusive(path: str, module: nn.Module) -> int:
         prefix = f"{path}." if path else ""
-        children = sum(flops.get(prefix + name, 0) for name, child in module.named_children())
-        return flops.get(path, 0) - children
+        return inclusive(path, module) - sum(inclusive(prefix + n, c) for n, c in module.named_children())
 
     def new_params(params: list[nn.Parameter]) -> int:
         count = 0

@@ -52,6 +52,11 @@ def registered() -> dict[str, Any]:
     return dict(_OBJECTS)
 
 
+def referenced(*values: str) -> dict[str, Any]:
+    """The registered objects that ``values`` (config fields) name: what a run must ship to its workers."""
+    return {v: _OBJECTS[v] for v in values if v in _OBJECTS}
+
+
 def install(objects: dict[str, Any]) -> None:
     """Register objects shipped from the driver (in a Ray worker or task)."""
     _OBJECTS.update(objects)

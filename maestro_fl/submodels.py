@@ -31,7 +31,7 @@ from torch import nn
 
 from .budget import FRACTION_GRID, Cost, activation_count
 from .convert import Ranks, model_ranks, ranks_at_fraction, truncate
-from .footprint import footprint
+from .footprint import Inputs, footprint
 
 Arrays = dict[str, np.ndarray]
 DimIndex = slice | np.ndarray
@@ -104,19 +104,19 @@ def load_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> nn.Module
 
 # -- cost tables -------------------------------------------------------------------------------
 def rank_cost_table(
-    model: nn.Module, input_shape: tuple[int, ...], fractions: Sequence[float] = FRACTION_GRID
+    model: nn.Module, inputs: Inputs, fractions: Sequence[float] = FRACTION_GRID
 ) -> list[Cost]:
     """Training cost of the LoD model at each rank fraction (largest first): factors as trained."""
     table = []
     for p in sorted(set(fractions), reverse=True):
         ranks = ranks_at_fraction(model, p)
-        fp = footprint(model, input_shape, ranks, as_deployed=False)
-        table.append(Cost(p, ranks, fp.params, fp.macs, activation_count(model, input_shape, ranks)))
+        fp = footprint(model, inputs, ranks, as_deployed=False)
+        table.append(Cost(p, ranks, fp.params, fp.macs, activation_count(model, inputs, ranks)))
     return table
 
 
 def width_cost_table(
-    build: ModelAtWidth, input_shape: tuple[int, ...], fractions: Sequence[float] = FRACTION_GRID
+    build: ModelAtWidth, inputs: Inputs, fractions: Sequence[float] = FRACTION_GRID
 ) -> list[Cost]:
     """Training cost of the width-sliced model at each width fraction (largest first).
 
@@ -127,8 +127,8 @@ def width_cost_table(
     table = []
     for p in sorted(set(fractions), reverse=True):
         model = build(p)
-        fp = footprint(model, input_shape)
-        table.append(Cost(p, {}, fp.params, fp.macs, activation_count(model, input_shape)))
+        fp = footprint(model, inputs)
+        table.append(Cost(p, {}, fp.params, fp.macs, activation_count(model, inputs)))
     return table
 
 
@@ -140,13 +140,13 @@ class SubModelFamily(ABC):
     ----------
     template : nn.Module
         The server's model at full size (full rank or full width); fixes names and shapes.
-    input_shape : tuple
-        One input sample's shape (for footprints and the activation count of the budget).
+    inputs : InputSpec or tuple
+        One input sample's spec or shape (for footprints and the activation count of the budget).
     """
 
-    def __init__(self, template: nn.Module, input_shape: tuple[int, ...]) -> None:
+    def __init__(self, template: nn.Module, inputs: Inputs) -> None:
         self.template = template
-        self.input_shape = input_shape
+        self.inputs = inputs
 
     @abstractmethod
     def cost_table(self, global_arrays: Mapping[str, np.ndarray] | None = None) -> list[Cost]:
@@ -173,7 +173,7 @@ class SubModelFamily(ABC):
     @cached_property
     def reference(self):  # type: ignore[no-untyped-def]
         """The full dense model's footprint: the denominator of every method's ratios."""
-        return footprint(self.template, self.input_shape)
+        return footprint(self.template, self.inputs)
 
 
 class RankPrefix(SubModelFamily):
@@ -184,7 +184,7 @@ class RankPrefix(SubModelFamily):
         key = tuple(sorted(ranks.items()))
         cache = self.__dict__.setdefault("_tables", {})
         if key not in cache:
-            cache[key] = rank_cost_table(truncate(self.template, ranks), self.input_shape)
+            cache[key] = rank_cost_table(truncate(self.template, ranks), self.inputs)
         return cache[key]
 
     def index(self, cost: Cost, server_round: int) -> Index:
@@ -227,15 +227,15 @@ class WidthCorner(SubModelFamily):
         template's shapes; see :mod:`maestro_fl.models`).
     """
 
-    def __init__(self, template: nn.Module, input_shape: tuple[int, ...], build: ModelAtWidth) -> None:
-        super().__init__(template, input_shape)
+    def __init__(self, template: nn.Module, inputs: Inputs, build: ModelAtWidth) -> None:
+        super().__init__(template, inputs)
         self.build = build
         self._shapes: dict[float, dict[str, tuple[int, ...]]] = {}
         self._table: list[Cost] | None = None
 
     def cost_table(self, global_arrays: Mapping[str, np.ndarray] | None = None) -> list[Cost]:
         if self._table is None:
-            self._table = width_cost_table(self.build, self.input_shape)
+            self._table = width_cost_table(self.build, self.inputs)
         return self._table
 
     def shapes(self, width: float) -> dict[str, tuple[int, ...]]:
@@ -263,8 +263,8 @@ class Dense(SubModelFamily):
 
     def cost_table(self, global_arrays: Mapping[str, np.ndarray] | None = None) -> list[Cost]:
         if "_table" not in self.__dict__:
-            fp = footprint(self.template, self.input_shape)
-            self.__dict__["_table"] = [Cost(1.0, {}, fp.params, fp.macs, activation_count(self.template, self.input_shape))]
+            fp = footprint(self.template, self.inputs)
+            self.__dict__["_table"] = [Cost(1.0, {}, fp.params, fp.macs, activation_count(self.template, self.inputs))]
         return self.__dict__["_table"]
 
     def index(self, cost: Cost, server_round: int) -> Index:

@@ -47,11 +47,11 @@ def test_import_rules(package: str, forbidden: set[str]) -> None:
 
 
 def test_strategies_holds_only_strategies_at_its_top_level() -> None:
-    """What is not a strategy (command line, runners, sweeps) lives in a subpackage that says what it is."""
+    """What is not a strategy (Python API, command line, runners, sweeps) lives in a subpackage that says what it is."""
     top = sorted(p.name for p in (ROOT / "strategies").glob("*.py"))
     assert top == ["__init__.py", "server_app.py", "submodel.py"]
     assert {p.name for p in (ROOT / "strategies").iterdir() if p.is_dir() and p.name != "__pycache__"} == {
-        "cli", "runners", "sweeps"}
+        "api", "cli", "runners", "sweeps"}
 
 
 def test_flower_app_config_mirrors_simconfig() -> None:

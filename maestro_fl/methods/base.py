@@ -36,7 +36,7 @@ from ..aggregation import aggregate_robust
 from ..budget import Cost, DeviceCapability, affordable
 from ..convert import Ranks
 from ..data import Split
-from ..footprint import footprint
+from ..footprint import Inputs, footprint
 from ..submodels import Arrays, Index, ModelAtWidth, SubModelFamily
 from ..training import EpochStats, SGDStep, SubModelDraw, run_epoch
 
@@ -152,8 +152,9 @@ class FederatedMethod(ABC):
     ----------
     cfg : SimConfig
         The run's settings (local training, budgets, the method's options).
-    input_shape : tuple
-        One input sample's shape.
+    inputs : InputSpec or tuple
+        What one input sample is (its :class:`~maestro_fl.models.InputSpec`: token
+        ids need its integer dtype), or its shape (float inputs).
     build : callable
         ``build(p)``: the dense model at width fraction ``p`` (``build(1.0)`` is
         the full model); freshly initialized from torch's global RNG.
@@ -166,9 +167,9 @@ class FederatedMethod(ABC):
     #: whether the client trainer may run on a GPU share (``num_gpus_per_client > 0``)
     runs_on_gpu: ClassVar[bool] = True
 
-    def __init__(self, cfg: SimConfig, input_shape: tuple[int, ...], build: ModelAtWidth) -> None:
+    def __init__(self, cfg: SimConfig, inputs: Inputs, build: ModelAtWidth) -> None:
         self.cfg = cfg
-        self.input_shape = tuple(input_shape)
+        self.inputs = inputs
         self.build = build
         torch.manual_seed(cfg.seed)
         self.family: SubModelFamily = self.make_family(torch.Generator().manual_seed(cfg.seed))
@@ -255,7 +256,7 @@ class FederatedMethod(ABC):
         """
         key = (assignment.fraction, tuple(sorted(assignment.ranks.items())))
         if key not in self._client_costs:
-            fp = footprint(model, self.input_shape, as_deployed=False)
+            fp = footprint(model, self.inputs, as_deployed=False)
             self._client_costs[key] = Cost(assignment.fraction, dict(assignment.ranks), fp.params, fp.macs, 0,
                                            passes=self.passes, live_graphs=self.live_graphs)
         return self._client_costs[key]

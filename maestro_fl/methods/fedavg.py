@@ -30,7 +30,7 @@ class FedAvgDense(FederatedMethod):
     name = "fedavg_dense"
 
     def make_family(self, generator: torch.Generator) -> SubModelFamily:
-        return Dense(self.build(1.0), self.input_shape)
+        return Dense(self.build(1.0), self.inputs)
 
     def budget(self, table: Sequence[Cost], device: DeviceCapability, samples: int) -> Cost | None:
         return table[0]  # budgets ignored

@@ -44,7 +44,7 @@ class FedLoD(FederatedMethod):
             keep_classifier=self.cfg.keep_classifier,
             generator=generator,
         )
-        return RankPrefix(model, self.input_shape)
+        return RankPrefix(model, self.inputs)
 
     @property
     def init(self) -> str:

@@ -77,7 +77,7 @@ class FedRolex(WidthMethod):
     name = "fedrolex"
 
     def make_family(self, generator: torch.Generator) -> SubModelFamily:
-        return WidthWindow(self.build(1.0), self.input_shape, self.build)
+        return WidthWindow(self.build(1.0), self.inputs, self.build)
 
     def assign(self, cost: Cost, tier_costs: Sequence[Cost]) -> Assignment:
         return Assignment(cost.fraction)
@@ -112,7 +112,7 @@ class FedRolexRank(FedLoD):
 
     def make_family(self, generator: torch.Generator) -> SubModelFamily:
         prefix = super().make_family(generator)
-        return RankWindow(prefix.template, self.input_shape)
+        return RankWindow(prefix.template, self.inputs)
 
     @property
     def sampler(self) -> str:

@@ -35,7 +35,7 @@ class WidthMethod(FederatedMethod):
     static_batchnorm = True
 
     def make_family(self, generator: torch.Generator) -> SubModelFamily:
-        return WidthCorner(self.build(1.0), self.input_shape, self.build)
+        return WidthCorner(self.build(1.0), self.inputs, self.build)
 
     @property
     def distill(self) -> bool:

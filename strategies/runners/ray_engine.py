@@ -23,6 +23,8 @@ from pathlib import Path
 
 from maestro_fl import protocol as P
 from maestro_fl.config import ConfigError, SimConfig, resolve, to_dict
+from maestro_fl.federated import check_task
+from maestro_fl.references import OBJECT_PREFIX
 from maestro_fl.results import RunDir, new_run_dir, timestamp
 
 from ..server_app import StopRequest, print_final, run_server
@@ -77,6 +79,11 @@ def prepare_run_dir(cfg: SimConfig) -> tuple[SimConfig, Path]:
     return cfg, run_dir
 
 
+def object_fields(cfg: SimConfig) -> tuple[str, ...]:
+    """The config's components given as objects of the Python API (``object:...``)."""
+    return tuple(v for v in (cfg.model, cfg.dataset, cfg.devices) if v.startswith(OBJECT_PREFIX))
+
+
 def run_simulation(cfg: SimConfig) -> Path:
     """Run (or resume) a federation; returns its run directory.
 
@@ -87,6 +94,11 @@ def run_simulation(cfg: SimConfig) -> Path:
         abandoned, the tables and checkpoint hold every round before it.
     """
     cfg.validate()
+    if cfg.backend == "flower" and object_fields(cfg):
+        raise ConfigError("backend='flower' cannot ship the Python API's objects to its workers; use backend='ray' "
+                          "or 'local', or name them by a 'package.module:attr' reference")
+    if not cfg.resume:
+        check_task(cfg)  # data, partition and model, before a run directory exists
     cfg, run_dir = prepare_run_dir(cfg)
     quiet_flower()
     with StopRequest() as stop:
@@ -120,7 +132,7 @@ def ray_init_args(cfg_address: str) -> dict[str, object]:
 def _run_on_ray_grid(cfg: SimConfig, run_dir: Path, stop: StopRequest) -> list[dict[str, object]]:
     import ray
 
-    from .ray_grid import RayGrid
+    from .ray_grid import RayGrid, export_objects
 
     started_here = not ray.is_initialized()
     if started_here:
@@ -134,7 +146,7 @@ def _run_on_ray_grid(cfg: SimConfig, run_dir: Path, stop: StopRequest) -> list[d
         env = {k: os.environ[k] for k in (*FLOWER_ENV, "FLWR_HOME") if k in os.environ}
         grid = RayGrid(P.CLIENTAPP_REF, cfg.num_clients, num_actors=actors,
                        actor_options={"num_cpus": cfg.num_cpus_per_client, "num_gpus": cfg.num_gpus_per_client},
-                       env=env, should_stop=stop.requested)
+                       env=env, should_stop=stop.requested, objects=export_objects(*object_fields(cfg)))
         return run_server(grid, cfg, run_dir, stop=stop)
     finally:
         if grid is not None:

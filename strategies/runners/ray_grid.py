@@ -46,6 +46,33 @@ class RoundInterrupted(RuntimeError):
     """The round was abandoned because a stop was requested (Ctrl-C)."""
 
 
+def use_driver_path(sys_path: list[str]) -> None:
+    """The driver's import path, in a worker: modules named by reference import here too."""
+    for path in reversed(sys_path):
+        if path not in sys.path and os.path.isdir(path):
+            sys.path.insert(0, path)
+
+
+def export_objects(*names: str) -> bytes:
+    """The Python API's objects that ``names`` refer to, pickled by value (cloudpickle) for Ray workers."""
+    from ray import cloudpickle
+
+    from maestro_fl.references import referenced
+
+    objects = referenced(*names)
+    return cloudpickle.dumps(objects) if objects else b""
+
+
+def install_objects(blob: bytes) -> None:
+    """Register the driver's objects in this worker (after :func:`use_driver_path`, so they unpickle)."""
+    if blob:
+        from ray import cloudpickle
+
+        from maestro_fl.references import install
+
+        install(cloudpickle.loads(blob))
+
+
 def set_task_identity() -> None:
     """Outside a Flower runtime, messages take their sender from TaskIdentity."""
     for attr, value in (("run_id", 0), ("node_id", 0), ("task_id", 1)):
@@ -77,11 +104,11 @@ class ClientWorker:
     :meth:`cancel` calls for messages the driver moved to another actor.
     """
 
-    def __init__(self, client_app_ref: str, env: dict[str, str], threads: int, sys_path: list[str]) -> None:
+    def __init__(self, client_app_ref: str, env: dict[str, str], threads: int, sys_path: list[str],
+                 objects: bytes = b"") -> None:
         os.environ.update(env)
-        for path in reversed(sys_path):  # the driver's import path: modules named by reference import here too
-            if path not in sys.path and os.path.isdir(path):
-                sys.path.insert(0, path)
+        use_driver_path(sys_path)
+        install_objects(objects)
         import torch
 
         torch.set_num_threads(max(1, threads))
@@ -145,6 +172,8 @@ class RayGrid(Grid):
         Messages per actor call; default: a round's messages split into 4 batches per actor.
     should_stop : callable, optional
         Polled while waiting; when it returns True the round is abandoned.
+    objects : bytes, optional
+        The Python API's objects the run refers to (:func:`export_objects`), registered in every actor.
     """
 
     def __init__(
@@ -157,6 +186,7 @@ class RayGrid(Grid):
         env: dict[str, str] | None = None,
         batch_size: int | None = None,
         should_stop: Callable[[], bool] = lambda: False,
+        objects: bytes = b"",
     ) -> None:
         import ray
 
@@ -171,6 +201,7 @@ class RayGrid(Grid):
         self.sys_path = [os.path.abspath(p or os.getcwd()) for p in sys.path]
         self.batch_size = batch_size
         self.should_stop = should_stop
+        self.objects = ray.put(objects)  # once in the object store, however many actors are (re)started
         self._remote = ray.remote(ClientWorker)
         self.actors = [self._new_actor() for _ in range(max(1, num_actors))]
         self.restarts = 0  # actors replaced after a death or a hang
@@ -178,7 +209,7 @@ class RayGrid(Grid):
 
     def _new_actor(self):  # type: ignore[no-untyped-def]
         return self._remote.options(max_concurrency=2, **self.actor_options).remote(
-            self.client_app_ref, self.env, self.threads, self.sys_path)
+            self.client_app_ref, self.env, self.threads, self.sys_path, self.objects)
 
     def _replace(self, slot: int) -> None:
         self._ray.kill(self.actors[slot], no_restart=True)

@@ -33,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import traceback
 from dataclasses import dataclass, fields, replace
@@ -43,6 +44,9 @@ import pandas as pd
 
 from maestro_fl.config import ConfigError, SimConfig, read_toml, resolve, to_dict
 from maestro_fl.results import CHECKPOINT_FILE, CONFIG_FILE, RunDir, RunDirError
+
+from ..runners.ray_engine import object_fields
+from ..runners.ray_grid import export_objects
 
 SWEEP_KEYS = {"name": str, "out_dir": str, "ray_address": str, "cpus_per_run": (int, float), "gpus_per_run": (int, float)}
 
@@ -66,17 +70,19 @@ def _run_name(values: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9=,._-]", "_", text)
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read and check a sweep file; every run's config is validated before anything runs."""
+def load_sweep(path: str | Path, base: dict[str, Any] | None = None) -> Sweep:
+    """Read and check a sweep file; every run's config is validated before anything runs.
+
+    ``base``: values added to the file's ``[base]`` (the Python API's objects).
+    """
     path = Path(path)
     data = read_toml(path, "sweep file")
     unknown = sorted(set(data) - {"sweep", "base", "grid", "methods"})
     if unknown:
         raise ConfigError(f"sweep file: unknown table(s) {unknown}; allowed: ['sweep', 'base', 'grid', 'methods']")
     head = data.get("sweep", {})
-    return build_sweep(
-        head, data.get("base", {}), data.get("grid", {}), data.get("methods", {"": {}}), default_name=path.stem
-    )
+    return build_sweep(head, data.get("base", {}) | (base or {}), data.get("grid", {}), data.get("methods", {"": {}}),
+                       default_name=path.stem)
 
 
 def build_sweep(
@@ -120,9 +126,17 @@ def build_sweep(
     )
 
 
-def run_one(cfg: SimConfig, run_dir: Path) -> dict[str, Any]:
-    """Run (or resume) one grid point in ``run_dir``; writes ``result.json`` when it finished."""
+def run_one(cfg: SimConfig, run_dir: Path, sys_path: list[str] | None = None, objects: bytes = b"") -> dict[str, Any]:
+    """Run (or resume) one grid point in ``run_dir``; writes ``result.json`` when it finished.
+
+    In a Ray task, ``sys_path`` and ``objects`` bring the driver's import path
+    and the Python API's objects the run refers to.
+    """
     from ..runners.ray_engine import run_simulation
+    from ..runners.ray_grid import install_objects, use_driver_path
+
+    use_driver_path(sys_path or [])
+    install_objects(objects)
 
     if run_dir.exists() and not (run_dir / CHECKPOINT_FILE).exists():
         shutil.rmtree(run_dir)  # died before its first round: nothing to resume
@@ -197,7 +211,10 @@ def run_sweep(path_or_sweep: str | Path | Sweep) -> Path:
                  **({} if sweep.ray_address else {"num_cpus": os.cpu_count() or 1}))
         try:
             task = ray.remote(num_cpus=sweep.cpus_per_run, num_gpus=sweep.gpus_per_run)(run_one)
-            pending = {task.remote(cfg, sweep.root / name): (name, values) for name, values, cfg in todo}
+            sys_path = [os.path.abspath(p or os.getcwd()) for p in sys.path]
+            objects = export_objects(*{v for _, _, c in todo for v in object_fields(c)})
+            pending = {task.remote(cfg, (sweep.root / name).resolve(), sys_path, objects): (name, values)
+                       for name, values, cfg in todo}
             done = 0
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
