@@ -42,10 +42,10 @@ def rank_over_epochs(run_dir: str | Path, out: str | Path | None = None) -> Figu
     ranks = read_table(run_dir, "ranks.csv", ("epoch", "layer", "rank"))
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for layer, group in ranks.groupby("layer", sort=False):
-        ax.plot(group["epoch"], group["rank"], marker=".", label=f"layer {layer}")
+        ax.plot(group["epoch"], group["rank"], marker=".", label=str(layer))
     ax.set_xlabel("epoch")
     ax.set_ylabel("rank (components)")
-    ax.set_title("Learned rank per layer")
+    ax.set_title(f"{Path(run_dir).name}: learned rank per layer")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
     return _save(fig, out)
@@ -67,7 +67,7 @@ def accuracy_vs_compression(
         ax.annotate(name, (100 * x, 100 * y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("compression rate (% of dense parameters removed)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy vs compression")
+    ax.set_title("Final test accuracy vs compression, one point per run")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, out)
@@ -108,26 +108,53 @@ def sweep_runs(sweep_dir: str | Path) -> tuple[list[Path], list[str]]:
     return [root / r for r in finished["run"]], labels
 
 
+#: a single run's spread: the standard deviation of each tier's accuracy over its last rounds
+LAST_ROUNDS = 5
+#: accuracy axes span at least this many percentage points, so that noise does not read as an effect
+MIN_ACCURACY_SPAN = 5.0
+
+
 def footprint_points(run_dir: str | Path, x: str = "params") -> pd.DataFrame:
-    """One row per tier (federated: final round) or rank fraction (centralized): x, accuracy, point label."""
+    """One row per tier (federated: final round) or rank fraction (centralized): x, accuracy, point label,
+    and ``spread``: for a federated run, the standard deviation of the tier's accuracy over its last
+    :data:`LAST_ROUNDS` rounds (how much the last round's number is noise)."""
     if x not in ("params", "macs", "bytes"):
         raise ValueError(f"x must be one of ['params', 'macs', 'bytes'], got {x!r}")
     if run_kind(run_dir) == "federated":
         tiers = read_table(run_dir, "tiers.csv", ("round", "tier", "accuracy", "params", "macs"))
         last = tiers[tiers["round"] == tiers["round"].max()].copy()
+        recent = tiers[tiers["round"] > tiers["round"].max() - LAST_ROUNDS]
+        last["spread"] = last["tier"].map(recent.groupby("tier")["accuracy"].std()).fillna(0.0)
         if x == "bytes":
             clients = read_table(run_dir, "clients.csv", ("tier", "status", "bytes_down", "bytes_up"))
             ok = clients[clients["status"] == "ok"]
             per_tier = (ok["bytes_down"] + ok["bytes_up"]).groupby(ok["tier"]).mean()
             last["bytes"] = last["tier"].map(per_tier)
         last["label"] = "t" + last["tier"].astype(str)
-        return last[[x, "accuracy", "label", "tier"]].rename(columns={x: "x"})
+        return last[[x, "accuracy", "spread", "label", "tier"]].rename(columns={x: "x"})
     ladder = read_table(run_dir, "ladder.csv", ("rank_fraction", "test_accuracy", "params", "macs"))
     col = "bytes_fp32" if x == "bytes" else x
-    out = pd.DataFrame({"x": ladder[col], "accuracy": ladder["test_accuracy"],
+    out = pd.DataFrame({"x": ladder[col], "accuracy": ladder["test_accuracy"], "spread": 0.0,
                         "label": "p=" + ladder["rank_fraction"].astype(str)})
     out["tier"] = range(len(out))
     return out
+
+
+def is_dense_reference(run_dir: str | Path) -> bool:
+    """A dense FedAvg run (``strategy = fedavg_dense``): every tier holds the full model; a reference line."""
+    try:
+        return RunDir(run_dir).config().get("strategy") == "fedavg_dense"
+    except RunDirError:
+        return False
+
+
+def keep_accuracy_span(ax: plt.Axes, span: float = MIN_ACCURACY_SPAN) -> None:
+    """Widen the accuracy axis to at least ``span`` percentage points (within 0-100)."""
+    lo, hi = ax.get_ylim()
+    if hi - lo < span:
+        mid = (lo + hi) / 2
+        lo, hi = max(0.0, mid - span / 2), min(100.0, mid + span / 2)
+        ax.set_ylim(lo, max(hi, lo + span) if hi < 100.0 else hi)
 
 
 X_LABELS = {
@@ -135,6 +162,7 @@ X_LABELS = {
     "macs": "MACs per sample",
     "bytes": "bytes per round (one client, down + up)",
 }
+X_TITLES = {"params": "deployed parameters", "macs": "MACs per sample", "bytes": "bytes sent per round"}
 
 
 def accuracy_vs_footprint(
@@ -144,26 +172,45 @@ def accuracy_vs_footprint(
     out: str | Path | None = None,
 ) -> Figure:
     """The Pareto view: accuracy against a footprint, one curve per method (label), points per tier
-    or rank fraction; runs sharing a label (seeds) are averaged with the spread as error bars."""
+    or rank fraction.
+
+    Runs sharing a label (seeds) are averaged, with their standard deviation as
+    error bars; a label with one run shows the spread of its last rounds
+    (:data:`LAST_ROUNDS`). Dense FedAvg, which ignores budgets, is a reference
+    line with its spread as a band, not a curve.
+    """
     labels = list(labels) if labels is not None else [Path(r).name for r in run_dirs]
-    frames = [footprint_points(r, x).assign(method=m) for r, m in zip(run_dirs, labels)]
+    frames = [footprint_points(r, x).assign(method=m, run=str(r), dense=is_dense_reference(r))
+              for r, m in zip(run_dirs, labels)]
     data = pd.concat(frames)
     methods = list(dict.fromkeys(data["method"]))
     many = len(methods) > 5  # a legend beside the axes, and 20 distinct colours past the default 10
-    fig, ax = plt.subplots(figsize=(8.5, 4.5) if many else (6, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5) if many else (6.5, 4))
     colors = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
     for i, (method, group) in enumerate(data.groupby("method", sort=False)):
+        seeds = group["run"].nunique()
+        if group["dense"].all():  # the reference: one model for every tier
+            finals = group.groupby("run")["accuracy"].mean()
+            mean = 100 * finals.mean()
+            sd = 100 * (finals.std() if seeds > 1 else group["spread"].mean())
+            ax.axhline(mean, color="gray", linestyle="--", linewidth=1.2,
+                       label=f"{method}: dense, every tier (reference)")
+            ax.axhspan(mean - sd, mean + sd, color="gray", alpha=0.12, linewidth=0)
+            continue
         stats = group.groupby("tier").agg(x=("x", "mean"), acc=("accuracy", "mean"), sd=("accuracy", "std"),
-                                          label=("label", "first"))
-        ax.errorbar(stats["x"], 100 * stats["acc"], yerr=100 * stats["sd"].fillna(0.0), marker="o", capsize=3,
-                    label=method, color=colors(i))
+                                          spread=("spread", "mean"), label=("label", "first"))
+        err = stats["sd"].fillna(0.0) if seeds > 1 else stats["spread"]
+        how = f"{seeds} seeds" if seeds > 1 else f"last {LAST_ROUNDS} rounds"
+        ax.errorbar(stats["x"], 100 * stats["acc"], yerr=100 * err, marker="o", capsize=3,
+                    label=f"{method} (± over {how})", color=colors(i))
         for _, row in stats.iterrows():
             ax.annotate(row["label"], (row["x"], 100 * row["acc"]), textcoords="offset points", xytext=(3, -10),
                         fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel(X_LABELS[x] + " (log scale)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy vs footprint")
+    ax.set_title(f"Test accuracy vs {X_TITLES[x]}, per tier")
+    keep_accuracy_span(ax)
     if many:
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
@@ -230,28 +277,39 @@ def accuracy_vs_round(run_dir: str | Path, out: str | Path | None = None, time_a
         ax.plot(xs, 100 * group["accuracy"], color=tier_color(int(tier), n), label=f"tier {tier}")
     ax.set_xlabel("simulated wall-clock (minutes)" if time_axis else "round")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy vs " + ("simulated time" if time_axis else "round") + " per tier")
+    ax.set_title(f"{Path(run_dir).name}: test accuracy per tier vs " + ("simulated time" if time_axis else "round"))
+    keep_accuracy_span(ax)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, out)
 
 
 def communication(run_dir: str | Path, out: str | Path | None = None) -> Figure:
-    """Bytes moved per round (down and up) and their cumulative total."""
+    """Bytes moved per round (down and up) and their cumulative total.
+
+    When every client sends back exactly what it received (the sub-model
+    methods here), the two directions are one line, labelled so, instead of
+    one line hiding the other.
+    """
     rounds = read_table(run_dir, "rounds.csv", ("round", "bytes_down", "bytes_up"))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax1.plot(rounds["round"], rounds["bytes_down"] / 1e6, label="server → clients")
-    ax1.plot(rounds["round"], rounds["bytes_up"] / 1e6, label="clients → server")
+    down, up = rounds["bytes_down"] / 1e6, rounds["bytes_up"] / 1e6
+    if (rounds["bytes_down"] == rounds["bytes_up"]).all():
+        ax1.plot(rounds["round"], down, label="each way (server → clients = clients → server)")
+    else:
+        ax1.plot(rounds["round"], down, label="server → clients")
+        ax1.plot(rounds["round"], up, linestyle="--", marker=".", label="clients → server")
     ax1.set_xlabel("round")
     ax1.set_ylabel("MB per round")
+    ax1.set_ylim(bottom=0)
     ax1.legend(fontsize=8)
-    ax2.plot(rounds["round"], (rounds["bytes_down"] + rounds["bytes_up"]).cumsum() / 1e6, label="total")
+    ax2.plot(rounds["round"], (rounds["bytes_down"] + rounds["bytes_up"]).cumsum() / 1e6, label="down + up")
     ax2.set_xlabel("round")
     ax2.set_ylabel("cumulative MB")
     ax2.legend(fontsize=8)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-    fig.suptitle("Communication")
+    fig.suptitle(f"{Path(run_dir).name}: communication per round and in total")
     return _save(fig, out)
 
 
@@ -266,7 +324,7 @@ def participation(run_dir: str | Path, out: str | Path | None = None) -> Figure:
         bottom = counts[status] if bottom is None else bottom + counts[status]
     ax.set_xlabel("tier")
     ax.set_ylabel("client rounds")
-    ax.set_title("Participation per tier")
+    ax.set_title(f"{Path(run_dir).name}: what happened to sampled clients, per tier")
     ax.legend(fontsize=8)
     return _save(fig, out)
 
@@ -279,23 +337,39 @@ def has_ranks(run_dir: str | Path) -> bool:
     return True
 
 
+def lod_layer_names(run_dir: str | Path) -> list[str] | None:
+    """The LoD layers of a federated run, in the order ``tiers.csv`` lists ranks (from its checkpoint)."""
+    try:
+        checkpoint = RunDir(run_dir).checkpoint()
+    except RunDirError:
+        return None
+    if checkpoint is None:
+        return None
+    return [name.rsplit(".", 2)[0] for name in checkpoint.arrays if name.endswith("in_network.weight")]
+
+
 def ranks_heatmap(run_dir: str | Path, out: str | Path | None = None) -> Figure:
-    """Ranks per layer: layer × tier (federated, last round) or layer × epoch (centralized)."""
+    """Ranks per named layer: layer × tier (federated, last round) or layer × epoch (centralized)."""
     if run_kind(run_dir) == "federated":
         tiers = read_table(run_dir, "tiers.csv", ("round", "tier", "ranks"))
         last = tiers[tiers["round"] == tiers["round"].max()]
         matrix = pd.DataFrame([[int(v) for v in str(r).split()] for r in last["ranks"]], index=last["tier"]).T
-        xlabel = "tier"
+        names = lod_layer_names(run_dir)
+        if names is not None and len(names) == matrix.shape[0]:
+            matrix.index = names
+        xlabel, what = "tier", "last round"
     else:
         ranks = read_table(run_dir, "ranks.csv", ("epoch", "layer", "rank"))
         matrix = ranks.pivot(index="layer", columns="epoch", values="rank")
-        xlabel = "epoch"
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+        matrix = matrix.loc[list(dict.fromkeys(ranks["layer"]))]  # the model's order, not alphabetical
+        xlabel, what = "epoch", "per epoch"
+    fig, ax = plt.subplots(figsize=(6.5, 0.8 + 0.32 * max(matrix.shape[0], 6)))
     image = ax.imshow(matrix.values, aspect="auto", cmap="magma")
     ax.set_xticks(range(matrix.shape[1]), [str(c) for c in matrix.columns], fontsize=7)
     ax.set_yticks(range(matrix.shape[0]), [str(i) for i in matrix.index], fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("LoD layer")
-    ax.set_title("Rank per layer")
-    fig.colorbar(image, ax=ax, label="rank")
+    ax.set_title(f"{Path(run_dir).name}: rank per layer ({what})")
+    fig.colorbar(image, ax=ax, label="rank (components)")
+    fig.tight_layout()
     return _save(fig, out)

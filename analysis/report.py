@@ -6,6 +6,7 @@ accuracy-vs-footprint figures get one curve per method with the spread over seed
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,22 +36,45 @@ def _markdown(df: pd.DataFrame) -> str:
     return "\n".join(rows)
 
 
-def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, labels: Sequence[str] | None = None) -> Path:
-    """Render the figures for ``run_dirs`` into ``out_dir`` and write ``summary.md``; returns its path."""
+def collect_runs(run_dirs: Sequence[str | Path]) -> tuple[list[Path], list[str], list[tuple[Path, str]]]:
+    """The readable runs (a sweep stands for its finished runs, labelled by method), their labels, and
+    every directory that could not be read with the reason."""
     runs: list[Path] = []
-    given_labels = list(labels) if labels is not None else None
-    labels = []
+    labels: list[str] = []
+    skipped: list[tuple[Path, str]] = []
     for r in map(Path, run_dirs):
-        if (r / "results.csv").is_file():  # a sweep: its finished runs, labelled by method
-            sweep_dirs, sweep_labels = plots.sweep_runs(r)
-            runs += sweep_dirs
-            labels += sweep_labels
-        else:
-            runs.append(r)
-            labels.append(r.name)
-    labels = given_labels or labels
+        try:
+            if (r / "results.csv").is_file():  # a sweep: its finished runs, labelled by method
+                found = list(zip(*plots.sweep_runs(r)))
+            else:
+                found = [(r, r.name)]
+        except plots.RunDirError as err:
+            skipped.append((r, str(err)))
+            continue
+        for run, label in found:
+            try:
+                kind = plots.run_kind(run)
+                plots.read_table(run, "tiers.csv" if kind == "federated" else "ladder.csv")
+            except plots.RunDirError as err:
+                skipped.append((run, str(err)))
+                continue
+            runs.append(run)
+            labels.append(label)
+    return runs, labels, skipped
+
+
+def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, labels: Sequence[str] | None = None) -> Path:
+    """Render the figures for ``run_dirs`` into ``out_dir`` and write ``summary.md``; returns its path.
+
+    Directories that cannot be read are listed in ``summary.md`` (and on
+    standard error) with the reason; the others are reported.
+    """
+    runs, found_labels, skipped = collect_runs(run_dirs)
+    for run, reason in skipped:
+        print(f"report: skipped {run}: {reason}", file=sys.stderr)
+    labels = list(labels) if labels is not None else found_labels
     if not runs:
-        raise plots.RunDirError("report needs at least one run directory")
+        raise plots.RunDirError("report: no readable run directory" + "".join(f"; {r}: {why}" for r, why in skipped))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kinds = [plots.run_kind(r) for r in runs]
@@ -63,7 +87,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, labels: Se
     axes = ("params", "macs", "bytes") if all(k == "federated" for k in kinds) else ("params", "macs")
     for x in axes:
         name = f"accuracy_vs_{x}"
-        keep(name, f"Accuracy vs {plots.X_LABELS[x]}", plots.accuracy_vs_footprint(runs, labels, x, out / name))
+        keep(name, f"Test accuracy vs {plots.X_TITLES[x]}, per tier", plots.accuracy_vs_footprint(runs, labels, x, out / name))
     for run, kind in zip(runs, kinds):
         tag = run.name
         if kind == "federated":
@@ -78,6 +102,8 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, labels: Se
             keep(f"{tag}_ranks", f"{tag}: ranks per layer", plots.ranks_heatmap(run, out / f"{tag}_ranks"))
 
     lines = ["# maestro-fl report", ""]
+    if skipped:
+        lines += ["Could not read:", "", *(f"* `{run}`: {reason}" for run, reason in skipped), ""]
     for run in runs:
         lines += [f"## {run.name}", "", f"`{run}`", "", _markdown(_final_table(run)), ""]
     lines += ["## Figures", ""]

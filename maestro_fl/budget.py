@@ -118,5 +118,53 @@ def affordable(
     return None
 
 
+@dataclass(frozen=True)
+class BudgetCheck:
+    """Why a device gets the sub-model it gets: what each constraint allows and what binds.
+
+    ``binding`` is ``"memory"`` or ``"compute"`` when the next larger sub-model
+    breaks that constraint, ``"none"`` when the largest fits, ``"rank_fraction"``
+    when the device's budget is given explicitly, and ``"memory"``/``"compute"``
+    (both when both) for a device that affords nothing: then ``need_*`` are the
+    smallest sub-model's.
+    """
+
+    chosen: Cost | None
+    binding: str
+    need_memory: int  # bytes the next larger (or, when nothing fits, the smallest) sub-model needs
+    have_memory: float
+    need_seconds: float  # its compute seconds per round
+    have_seconds: float  # the per-round compute budget (0 = none)
+
+
+def explain_budget(
+    table: Sequence[Cost],
+    device: DeviceCapability,
+    *,
+    batch_size: int,
+    samples: int,
+    epochs: int,
+    deadline_s: float,
+) -> BudgetCheck:
+    """:func:`affordable`'s choice for ``device`` and the constraint that sets it (for ``maestro-fl plan``)."""
+    chosen = affordable(table, device, batch_size=batch_size, samples=samples, epochs=epochs, deadline_s=deadline_s)
+    ordered = sorted(table, key=lambda c: -c.fraction)
+    if device.rank_fraction > 0:
+        probe, binding = chosen or ordered[-1], "rank_fraction"
+    elif chosen is None:
+        probe = ordered[-1]
+        binding = ""
+    else:
+        larger = [c for c in ordered if c.fraction > chosen.fraction]
+        probe, binding = (larger[-1], "") if larger else (chosen, "none")
+    memory = probe.train_memory(batch_size)
+    seconds = probe.train_macs(samples, epochs) / device.macs_per_s
+    if not binding:
+        over = [name for name, bad in (("memory", memory > device.memory_bytes),
+                                       ("compute", deadline_s > 0 and seconds > deadline_s)) if bad]
+        binding = "+".join(over) or "none"
+    return BudgetCheck(chosen, binding, memory, device.memory_bytes, seconds, deadline_s)
+
+
 def transfer_seconds(num_bytes: float, bits_per_second: float) -> float:
     return 8.0 * num_bytes / bits_per_second

@@ -8,6 +8,7 @@ round and hands a :class:`RoundResult` to every callback in order
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,20 +153,39 @@ class Checkpointing(RoundCallback):
 
 
 class Progress(RoundCallback):
-    """One line per round: clients ok, simulated and wall seconds, per-tier accuracy."""
+    """A progress bar over rounds (per-tier accuracy, simulated time, ETA), or one line per round.
 
-    def __init__(self, rounds: int) -> None:
-        self.rounds = rounds
+    The bar goes to standard error (tqdm), so the tables printed at the end
+    stay clean on standard output; ``lines=True`` (``--verbose``) prints a
+    line per round instead, which reads better in a log file.
+    """
+
+    def __init__(self, rounds: int, lines: bool = False) -> None:
+        self.rounds, self.lines, self.bar = rounds, lines, None
+
+    def on_run_start(self, first_round: int, last_round: int) -> None:
+        if not self.lines:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=last_round, initial=first_round - 1, desc="rounds", unit="round",
+                            dynamic_ncols=True, file=sys.stderr)
 
     def after_round(self, result: RoundResult) -> bool:
         accs = " ".join(f"t{t['tier']}={t['accuracy']:.3f}" for t in result.tiers)
         row = result.row
-        print(
-            f"round {result.round:3d}/{self.rounds}  ok {row.get('ok', 0)}/{len(result.clients)}  "
-            f"sim {row.get('sim_seconds', 0.0):6.1f}s  wall {row.get('wall_seconds', 0.0):5.2f}s  acc {accs}",
-            flush=True,
-        )
+        sim = f"sim {row.get('sim_seconds_total', 0.0) / 60:.1f} min"
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{sim}  acc {accs}", refresh=False)
+            self.bar.update(1)
+        else:
+            print(f"round {result.round:3d}/{self.rounds}  ok {row.get('ok', 0)}/{len(result.clients)}  {sim}  "
+                  f"wall {row.get('wall_seconds', 0.0):5.2f}s  acc {accs}", flush=True)
         return False
+
+    def on_run_end(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def round_latency(clients: Sequence[ClientRound], deadline: float) -> float:

@@ -40,6 +40,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     """Centralized low-rank training (``maestro-fl train``): train once, deploy at many ranks."""
 
+    # -- method --
     method: str = "lod"  # 'lod' (Maestro) or 'dlrt' (rank-adaptive KLS integrator, Schotthöfer et al.)
     dataset: str = "digits"  # embedded in scikit-learn: works offline, trains in seconds (see maestro_fl/data.py)
     data_root: str = "data"  # where torchvision datasets are read from (or downloaded to)
@@ -165,6 +166,76 @@ def check_non_negative(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be >= 0, got {value!r}")
 
 
+# -- documentation, from the source of truth ---------------------------------
+@dataclass(frozen=True)
+class FieldDoc:
+    """One config key as ``--help`` shows it."""
+
+    name: str
+    type: str
+    default: Any
+    reason: str
+    section: str
+
+
+def field_docs(cls: type) -> list[FieldDoc]:
+    """Every field of a config dataclass with its type, default and the one-line reason of its comment.
+
+    The reasons are the ``# ...`` comments after each default in this module
+    (continued on the next comment lines), and the sections its ``# -- name --``
+    lines: ``--help`` is generated from them, so it cannot drift from the code.
+    """
+    import inspect
+    import io
+    import tokenize
+
+    comments: dict[int, str] = {}
+    source = inspect.getsource(cls)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    lines = source.splitlines()
+    hints = typing.get_type_hints(cls)
+    by_line: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        name = line.strip().split(":", 1)[0]
+        if line.startswith("    ") and not line.startswith("     ") and name in hints and name not in by_line:
+            by_line[name] = number
+    docs, section = [], ""
+    sections = {n: c.strip("- ").strip() for n, c in comments.items()
+                if c.startswith("--") and c.endswith("--")}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        number = by_line[f.name]
+        section = next((sections[n] for n in sorted(sections, reverse=True) if n < number), section)
+        reason = comments.get(number, "")
+        follow = number + 1
+        while follow in comments and follow not in sections and lines[follow - 1].strip().startswith("#"):
+            reason += " " + comments[follow]
+            follow += 1
+        hint = hints[f.name]
+        kind = getattr(hint, "__name__", str(hint)) if typing.get_origin(hint) is not tuple else \
+            f"list of {typing.get_args(hint)[0].__name__}"
+        docs.append(FieldDoc(f.name, kind, f.default, reason, section))
+    return docs
+
+
+def describe(cls: type, width: int = 100) -> str:
+    """The keys of ``cls`` for ``--help``: grouped by section, each with type, default and reason."""
+    import textwrap
+
+    out: list[str] = []
+    section = None
+    for doc in field_docs(cls):
+        if doc.section != section:
+            section = doc.section
+            out.append(f"\n{section or 'settings'}:")
+        default = ",".join(map(str, doc.default)) if isinstance(doc.default, tuple) else doc.default
+        head = f"  {doc.name} ({doc.type}, default {default!r})"
+        out.append(head)
+        out.extend(textwrap.wrap(doc.reason, width, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(out).lstrip("\n")
+
+
 # -- resolving --------------------------------------------------------------
 C = TypeVar("C")
 
@@ -246,6 +317,7 @@ def to_dict(cfg: object) -> dict[str, Any]:
 class SimConfig:
     """Heterogeneous federated LoD training (``maestro-fl simulate``): the main job."""
 
+    # -- method --
     strategy: str = "fedlod"  # the method: a name in maestro_fl.methods.METHODS (each module there says what it is)
     # -- data and model --
     dataset: str = "digits"  # embedded: the main job runs offline (what else it may be: maestro_fl/data.py)

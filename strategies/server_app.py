@@ -14,6 +14,7 @@ The run directory's layout is :mod:`maestro_fl.results`.
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -82,8 +83,42 @@ def default_callbacks(cfg: SimConfig, run: RunDir, strategy: SubModelStrategy, t
         Checkpointing(run),
     ]
     if cfg.progress:
-        callbacks.append(Progress(cfg.rounds))
+        callbacks.append(Progress(cfg.rounds, lines=LOG.isEnabledFor(logging.DEBUG)))
     return callbacks
+
+
+#: phase lines and warnings of a run (``maestro-fl --quiet``/``--verbose`` set its level)
+LOG = logging.getLogger("maestro_fl")
+
+PLAN_COLUMNS = [
+    ("tier", "tier", ""),
+    ("clients", "clients", "d"),
+    ("fraction", "fraction", ".2f"),
+    ("params", "params", ",d"),
+    ("params_ratio", "params/full", ".3f"),
+    ("macs", "MACs", ",d"),
+    ("bytes_per_round", "bytes/round", ",d"),
+    ("binding", "binds", ""),
+    ("memory", "memory need/has", ""),
+    ("compute", "compute s need/budget", ""),
+    ("unaffordable", "unaffordable", "d"),
+]
+
+
+def format_plan(rows: Sequence[dict[str, Any]], notes: bool = True) -> str:
+    """The per-tier budget table of :meth:`SubModelStrategy.plan`, with what would serve unaffordable clients.
+
+    Memory and compute show what the next larger sub-model (the one the
+    binding constraint refused) needs against what the device has; for a tier
+    that affords nothing, what its smallest sub-model needs.
+    """
+    shown = [r | {"memory": f"{r['need_memory'] / 1e6:.2f}/{r['have_memory'] / 1e6:.2f} MB",
+                  "compute": f"{r['need_seconds']:.1f}/{r['have_seconds']:g}" if r["have_seconds"] > 0 else "-"}
+             for r in rows]
+    text = format_table(shown, PLAN_COLUMNS).replace(" nan ", "   - ")
+    advice = [f"tier {r['tier']}: {r['unaffordable']} of {r['clients']} clients can afford no sub-model: {r['advice']}"
+             for r in rows if r["unaffordable"] and notes]
+    return "\n".join([text, *advice])
 
 
 def run_server(
@@ -102,13 +137,22 @@ def run_server(
         is written), so the tables and the checkpoint end at the same round.
     """
     run = RunDir(run_dir)
+    LOG.info("building the data and the model: %s, %s, %s clients (%s partition)", cfg.dataset, cfg.model,
+             cfg.num_clients, cfg.partition)
     fed = federation(cfg)
     strategy = SubModelStrategy(fed.method, cfg)
 
     # registration: every node reports its device
+    LOG.info("registering %s clients", cfg.num_clients)
     strategy.register(grid.send_and_receive(strategy.registration_messages(grid), timeout=cfg.round_timeout_s))
     if not strategy.devices:
         raise RuntimeError("no client registered; every node failed the registration query")
+    plan = strategy.plan()
+    LOG.info("what each tier can afford (maestro-fl plan):\n%s", format_plan(plan, notes=False))
+    for row in plan:
+        if row["unaffordable"]:
+            LOG.warning("tier %s: %s of %s clients can afford no sub-model and will never train: %s",
+                        row["tier"], row["unaffordable"], row["clients"], row["advice"])
     if not run.has(DEVICES):  # a resumed run registered the same devices already
         run.writer(DEVICES).extend(
             {"partition_id": strategy.partition_of[n], "node_id": n, "num_examples": strategy.examples_of[n]}
@@ -120,7 +164,7 @@ def run_server(
     start = 1
     if (checkpoint := run.checkpoint()) is not None:
         start, arrays = checkpoint.round + 1, checkpoint.arrays
-        print(f"resuming {run_dir} after round {checkpoint.round}")
+        LOG.info("resuming %s after round %s", run_dir, checkpoint.round)
     run.trim(start - 1)  # rows written after the checkpoint (or before any) are redone, never duplicated
     callbacks = [*default_callbacks(cfg, run, strategy, fed.data.test, fed.data.spec), *extra_callbacks]
     for cb in callbacks:

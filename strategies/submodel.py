@@ -35,6 +35,7 @@ from maestro_fl import wire
 from maestro_fl.budget import Cost, DeviceCapability
 from maestro_fl.config import SimConfig, to_dict
 from maestro_fl.convert import lod_layers
+from maestro_fl.footprint import footprint
 from maestro_fl.methods import ClientTask, FederatedMethod, Update
 from maestro_fl.replies import check_reply, read_metrics, squared_norm
 from maestro_fl.results import ClientRound
@@ -152,6 +153,51 @@ class SubModelStrategy(Strategy):
                     out[device.tier] = cost
             self._tiers[id(table)] = dict(sorted(out.items()))
         return self._tiers[id(table)]
+
+    def plan(self) -> list[dict[str, Any]]:
+        """Per tier: its clients, the sub-model it deploys (its weakest member's budget), what binds it, and,
+        for clients that afford nothing, what would change that. No round runs; ``maestro-fl plan``."""
+        table = self.cost_table()
+        full = self.method.family.reference
+        initial = {k: v.detach().numpy() for k, v in self.method.template.state_dict().items()}
+        global_model = self.method.family.global_model(initial)
+        rows = []
+        for tier in sorted({d.tier for d in self.devices.values()}):
+            members = [n for n in self.nodes if self.devices[n].tier == tier]
+            checks = {d: self.method.explain_budget(table, d, self.nominal_samples)
+                      for d in {self.devices[n] for n in members}}
+            unaffordable = [n for n in members if checks[self.devices[n]].chosen is None]
+            affording = [c for c in checks.values() if c.chosen is not None]
+            weakest = min(affording, key=lambda c: c.chosen.fraction) if affording else \
+                min(checks.values(), key=lambda c: c.need_seconds)  # the nearest to affording something
+            row: dict[str, Any] = {
+                "tier": tier, "clients": len(members), "unaffordable": len(unaffordable),
+                "binding": weakest.binding, "need_memory": weakest.need_memory, "have_memory": weakest.have_memory,
+                "need_seconds": weakest.need_seconds, "have_seconds": weakest.have_seconds,
+                "fraction": float("nan"), "params": 0, "params_ratio": 0.0, "macs": 0, "bytes_per_round": 0,
+                "advice": "",
+            }
+            if weakest.chosen is not None:  # the footprint of what the tier deploys, as tiers.csv gives it
+                cost = weakest.chosen
+                sent = sum(v.nbytes for v in take(initial, self.method.index(cost, 1)).values())
+                model, ranks = self.method.deploy(global_model, cost)
+                fp = footprint(model, self.method.inputs, ranks)
+                row.update(fraction=cost.fraction, params=fp.params, params_ratio=fp.params / full.params,
+                           macs=fp.macs, bytes_per_round=2 * sent)
+            if unaffordable:
+                smallest = min(table, key=lambda c: c.fraction)
+                advice = []
+                if "memory" in weakest.binding:
+                    advice.append(f"its smallest sub-model ({smallest.params:,} parameters) needs "
+                                  f"{weakest.need_memory / 1e6:.2f} MB to train at batch_size={self.cfg.batch_size}, "
+                                  f"the device has {weakest.have_memory / 1e6:.2f} MB: a smaller batch_size or model")
+                if "compute" in weakest.binding:
+                    advice.append(f"it needs {weakest.need_seconds:.1f} s of compute per round, the budget is "
+                                  f"compute_budget_s={self.cfg.compute_budget_s:g}: compute_budget_s >= "
+                                  f"{weakest.need_seconds:.1f}, or fewer local_epochs")
+                row["advice"] = "; ".join(advice)
+            rows.append(row)
+        return rows
 
     # -- sampling -----------------------------------------------------------------------------
     def sample(self, server_round: int) -> list[int]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from analysis.plots import RunDirError, accuracy_vs_compression, rank_over_epochs
@@ -79,20 +82,33 @@ def test_federated_figures_have_their_axes_and_series(fl_run: Path, tmp_path: Pa
     fig = plots.accuracy_vs_footprint([fl_run], ["FedLoD"], x="params", out=tmp_path / "pareto")
     (series,) = fig.axes[0].containers  # one error-bar series per method
     assert len(series.lines[0].get_xdata()) == 2 and fig.axes[0].get_xscale() == "log"
-    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["FedLoD"]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["FedLoD (± over last 5 rounds)"]
+    low, high = fig.axes[0].get_ylim()
+    assert high - low >= plots.MIN_ACCURACY_SPAN  # noise is not magnified
+    bars = series.lines[2][0].get_segments()  # a single run's spread over its last rounds, as error bars
+    assert len(bars) == 2 and any(seg[1][1] > seg[0][1] for seg in bars)
     fig = plots.accuracy_vs_footprint([fl_run, fl_run], ["A", "A"], x="bytes")  # two seeds: one curve
     assert len(fig.axes[0].containers) == 1
     fig = plots.accuracy_vs_round(fl_run)
     assert len(fig.axes[0].get_lines()) == 2 and list(fig.axes[0].get_lines()[0].get_xdata()) == [1, 2, 3]
     fig = plots.accuracy_vs_round(fl_run, time_axis=True)
     assert "simulated" in fig.axes[0].get_xlabel()
-    fig = plots.communication(fl_run)
-    assert len(fig.axes) == 2 and len(fig.axes[0].get_lines()) == 2
+    fig = plots.communication(fl_run)  # a failing client downloads but sends nothing: two lines, both visible
+    down, up = fig.axes[0].get_lines()
+    assert len(fig.axes) == 2 and down.get_linestyle() != up.get_linestyle() and up.get_marker() != "None"
+    rounds = pd.read_csv(fl_run / "rounds.csv")
+    rounds.to_csv(tmp_path / "rounds.csv", index=False)
+    (tmp_path / "tiers.csv").write_text((fl_run / "tiers.csv").read_text())
+    rounds.assign(bytes_up=rounds["bytes_down"]).to_csv(tmp_path / "rounds.csv", index=False)
+    (line,) = plots.communication(tmp_path).axes[0].get_lines()  # equal both ways: one line, said so
+    assert "each way" in line.get_label()
     fig = plots.participation(fl_run)
     statuses = {t.get_text() for t in fig.axes[0].get_legend().get_texts()}
     assert statuses == {"ok", "failed"}
     fig = plots.ranks_heatmap(fl_run)
     assert fig.axes[0].get_xlabel() == "tier"
+    layers = [t.get_text() for t in fig.axes[0].get_yticklabels()]  # the model's layer names, not row numbers
+    assert layers == plots.lod_layer_names(fl_run) and layers
     assert (tmp_path / "pareto.png").stat().st_size > 1000 and (tmp_path / "pareto.svg").exists()
 
 
@@ -122,6 +138,16 @@ def test_report_writes_every_figure_and_a_summary(fl_run: Path, dlrt_runs: list[
     assert all(f"({name})" in summary for name in pngs)
     assert "| tier | accuracy |" in summary and "| rank_fraction |" in summary
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "x")]) == 2  # not a run directory
+    titles = re.findall(r"^### (.+)$", summary, flags=re.M)
+    assert len(titles) == len(set(titles)) == len(pngs)
+    assert len({t.split(":")[-1] for t in titles}) > 5
+    # one unreadable directory among good ones: reported, named with the reason
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tiers.csv").write_text("")
+    assert main(["report", str(fl_run), str(broken), "--out", str(tmp_path / "y")]) == 0
+    text = (tmp_path / "y" / "summary.md").read_text()
+    assert "Could not read:" in text and str(broken) in text
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +172,11 @@ def test_sweep_figures_average_seeds_per_method(small_sweep: Path, tmp_path: Pat
     runs, labels = plots.sweep_runs(small_sweep)
     assert sorted(labels) == ["dense", "dense", "fedlod", "fedlod"]
     fig = plots.accuracy_vs_footprint(runs, labels, x="params")
-    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["fedlod", "dense"]
-    assert len(fig.axes[0].containers) == 2  # one error-bar series per method, seeds averaged
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["dense: dense, every tier (reference)", "fedlod (± over 2 seeds)"]
+    assert len(fig.axes[0].containers) == 1  # one error-bar series for fedlod, seeds averaged
+    (reference,) = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == "--"]
+    assert len(set(reference.get_ydata())) == 1  # dense FedAvg: a horizontal reference line
     summary = write_report([small_sweep], tmp_path / "rep")
     text = summary.read_text()
     assert "accuracy_vs_bytes.png" in text

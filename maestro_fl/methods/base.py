@@ -33,7 +33,7 @@ from torch import nn
 
 from .. import protocol as P
 from ..aggregation import aggregate_robust
-from ..budget import Cost, DeviceCapability, affordable
+from ..budget import BudgetCheck, Cost, DeviceCapability, affordable, explain_budget
 from ..convert import Ranks
 from ..data import Split
 from ..footprint import Inputs, footprint
@@ -206,14 +206,15 @@ class FederatedMethod(ABC):
 
     def budget(self, table: Sequence[Cost], device: DeviceCapability, samples: int) -> Cost | None:
         """The sub-model a device trains this round, or ``None`` when it affords none."""
-        return affordable(
-            table,
-            device,
-            batch_size=self.cfg.batch_size,
-            samples=samples,
-            epochs=self.cfg.local_epochs,
-            deadline_s=self.cfg.compute_budget_s,
-        )
+        return affordable(table, device, **self._budget_terms(samples))
+
+    def explain_budget(self, table: Sequence[Cost], device: DeviceCapability, samples: int) -> BudgetCheck:
+        """:meth:`budget`'s choice and the constraint that sets it (``maestro-fl plan``)."""
+        return explain_budget(table, device, **self._budget_terms(samples))
+
+    def _budget_terms(self, samples: int) -> dict[str, Any]:
+        return {"batch_size": self.cfg.batch_size, "samples": samples, "epochs": self.cfg.local_epochs,
+                "deadline_s": self.cfg.compute_budget_s}
 
     def assign(self, cost: Cost, tier_costs: Sequence[Cost]) -> Assignment:
         """What a client at ``cost`` trains, given every tier's budget (the levels of ordered dropout)."""

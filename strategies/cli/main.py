@@ -1,21 +1,119 @@
-"""The ``maestro-fl`` command.
+"""The ``maestro-fl`` command: a thin layer over :mod:`strategies.api` and the runners.
 
 It lives in ``strategies`` because ``simulate`` starts Flower, which the core
-package ``maestro_fl`` never imports; ``train`` only needs the core.
-
-``maestro-fl train [CONFIG.toml] [key=value ...]``: centralized LoD training.
-``maestro-fl simulate [CONFIG.toml] [key=value ...]``: the federated simulation.
-``maestro-fl flwr-run [key=value ...]``: the same app through ``flwr run .``.
+package ``maestro_fl`` never imports; ``train`` only needs the core. Every
+command's ``--help`` lists its keys with type, default and reason, generated
+from the config dataclasses (:func:`maestro_fl.config.describe`).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from maestro_fl.config import ConfigError, resolve
+from maestro_fl.config import ConfigError, SimConfig, TrainConfig, describe, resolve
 
 from ..server_app import RunInterrupted
+
+
+@dataclass(frozen=True)
+class Command:
+    usage: str
+    summary: str
+    examples: tuple[str, ...]
+    keys: type | None = None  # the config dataclass whose keys it takes
+    notes: str = ""
+
+
+COMMANDS: dict[str, Command] = {
+    "simulate": Command(
+        "maestro-fl simulate [CONFIG.toml] [key=value ...] [--quiet | --verbose]",
+        "Heterogeneous federated training: every client trains the sub-model its device affords "
+        "(Flower's Message API, Ray actors by default). Writes a run directory as it goes and prints "
+        "the per-tier table at the end.",
+        ("maestro-fl simulate", "maestro-fl simulate dataset=mnist1d model=cnn1d rounds=40",
+         "maestro-fl simulate strategy=fjord seed=1 --rounds 30",
+         "maestro-fl simulate resume=runs/sim-digits-cnn-s0-20261201-120000 rounds=80"),
+        SimConfig,
+    ),
+    "plan": Command(
+        "maestro-fl plan [CONFIG.toml] [key=value ...]",
+        "The budget planner: per device tier, the sub-model it can afford (fraction, params, MACs, bytes), "
+        "which constraint binds it (memory or compute, with the numbers), and what would serve a tier that "
+        "affords nothing. Runs in seconds; starts no engine. Takes the keys of simulate.",
+        ("maestro-fl plan", "maestro-fl plan dataset=mnist1d model=cnn1d",
+         "maestro-fl plan model=lenet5 keep_first=0 compute_budget_s=30"),
+        SimConfig,
+    ),
+    "train": Command(
+        "maestro-fl train [CONFIG.toml] [key=value ...] [--quiet]",
+        "Centralized LoD (Maestro) or DLRT training of one model, then its evaluation at a ladder of ranks: "
+        "train once, deploy at many budgets.",
+        ("maestro-fl train", "maestro-fl train method=dlrt dlrt_tau=0.2", "maestro-fl train epochs=20 model=mlp"),
+        TrainConfig,
+    ),
+    "sweep": Command(
+        "maestro-fl sweep SWEEP.toml",
+        "A grid of federated runs as Ray tasks (a local Ray, or a cluster with [sweep] ray_address). Finished "
+        "runs are skipped when it runs again, interrupted ones resume, failed ones are recorded.",
+        ("maestro-fl sweep benchmarks/sweeps/fjord_protocol_cifar10.toml",),
+        notes="The file's tables: [sweep] name, out_dir, ray_address, cpus_per_run, gpus_per_run; [base] "
+              "simulate keys shared by every run; [grid] simulate keys, each a list of values (the runs are "
+              "their product); optional [methods.NAME] tables of simulate keys, crossed with the grid. "
+              "See strategies/sweeps/sweep.py.",
+    ),
+    "compare": Command(
+        "maestro-fl compare [key=value ...]",
+        "Every method on the same data, partitions, devices and seeds (0, 1, 2): per method and tier, accuracy "
+        "(mean ± std over seeds), params, MACs and bytes, and FedLoD at each width tier's footprint.",
+        ("maestro-fl compare", "maestro-fl compare methods=fedlod,fjord seeds=0,1 rounds=30",
+         "maestro-fl compare dataset=mnist1d model=cnn1d out_dir=runs/mnist1d"),
+        SimConfig,
+        notes="Its own keys: methods=a,b (names in strategies/sweeps/compare.py), seeds=0,1,2, "
+              "out_dir=DIR (the sweep goes to DIR/compare). Every other key is a simulate key applied to all.",
+    ),
+    "report": Command(
+        "maestro-fl report RUN_DIR|SWEEP_DIR ... [--out DIR]",
+        "Every figure that applies to the given run or sweep directories (PNG and SVG) and summary.md "
+        "with the per-tier tables; a directory it cannot read is named with the reason.",
+        ("maestro-fl report runs/main --out report", "maestro-fl report runs/compare/compare --out report"),
+    ),
+    "flwr-run": Command(
+        "maestro-fl flwr-run [key=value ...]",
+        "The same ServerApp and ClientApp through `flwr run .` on a private local SuperLink, which is "
+        "stopped afterwards. Takes the keys of simulate (hyphens or underscores).",
+        ("maestro-fl flwr-run rounds=10 clients_per_round=10",),
+        SimConfig,
+    ),
+}
+
+
+def help_text(name: str) -> str:
+    cmd = COMMANDS[name]
+    parts = [f"usage: {cmd.usage}", "", cmd.summary]
+    if cmd.notes:
+        parts += ["", cmd.notes]
+    parts += ["", "examples:", *(f"  {e}" for e in cmd.examples)]
+    if name in ("simulate", "train"):
+        parts += ["", "options:", "  --quiet    no progress and no phase lines (warnings and errors only)"]
+        if name == "simulate":
+            parts += ["  --verbose  a line per round instead of the progress bar, and Flower's own log"]
+    if cmd.keys is not None:
+        parts += ["", f"keys (key=value or --key value; every default with its reason, from {cmd.keys.__name__}):",
+                  describe(cmd.keys)]
+    return "\n".join(parts)
+
+
+def overview() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: maestro-fl COMMAND [...]   (maestro-fl COMMAND --help for its keys)", "",
+             "Federated and on-device learning with low-rank ordered decompositions (Maestro) and DLRT.", "",
+             "commands:"]
+    lines += [f"  {n:<{width}}  {c.summary.split('. ')[0].split(': ')[0]}" for n, c in COMMANDS.items()]
+    return "\n".join(lines)
 
 
 def _split(args: list[str]) -> tuple[str | None, list[str]]:
@@ -42,70 +140,103 @@ def _split(args: list[str]) -> tuple[str | None, list[str]]:
     return file, overrides
 
 
+def configure_output(level: int) -> None:
+    """Phase lines and warnings of ``maestro_fl`` to standard error, plain, at ``level``."""
+    logger = logging.getLogger("maestro_fl")
+    logger.handlers.clear()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    if level > logging.DEBUG:  # Flower logs every message it handles at INFO; only --verbose wants that
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="maestro-fl",
-        description="Federated and on-device learning with low-rank ordered decompositions (Maestro) and DLRT.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_ in [
-        ("train", "centralized LoD training, evaluated at a ladder of ranks"),
-        ("simulate", "heterogeneous federated LoD training (Flower + Ray)"),
-        ("flwr-run", "the same app through `flwr run .` on a local SuperLink, stopped afterwards"),
-        ("report", "figures and a markdown summary for run directories: report RUN_DIR... --out DIR"),
-        ("sweep", "a grid of federated runs as Ray tasks: sweep SWEEP.toml"),
-        ("compare", "every method on the embedded default, 3 seeds, per-tier accuracy/footprint table"),
-    ]:
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("args", nargs="*", metavar="[CONFIG.toml] key=value", help="config file and overrides")
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in sub.choices or any(a in ("-h", "--help") for a in argv[1:]):
-        parser.parse_args(argv)  # prints usage or help (and exits)
-    command, rest = argv[0], argv[1:]  # the rest is ours: argparse would mistake `--key value` for options
-    ns = argparse.Namespace(command=command)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(overview())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"maestro-fl: unknown command {command!r}\n\n{overview()}", file=sys.stderr)
+        return 2
+    if any(a in ("-h", "--help") for a in rest):
+        print(help_text(command))
+        return 0
+    quiet, verbose = "--quiet" in rest, "--verbose" in rest
+    rest = [a for a in rest if a not in ("--quiet", "--verbose")]
+    configure_output(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     if command == "report":
         return _report(rest)
     try:
         file, overrides = _split(rest)
-        if ns.command == "train":
-            from maestro_fl.centralized import run_train
-            from maestro_fl.config import TrainConfig
-
-            run_train(resolve(TrainConfig, file, overrides))
-        elif ns.command == "simulate":
-            from maestro_fl.config import SimConfig
-
-            from ..runners.ray_engine import run_simulation
-
-            run_simulation(resolve(SimConfig, file, overrides))
-        elif ns.command == "sweep":
-            from ..sweeps.sweep import run_sweep
-
-            if file is None or overrides:
-                raise ConfigError("sweep takes one argument, the sweep file (SWEEP.toml)")
-            print(f"results: {run_sweep(file) / 'results.csv'}")
-        elif ns.command == "compare":
-            from ..sweeps.compare import run_compare
-
-            if file is not None:
-                raise ConfigError("compare takes key=value overrides only")
-            run_compare(overrides)
-        elif ns.command == "flwr-run":
-            from ..runners.flwr_run import flwr_run
-
-            if file is not None:
-                raise ConfigError("flwr-run takes key=value overrides only (the app config is in pyproject.toml)")
-            return flwr_run(overrides)
+        if quiet and command in ("simulate", "train"):
+            overrides.append("progress=false")
+        return RUNNERS[command](file, overrides)
     except ConfigError as err:
-        print(f"maestro-fl {ns.command}: config error: {err}", file=sys.stderr)
+        print(f"maestro-fl {command}: config error: {err}", file=sys.stderr)
         return 2
     except FileNotFoundError as err:  # includes a run directory's missing or damaged files
-        print(f"maestro-fl {ns.command}: {err}", file=sys.stderr)
+        print(f"maestro-fl {command}: {err}", file=sys.stderr)
         return 2
     except RunInterrupted as err:
-        print(f"maestro-fl {ns.command}: {err}", file=sys.stderr)
+        print(f"maestro-fl {command}: {err}", file=sys.stderr)
         return 130
+
+
+def _train(file: str | None, overrides: list[str]) -> int:
+    from maestro_fl.centralized import run_train
+
+    run_train(resolve(TrainConfig, file, overrides))
     return 0
+
+
+def _simulate(file: str | None, overrides: list[str]) -> int:
+    from ..runners.ray_engine import run_simulation
+
+    run_simulation(resolve(SimConfig, file, overrides))
+    return 0
+
+
+def _plan(file: str | None, overrides: list[str]) -> int:
+    from .plan import plan
+
+    print(plan(resolve(SimConfig, file, overrides)))
+    return 0
+
+
+def _sweep(file: str | None, overrides: list[str]) -> int:
+    from ..sweeps.sweep import run_sweep
+
+    if file is None or overrides:
+        raise ConfigError("sweep takes one argument, the sweep file (SWEEP.toml)")
+    print(f"results: {run_sweep(file) / 'results.csv'}")
+    return 0
+
+
+def _compare(file: str | None, overrides: list[str]) -> int:
+    from ..sweeps.compare import run_compare
+
+    if file is not None:
+        raise ConfigError("compare takes key=value overrides only")
+    run_compare(overrides)
+    return 0
+
+
+def _flwr_run(file: str | None, overrides: list[str]) -> int:
+    from ..runners.flwr_run import flwr_run
+
+    if file is not None:
+        raise ConfigError("flwr-run takes key=value overrides only (the app config is in pyproject.toml)")
+    return flwr_run(overrides)
+
+
+RUNNERS: dict[str, Callable[[str | None, list[str]], int]] = {
+    "train": _train, "simulate": _simulate, "plan": _plan, "sweep": _sweep, "compare": _compare,
+    "flwr-run": _flwr_run,
+}
 
 
 def _report(args: list[str]) -> int:
@@ -121,6 +252,10 @@ def _report(args: list[str]) -> int:
         else:
             runs.append(args[i])
             i += 1
+    if not runs:
+        print(f"maestro-fl report: give at least one run or sweep directory\n\nusage: {COMMANDS['report'].usage}",
+              file=sys.stderr)
+        return 2
     try:
         print(f"wrote {write_report(runs, out)}")
     except (RunDirError, ValueError) as err:

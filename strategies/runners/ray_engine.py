@@ -17,6 +17,7 @@ user's machine and the network.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -34,11 +35,15 @@ FLOWER_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
 }
+#: Ray's coming default (it will stop hiding GPUs from actors given num_gpus=0), taken now: Ray warns
+#: otherwise at every start, and clients choose their device by num_gpus_per_client, not by what they see
+RAY_ENV = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+LOG = logging.getLogger("maestro_fl")
 
 
 def quiet_flower() -> None:
     """No telemetry, no update check, and a Flower home of our own (unless the user set one)."""
-    for key, value in FLOWER_ENV.items():
+    for key, value in (FLOWER_ENV | RAY_ENV).items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("FLWR_HOME", str(Path(tempfile.gettempdir()) / f"maestro-fl-flwr-{os.getuid()}"))
 
@@ -114,6 +119,8 @@ def run_simulation(cfg: SimConfig) -> Path:
     if cfg.progress:
         print(f"\nrun directory: {run_dir}")
         print_final(rows)
+    else:
+        LOG.info("run directory: %s", run_dir)
     return run_dir
 
 
@@ -136,6 +143,8 @@ def _run_on_ray_grid(cfg: SimConfig, run_dir: Path, stop: StopRequest) -> list[d
 
     started_here = not ray.is_initialized()
     if started_here:
+        LOG.info("starting Ray (%s)", f"attaching to {cfg.ray_address}" if cfg.ray_address else
+                 f"a local instance, {os.cpu_count()} CPUs")
         ray.init(**ray_init_args(cfg.ray_address))
     grid = None
     try:
@@ -143,7 +152,8 @@ def _run_on_ray_grid(cfg: SimConfig, run_dir: Path, stop: StopRequest) -> list[d
         per_cpu = int(resources.get("CPU", 1) // cfg.num_cpus_per_client)
         per_gpu = int(resources.get("GPU", 0) // cfg.num_gpus_per_client) if cfg.num_gpus_per_client > 0 else per_cpu
         actors = max(1, min(per_cpu, per_gpu, cfg.num_clients))
-        env = {k: os.environ[k] for k in (*FLOWER_ENV, "FLWR_HOME") if k in os.environ}
+        env = {k: os.environ[k] for k in (*FLOWER_ENV, *RAY_ENV, "FLWR_HOME") if k in os.environ}
+        LOG.info("starting %s client actor(s) of %g CPU(s) each", actors, cfg.num_cpus_per_client)
         grid = RayGrid(P.CLIENTAPP_REF, cfg.num_clients, num_actors=actors,
                        actor_options={"num_cpus": cfg.num_cpus_per_client, "num_gpus": cfg.num_gpus_per_client},
                        env=env, should_stop=stop.requested, objects=export_objects(*object_fields(cfg)))

@@ -45,7 +45,7 @@ import pandas as pd
 from maestro_fl.config import ConfigError, SimConfig, read_toml, resolve, to_dict
 from maestro_fl.results import CHECKPOINT_FILE, CONFIG_FILE, RunDir, RunDirError
 
-from ..runners.ray_engine import object_fields
+from ..runners.ray_engine import object_fields, quiet_flower
 from ..runners.ray_grid import export_objects
 
 SWEEP_KEYS = {"name": str, "out_dir": str, "ray_address": str, "cpus_per_run": (int, float), "gpus_per_run": (int, float)}
@@ -207,6 +207,7 @@ def run_sweep(path_or_sweep: str | Path | Sweep) -> Path:
             todo.append((name, values, cfg))
     print(f"sweep {sweep.name}: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} finished already", flush=True)
     if todo:
+        quiet_flower()  # Flower's and Ray's environment settings, before Ray starts
         ray.init(address=sweep.ray_address or "local", include_dashboard=False, logging_level="error",
                  **({} if sweep.ray_address else {"num_cpus": os.cpu_count() or 1}))
         try:
@@ -215,7 +216,7 @@ def run_sweep(path_or_sweep: str | Path | Sweep) -> Path:
             objects = export_objects(*{v for _, _, c in todo for v in object_fields(c)})
             pending = {task.remote(cfg, (sweep.root / name).resolve(), sys_path, objects): (name, values)
                        for name, values, cfg in todo}
-            done = 0
+            done = failed = 0
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 name, values = pending.pop(ready[0])
@@ -229,8 +230,9 @@ def run_sweep(path_or_sweep: str | Path | Sweep) -> Path:
                     (sweep.root / name).mkdir(parents=True, exist_ok=True)
                     (sweep.root / name / "error.txt").write_text(message + "\n")
                     rows[name] = _rows(sweep, name, values, "failed", message.splitlines()[-1][:300])
-                    status = "FAILED"
-                print(f"[{done}/{len(todo)}] {name}: {status}", flush=True)
+                    status, failed = "FAILED", failed + 1
+                running = min(len(pending), max(1, int(ray.cluster_resources().get("CPU", 1) // sweep.cpus_per_run)))
+                print(f"[{done}/{len(todo)} done, {running} running, {failed} failed] {name}: {status}", flush=True)
                 _write_results(sweep, rows)
         finally:
             ray.shutdown()

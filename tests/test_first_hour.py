@@ -1,0 +1,117 @@
+"""A researcher's first hour: help generated from the config, the budget planner, progress and quiet."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+
+from maestro_fl.config import SimConfig, TrainConfig, field_docs, resolve
+from strategies.cli import main
+from strategies.cli.main import COMMANDS
+from strategies.cli.plan import plan, plan_rows
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(list(args))
+    logging.getLogger("maestro_fl").handlers.clear()
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_gives_the_commands_own_usage_and_every_key_with_its_default(command: str) -> None:
+    code, text, _ = run_cli(command, "--help")
+    assert code == 0
+    assert text.startswith(f"usage: maestro-fl {command}")
+    assert "examples:" in text
+    keys = COMMANDS[command].keys
+    if keys is None:
+        return
+    for f in dataclasses.fields(keys):
+        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        assert f"  {f.name} (" in text and f"default {default!r})" in text, f.name
+
+
+def test_every_key_has_a_reason_in_the_config_module() -> None:
+    for cls in (SimConfig, TrainConfig):
+        docs = field_docs(cls)
+        assert [d.name for d in docs] == [f.name for f in dataclasses.fields(cls)]
+        missing = [d.name for d in docs if len(d.reason) < 10]
+        assert not missing, f"{cls.__name__} fields without a reason: {missing}"
+        assert all(d.section for d in docs)
+
+
+def test_the_overview_lists_every_command_and_bad_commands_fail() -> None:
+    code, text, _ = run_cli("--help")
+    assert code == 0 and all(f"  {name}" in text for name in COMMANDS)
+    code, _, err = run_cli("simulat")
+    assert code == 2 and "unknown command 'simulat'" in err
+
+
+SMALL = {"num_clients": 10, "clients_per_round": 10, "rounds": 1, "local_epochs": 1, "partition": "iid",
+         "backend": "local"}
+
+
+def test_plan_gives_the_sub_models_the_simulation_then_assigns(tmp_path: Path) -> None:
+    from strategies.api import simulate
+
+    cfg = resolve(SimConfig, overrides=SMALL)
+    rows = {r["tier"]: r for r in plan_rows(cfg)}
+    assert all(r["binding"] in ("compute", "memory", "none", "memory+compute") for r in rows.values())
+    run = simulate(**SMALL | {"rounds": 3}, progress=False, out_dir=str(tmp_path), run_name="r")
+    tiers = run.tiers[run.tiers["round"] == 1].set_index("tier")
+    ok = run.clients[(run.clients["status"] == "ok") & (run.clients["round"] == 1)]
+    for tier, row in rows.items():
+        assert row["params"] == tiers.loc[tier, "params"] and row["macs"] == tiers.loc[tier, "macs"]
+        sent = ok[ok["tier"] == tier]  # clients of the tier sampled in round 1 (devices are online at random)
+        assert (sent["fraction"] == row["fraction"]).all()
+        assert ((sent["bytes_down"] + sent["bytes_up"]) == row["bytes_per_round"]).all()
+    assert ok["tier"].nunique() >= 3
+
+
+def test_plan_names_the_binding_constraint_and_what_would_serve_an_unaffordable_tier(tmp_path: Path) -> None:
+    cfg = resolve(SimConfig, overrides=SMALL | {"compute_budget_s": 2.0, "keep_first": 0})
+    rows = {r["tier"]: r for r in plan_rows(cfg)}
+    starved = [r for r in rows.values() if r["unaffordable"]]
+    assert starved and all(r["unaffordable"] == r["clients"] for r in starved)
+    for r in starved:
+        assert r["binding"] == "compute" and r["need_seconds"] > 2.0
+        assert "compute_budget_s >=" in r["advice"]
+    # the advice holds: with the budget it names, that tier affords a sub-model
+    need = max(r["need_seconds"] for r in starved)
+    fixed = resolve(SimConfig, overrides=SMALL | {"compute_budget_s": need + 0.01, "keep_first": 0})
+    assert not any(r["unaffordable"] for r in plan_rows(fixed))
+    text = plan(cfg)
+    assert "can afford no sub-model" in text and "binds" in text
+
+
+def test_simulate_prints_the_plan_and_warns_about_unaffordable_tiers(tmp_path: Path) -> None:
+    args = [f"{k}={v}" for k, v in SMALL.items()] + ["compute_budget_s=2", "keep_first=0", f"out_dir={tmp_path}"]
+    code, out, err = run_cli("simulate", *args)
+    assert code == 0
+    assert "registering 10 clients" in err and "what each tier can afford" in err
+    assert "can afford no sub-model and will never train" in err
+    assert "run directory:" in out and "tier" in out
+    # quiet: warnings still, no phase lines and no bar
+    code, out, err = run_cli("simulate", *args, "--quiet")
+    assert code == 0 and "registering" not in err and "rounds:" not in err
+    assert "will never train" in err
+
+
+def test_a_progress_bar_with_tier_accuracy_or_a_line_per_round(tmp_path: Path) -> None:
+    args = [f"{k}={v}" for k, v in SMALL.items()] + ["rounds=2", f"out_dir={tmp_path}"]
+    code, _, err = run_cli("simulate", *args)
+    assert code == 0 and "rounds: 100%" in err and "acc t0=" in err and "sim " in err
+    code, out, err = run_cli("simulate", *args, "--verbose")
+    assert code == 0 and "round   2/2" in out and "rounds: 100%" not in err
+
+
+def test_the_report_usage_is_its_own() -> None:
+    code, _, err = run_cli("report")
+    assert code == 2 and "usage: maestro-fl report RUN_DIR|SWEEP_DIR" in err
