@@ -311,15 +311,16 @@ def test_a_corrupt_checkpoint_is_one_clear_line(tmp_path: Path, capsys: pytest.C
 
 
 # -- real runs with injected faults (in-process) --------------------------------------------------
-REPLY_FAULTS = {1: "raise", 2: "nan", 3: "huge", 4: "shape", 5: "dtype", 6: "examples", 7: "duplicate", 8: "timeout"}
+REPLY_FAULTS = {1: "raise", 2: "nan", 3: "huge", 4: "shape", 5: "dtype", 6: "examples", 7: "duplicate", 8: "timeout",
+                9: "rank"}
 
 
 def test_every_reply_fault_on_the_local_backend_is_recorded_and_healthy_clients_go_on(tmp_path: Path) -> None:
     from tests.test_simulation import always_online_population, local
 
-    trace = always_online_population(tmp_path / "population.csv", 10)
+    trace = always_online_population(tmp_path / "population.csv", 11)
     spec = ",".join(f"{p}:{k}" for p, k in REPLY_FAULTS.items())
-    cfg = resolve(SimConfig, overrides={"model": "mlp", "num_clients": 10, "clients_per_round": 10, "rounds": 2,
+    cfg = resolve(SimConfig, overrides={"model": "mlp", "num_clients": 11, "clients_per_round": 11, "rounds": 2,
                                         "local_epochs": 1, "partition": "iid", "progress": False, "backend": "local",
                                         "devices": str(trace), "fault_injection": spec,
                                         "round_timeout_s": 2.0})
@@ -328,11 +329,12 @@ def test_every_reply_fault_on_the_local_backend_is_recorded_and_healthy_clients_
     expect = {"raise": ("failed", "injected failure"), "nan": ("malformed", "non-finite"),
               "huge": ("malformed", "max_update_norm"), "shape": ("malformed", "wrong shape"),
               "dtype": ("malformed", "wrong dtype"), "examples": ("malformed", "registered"),
-              "duplicate": ("ok", "second reply was ignored"), "timeout": ("timeout", "no reply")}
+              "duplicate": ("ok", "second reply was ignored"), "timeout": ("timeout", "no reply"),
+              "rank": ("malformed", "wrong rank")}
     for pid, kind in REPLY_FAULTS.items():
         mine = clients[clients["partition_id"] == pid]
         status, reason = expect[kind]
         assert (mine["status"] == status).all() and mine["reason"].str.contains(reason).all(), kind
-    healthy = clients[clients["partition_id"].isin([0, 9])]
+    healthy = clients[clients["partition_id"].isin([0, 10])]
     assert (healthy["status"] == "ok").all() and len(healthy) == 4
     assert pd.read_csv(tmp_path / "run" / "rounds.csv")["round"].tolist() == [1, 2]
