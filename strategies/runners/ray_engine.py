@@ -69,6 +69,7 @@ def prepare_run_dir(cfg: SimConfig) -> tuple[SimConfig, Path]:
     if cfg.resume:
         run_dir = Path(cfg.resume)
         saved = RunDir(run_dir).config()
+        RunDir(run_dir).checkpoint()  # a damaged checkpoint is one line now, not after the engine started
         defaults, given = to_dict(SimConfig()), to_dict(cfg)
         changed = sorted(k for k, v in given.items() if k not in RESUMABLE and v != defaults.get(k)
                          and v != saved.get(k))
