@@ -15,38 +15,17 @@ from collections.abc import Callable, Iterable
 
 from flwr.app import Message
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
-from .ray_grid import RoundInterrupted, node_contexts, run_client_app, set_task_identity
+from .ray_grid import NodeGrid, RoundInterrupted, run_client_app
 
 
-class LocalGrid(Grid):
+class LocalGrid(NodeGrid):
+    """Nodes ``1..num_nodes``, each running ``client_app`` in this process when it gets a message."""
+
     def __init__(self, client_app: ClientApp, num_nodes: int, should_stop: Callable[[], bool] = lambda: False) -> None:
+        super().__init__(num_nodes)
         self.client_app = client_app
-        self.contexts = node_contexts(num_nodes)
         self.should_stop = should_stop
-        self._run = Run.create_empty(run_id=0)
-        set_task_identity()
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError("LocalGrid only supports send_and_receive")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError("LocalGrid only supports send_and_receive")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Run each message through the ClientApp; a client that raises yields an error reply.

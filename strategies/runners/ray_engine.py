@@ -20,7 +20,9 @@ import importlib
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 from maestro_fl import protocol as P
 from maestro_fl.config import ConfigError, SimConfig, resolve, to_dict
@@ -166,6 +168,14 @@ def _run_on_ray_grid(cfg: SimConfig, run_dir: Path, stop: StopRequest) -> list[d
             ray.shutdown()
 
 
+def wait_for_nodes(grid: Any, expected: int, timeout: float) -> None:
+    """Flower's engine registers its SuperNodes while the ServerApp starts: wait until all are there,
+    or the registration query would reach only those that happened to be ready."""
+    deadline = time.monotonic() + timeout
+    while len(list(grid.get_node_ids())) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _run_on_flower_engine(cfg: SimConfig, run_dir: Path) -> list[dict[str, object]]:
     """Flower's own simulation engine (``backend=flower``): no replacement of dead actors, no Ctrl-C."""
     import ray
@@ -180,6 +190,7 @@ def _run_on_flower_engine(cfg: SimConfig, run_dir: Path) -> list[dict[str, objec
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         try:
+            wait_for_nodes(grid, cfg.num_clients, cfg.round_timeout_s)
             result["rows"] = run_server(grid, cfg, run_dir)
         except BaseException as err:  # surfaced below: Flower only logs a ServerApp's exception
             failure.append(err)

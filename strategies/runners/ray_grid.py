@@ -97,6 +97,35 @@ def run_client_app(app: Any, msg: Message, context: Context) -> Message:
         return Message(Error(code=CLIENT_EXCEPTION, reason=f"{type(err).__name__}: {err}"[-1000:]), reply_to=msg)
 
 
+class NodeGrid(Grid):
+    """A Grid over nodes ``1..num_nodes`` (partition ids ``0..num_nodes-1``) that only does
+    ``send_and_receive``: what :class:`RayGrid` and ``LocalGrid`` share."""
+
+    def __init__(self, num_nodes: int) -> None:
+        self.contexts = node_contexts(num_nodes)
+        self._run = Run.create_empty(run_id=0)
+        set_task_identity()
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError(f"{type(self).__name__} only supports send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError(f"{type(self).__name__} only supports send_and_receive")
+
+
 class ClientWorker:
     """A Ray actor that runs the ClientApp on batches of messages (instantiated through ``ray.remote``).
 
@@ -153,7 +182,7 @@ class _Running:
     started: set[int] = field(default_factory=set)
 
 
-class RayGrid(Grid):
+class RayGrid(NodeGrid):
     """Nodes ``1..num_nodes`` (partition ids ``0..num_nodes-1``) served by ``num_actors`` Ray actors.
 
     Parameters
@@ -190,10 +219,8 @@ class RayGrid(Grid):
     ) -> None:
         import ray
 
+        super().__init__(num_nodes)
         self._ray = ray
-        self.contexts = node_contexts(num_nodes)
-        self._run = Run.create_empty(run_id=0)
-        set_task_identity()
         self.client_app_ref = client_app_ref
         self.actor_options = dict(actor_options)
         self.env = dict(env or {})
@@ -217,25 +244,6 @@ class RayGrid(Grid):
         self.restarts += 1
 
     # -- Grid API -----------------------------------------------------------------------------
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError("RayGrid only supports send_and_receive")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError("RayGrid only supports send_and_receive")
-
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Every message through the ClientApp of its node; the replies that came within ``timeout``.
 
