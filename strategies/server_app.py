@@ -211,6 +211,14 @@ def run_server(
     return run.final_table() if run.has(TIERS) else []
 
 
+def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> None:
+    """Flower's engine registers its SuperNodes while the ServerApp starts: wait until all are there,
+    or the registration query would reach only those that happened to be ready."""
+    deadline = time.monotonic() + timeout
+    while len(list(grid.get_node_ids())) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def injected_duplicates(replies: list[Any], cfg: SimConfig, partition_of: dict[int, int], server_round: int) -> list[Any]:
     """The ``duplicate`` fault: replies of the named partitions delivered a second time (as a network would)."""
     faults = parse_faults(cfg.fault_injection)
@@ -232,4 +240,5 @@ def main(grid: Grid, context: Context) -> None:
     cfg = resolve(SimConfig, overrides={k.replace("-", "_"): v for k, v in context.run_config.items()})
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.out_dir, cfg.run_name or f"sim-{timestamp()}")
     RunDir(run_dir).save_config(to_dict(cfg))
+    wait_for_nodes(grid, cfg.num_clients, cfg.round_timeout_s)
     print_final(run_server(grid, cfg, run_dir))

@@ -20,9 +20,7 @@ import importlib
 import logging
 import os
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 from maestro_fl import protocol as P
 from maestro_fl.config import ConfigError, SimConfig, resolve, to_dict
@@ -30,7 +28,7 @@ from maestro_fl.federated import check_task
 from maestro_fl.references import OBJECT_PREFIX
 from maestro_fl.results import RunDir, new_run_dir, timestamp
 
-from ..server_app import StopRequest, print_final, run_server
+from ..server_app import StopRequest, print_final, run_server, wait_for_nodes
 
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -166,14 +164,6 @@ def _run_on_ray_grid(cfg: SimConfig, run_dir: Path, stop: StopRequest) -> list[d
             grid.shutdown()
         if started_here and ray.is_initialized():
             ray.shutdown()
-
-
-def wait_for_nodes(grid: Any, expected: int, timeout: float) -> None:
-    """Flower's engine registers its SuperNodes while the ServerApp starts: wait until all are there,
-    or the registration query would reach only those that happened to be ready."""
-    deadline = time.monotonic() + timeout
-    while len(list(grid.get_node_ids())) < expected and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def _run_on_flower_engine(cfg: SimConfig, run_dir: Path) -> list[dict[str, object]]:
