@@ -203,9 +203,10 @@ def accuracy_vs_footprint(
         how = f"{seeds} seeds" if seeds > 1 else f"last {LAST_ROUNDS} rounds"
         ax.errorbar(stats["x"], 100 * stats["acc"], yerr=100 * err, marker="o", capsize=3,
                     label=f"{method} (± over {how})", color=colors(i))
-        for _, row in stats.iterrows():
-            ax.annotate(row["label"], (row["x"], 100 * row["acc"]), textcoords="offset points", xytext=(3, -10),
-                        fontsize=7)
+        if len(methods) <= 4:  # more curves than that: the labels would cover the points
+            for _, row in stats.iterrows():
+                ax.annotate(row["label"], (row["x"], 100 * row["acc"]), textcoords="offset points",
+                            xytext=(3, -10), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel(X_LABELS[x] + " (log scale)")
     ax.set_ylabel("test accuracy (%)")

@@ -73,6 +73,14 @@ class CentralEvaluation(RoundCallback):
     def __init__(self, method: FederatedMethod, test: Split, inputs: Inputs) -> None:
         self.method, self.test, self.inputs = method, test, inputs
         self.layer_names = tuple(lod_layers(method.template))
+        self._footprints: dict[tuple[Any, ...], Any] = {}
+
+    def footprint(self, model: Any, ranks: Mapping[str, int] | None) -> Any:
+        """The deployed footprint; it depends on the shapes and ranks only, so it is measured once per tier."""
+        key = (tuple(sorted((ranks or {}).items())), tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
+        if key not in self._footprints:
+            self._footprints[key] = footprint(model, self.inputs, ranks)
+        return self._footprints[key]
 
     def after_round(self, result: RoundResult) -> bool:
         reference = self.method.family.reference
@@ -81,7 +89,7 @@ class CentralEvaluation(RoundCallback):
         for tier, cost in result.tier_costs.items():
             model, ranks = self.method.deploy(global_model, cost)
             loss, acc = evaluate(model, self.test, ranks)
-            fp = footprint(model, self.inputs, ranks)
+            fp = self.footprint(model, ranks)
             result.tiers.append(
                 {
                     "round": result.round,

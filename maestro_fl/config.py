@@ -329,13 +329,15 @@ class SimConfig:
     download: bool = False  # never touch the network unless asked
     model: str = "cnn"  # ~160k weights: 50 clients x 30 rounds fit in a few minutes on 2 cores
     norm: str = "gn"  # GroupNorm: batch-independent, so safe under non-IID data; with it lr 0.1 is stable
-    init: str = "random"  # balanced fresh factors: full tier 0.89 after 30 rounds, 0.83 with 'svd' (measured)
+    init: str = "random"  # balanced fresh factors: full tier 0.89 after 30 rounds, 0.83 with 'svd' (stale:
+    # measured 2026-11 with momentum 0.5 and sampler nested, not rerun since)
     keep_first: int = 1  # the first conv stays dense: 320 weights, and rank 2 of 9 would starve every tier
     keep_classifier: bool = True  # 1.3k weights; a rank-2 classifier caps the weakest tier's accuracy
     # -- federation --
     num_clients: int = 50  # the smallest federation the main job must show; FjORD/HeteroFL use 100
-    clients_per_round: int = 20  # 40% participation: with 10, the full tier needs ~2x the rounds
-    rounds: int = 60  # the full-rank tier passes 90% at ~40 rounds and is at ~93% by 50-60
+    clients_per_round: int = 20  # 40% participation: with 10, the full tier needed ~2x the rounds (stale:
+    # measured 2026-11 with momentum 0.5, not rerun since)
+    rounds: int = 60  # main job: every tier passes 90% by round 20 and levels off by 40 (96.1-96.9%; 96.7-97.5% at 60)
     partition: str = "dirichlet"  # label-skewed non-IID, the common FL benchmark setting; or iid, pathological,
     # natural (one client per value of partition_by, as FEMNIST is split by writer)
     min_partition_size: int = 10  # Dirichlet redraws until every client holds this many (flwr-datasets' default)
@@ -346,15 +348,18 @@ class SimConfig:
     dlrt_tau: float = 0.1  # DLRT clients' relative truncation tolerance
     dlrt_lr: float = 0.1  # DLRT clients' K/L/S step size (plain SGD)
     local_epochs: int = 3  # ~6 local steps per round; more drifts under non-IID data
-    batch_size: int = 16  # clients hold ~29 examples: 2 steps per epoch
-    lr: float = 0.15  # local SGD, stable with GroupNorm and clipping; 0.1 needs ~20 more rounds
+    batch_size: int = 16  # the main job's clients hold ~26 training examples: 2 steps per epoch
+    lr: float = 0.15  # local SGD, stable with GroupNorm and clipping; 0.1 needed ~20 more rounds (stale:
+    # measured 2026-11 with momentum 0.5; tuned for FedLoD on digits and shared by every method)
     momentum: float = 0.9  # local momentum (reset every round): FedLoD +0.3-1.6 pp per tier over 0.5 (3 seeds)
     weight_decay: float = 1e-4  # the authors' value
-    sampler: str = "tiers"  # FjORD's rule on ranks (a tier's ranks per step): +0.5-1.2 pp per tier over 'nested' (3 seeds)
+    sampler: str = "tiers"  # FjORD's rule on ranks (a tier's ranks per step): +0.3-0.9 pp per tier over 'nested'
+    # (main job, 3 seeds, 2026-12-01)
     clip_grad_norm: float = 2.0  # products of factors spike the gradient; unclipped runs diverge at lr 0.1
     lambda_gl: float = 0.0  # group lasso off: budgets, not learned ranks, set the federated footprint
     full_pass: bool = False  # self-distillation (FedLoD, FjORD's KD): 2x client compute, no gain in Maestro's ablation
-    heterofl_label_mask: bool = False  # HeteroFL's masked classifier: 1.5-1.9 pp lower per tier here (3 seeds)
+    heterofl_label_mask: bool = False  # HeteroFL's masked classifier: 1.3-2.1 pp lower per tier on the main job
+    # (3 seeds, 2026-12-01)
     # -- devices --
     tier_shares: tuple[float, ...] = (0.2, 0.2, 0.2, 0.2, 0.2)  # five tiers in equal shares (FjORD, HeteroFL)
     devices: str = ""  # '' = the built-in tiers in tier_shares; a CSV trace of per-client capabilities
@@ -374,7 +379,8 @@ class SimConfig:
     # -- engine --
     backend: str = "ray"  # 'ray': ClientApps in Ray actors that are replaced when they die or hang;
     # 'flower': Flower's own simulation engine (Ray); 'local': in this process, one client after another
-    num_cpus_per_client: float = 1.0  # 2 actors on 2 cores: the main job takes 55 s, 91 s with one 2-CPU actor
+    num_cpus_per_client: float = 1.0  # 2 actors on 2 cores (one per core): the main job takes 82 s on an idle
+    # 2-core machine (measured 2026-12-01); one 2-CPU actor took 91 s against 55 s (2026-11, Flower's engine)
     num_gpus_per_client: float = 0.0  # fractional GPUs per ClientApp when Ray sees GPUs
     client_threads: int = 1  # torch threads of a client's local training: 1 gives the same tables on every
     # backend and machine (matmul results depend on the thread count); more only helps large models

@@ -401,6 +401,25 @@ FINAL_COLUMNS = [
 ]
 
 
+def schema_markdown() -> str:
+    """The run directory's files and every table's columns with their meaning, as markdown
+    (``docs/run_directory.md`` is this text; a test keeps it in step)."""
+    lines = ["# The run directory", "",
+             "Generated from `maestro_fl/results.py` (`maestro_fl.results.schema_markdown()`), which writes and "
+             "reads every file below. Rows are flushed as they are produced; `checkpoint.pt` is written after "
+             "the round's tables, so a resumed run trims the tables to it and repeats nothing.", "",
+             "| file | what it holds |", "|---|---|",
+             f"| `{CONFIG_FILE}` | the resolved config (every key; `maestro-fl COMMAND --help` explains them) |",
+             f"| `{CHECKPOINT_FILE}` | the global model after the last finished round: its arrays and the round "
+             f"(format {CHECKPOINT_FORMAT}) |",
+             "| `model.pt` | `maestro-fl train`: the trained LoD model (`maestro_fl.centralized.load_model`) |"]
+    lines += [f"| `{t.file}` | one row per {t.row} |" for t in TABLES.values()]
+    for t in TABLES.values():
+        lines += ["", f"## `{t.file}`: one row per {t.row}", "", "| column | meaning |", "|---|---|"]
+        lines += [f"| `{c.name}` | {c.meaning} |" for c in t.columns]
+    return "\n".join(lines) + "\n"
+
+
 def new_run_dir(out_dir: str | Path, name: str) -> Path:
     """``out_dir/name``, created; a name already taken gets a numeric suffix."""
     base = Path(out_dir) / name

@@ -80,3 +80,10 @@ def test_every_method_is_a_config_strategy_and_the_flower_side_never_names_one()
             text = path.read_text()
             named = [m for m in METHODS if f'"{m}"' in text or f"'{m}'" in text]
             assert not named, f"{path.relative_to(ROOT)} branches on methods {named}"
+
+
+def test_the_run_directory_reference_is_generated_from_the_schema() -> None:
+    """docs/run_directory.md is maestro_fl.results.schema_markdown(): regenerate it when the schema changes."""
+    from maestro_fl.results import schema_markdown
+
+    assert (ROOT / "docs" / "run_directory.md").read_text() == schema_markdown()
