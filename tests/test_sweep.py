@@ -46,12 +46,12 @@ def test_grid_runs_skips_finished_and_records_failures(tmp_path: Path, capsys: p
     for run in failed["run"]:
         assert (tmp_path / "out" / "t" / run / "error.txt").read_text().strip()
     out = capsys.readouterr().out
-    assert "[8/8]" in out and "FAILED" in out
+    assert "[8/8 done, 0 running, 4 failed]" in out and "FAILED" in out  # runs done, running, failed
 
     # again: the four finished runs are skipped, the four failed ones are tried again
     assert main(["sweep", str(spec)]) == 0
     out = capsys.readouterr().out
-    assert "4 finished already" in out and "[4/4]" in out
+    assert "4 finished already" in out and "[4/4 done, 0 running, 4 failed]" in out
     again = pd.read_csv(tmp_path / "out" / "t" / "results.csv")
     pd.testing.assert_frame_equal(again[again["status"] == "ok"].reset_index(drop=True), ok.reset_index(drop=True))
 
