@@ -311,6 +311,7 @@ def communication(run_dir: str | Path, out: str | Path | None = None) -> Figure:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     fig.suptitle(f"{Path(run_dir).name}: communication per round and in total")
+    fig.tight_layout()
     return _save(fig, out)
 
 
@@ -339,14 +340,22 @@ def has_ranks(run_dir: str | Path) -> bool:
 
 
 def lod_layer_names(run_dir: str | Path) -> list[str] | None:
-    """The LoD layers of a federated run, in the order ``tiers.csv`` lists ranks (from its checkpoint)."""
+    """The LoD layers of a federated run, in the order ``tiers.csv`` lists ranks, with their kind and
+    channels, e.g. ``features.3 (conv3×3 32→64)`` (from its checkpoint)."""
     try:
         checkpoint = RunDir(run_dir).checkpoint()
     except RunDirError:
         return None
     if checkpoint is None:
         return None
-    return [name.rsplit(".", 2)[0] for name in checkpoint.arrays if name.endswith("in_network.weight")]
+    names = []
+    for name, vt in checkpoint.arrays.items():
+        if name.endswith("in_network.weight"):
+            layer = name.rsplit(".", 2)[0]
+            fan_out = checkpoint.arrays[f"{layer}.out_network.weight"].shape[0]
+            kind = "linear" if vt.ndim == 2 else f"conv{'×'.join(map(str, vt.shape[2:]))}"
+            names.append(f"{layer} ({kind} {vt.shape[1]}→{fan_out})")
+    return names
 
 
 def ranks_heatmap(run_dir: str | Path, out: str | Path | None = None) -> Figure:
@@ -366,6 +375,11 @@ def ranks_heatmap(run_dir: str | Path, out: str | Path | None = None) -> Figure:
         xlabel, what = "epoch", "per epoch"
     fig, ax = plt.subplots(figsize=(6.5, 0.8 + 0.32 * max(matrix.shape[0], 6)))
     image = ax.imshow(matrix.values, aspect="auto", cmap="magma")
+    if matrix.size <= 200:  # small enough to read the ranks themselves
+        top = float(matrix.values.max())
+        for (i, j), value in pd.DataFrame(matrix.values).stack().items():
+            ax.text(j, i, f"{value:g}", ha="center", va="center", fontsize=7,
+                    color="black" if value > 0.6 * top else "white")
     ax.set_xticks(range(matrix.shape[1]), [str(c) for c in matrix.columns], fontsize=7)
     ax.set_yticks(range(matrix.shape[0]), [str(i) for i in matrix.index], fontsize=7)
     ax.set_xlabel(xlabel)

@@ -139,6 +139,10 @@ def check_task(cfg: SimConfig) -> Federation:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"model {cfg.model!r} must map a batch of {len(x)} inputs to ({len(x)}, {classes}) logits "
                           f"({classes} classes in dataset {cfg.dataset!r}); it returned {got}")
+    try:
+        fed.method.cost_table()  # every sub-model a budget can pick: a width method builds the model at each width
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise ConfigError(f"model {cfg.model!r} for strategy {cfg.strategy!r}: {first_line(err)}") from None
     return fed
 
 

@@ -67,8 +67,8 @@ def tv_mobilenet_v3_small(spec: InputSpec) -> nn.Module:
 
 
 def zoo(name: str, norm: str | None = None) -> Callable[[InputSpec], nn.Module]:
-    def build(spec: InputSpec) -> nn.Module:
-        return build_model(name, spec, norm)
+    def build(spec: InputSpec, width: float = 1.0) -> nn.Module:
+        return build_model(name, spec, norm, width=width)
 
     build.__name__ = f"zoo_{name}"
     return build
@@ -85,6 +85,7 @@ ARCHITECTURES: dict[str, tuple[Callable[[InputSpec], nn.Module], InputSpec]] = {
     "zoo_cnn": (zoo("cnn", "gn"), InputSpec((1, 8, 8), 10)),
     "zoo_lenet5": (zoo("lenet5"), InputSpec((1, 28, 28), 10)),
     "zoo_resnet18": (zoo("resnet18", "gn"), InputSpec((3, 32, 32), 10)),
+    "zoo_vgg19": (zoo("vgg19", "gn"), InputSpec((3, 32, 32), 10)),
 }
 
 
@@ -302,6 +303,18 @@ def test_the_partition_error_says_what_would_work() -> None:
     assert len(check_task(fixed).partitions) == 200
 
 
+def test_a_width_method_needs_a_builder_that_takes_width(tmp_path: Path) -> None:
+    from maestro_fl.config import ConfigError
+
+    def no_width(spec: InputSpec) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(spec.shape)), 32), nn.ReLU(),
+                             nn.Linear(32, spec.num_classes))
+
+    with pytest.raises(ConfigError, match="takes no width argument"):
+        simulate(no_width, strategy="heterofl", backend="local", out_dir=str(tmp_path))
+    assert not any(tmp_path.iterdir())
+
+
 def test_python_api_refuses_objects_on_flowers_engine(tmp_path: Path) -> None:
     from maestro_fl.config import ConfigError
 
@@ -327,3 +340,32 @@ def test_the_bring_your_own_notebook_runs_and_draws(tmp_path: Path) -> None:
     assert len(images) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fedlod", "fjord"]
     assert len(pd.read_csv(tmp_path / "fjord" / "rounds.csv")) == 3
+
+
+def test_train_through_the_python_api_takes_objects(tmp_path: Path) -> None:
+    """Centralized LoD training of a builder on arrays; the ladder comes back as a DataFrame."""
+    from strategies.api import train
+
+    builder, spec = ARCHITECTURES["zoo_mlp"]
+    x, y = inputs(spec, 200).numpy(), np.arange(200) % 10
+    run = train(builder, (x, y), epochs=2, progress=False, out_dir=str(tmp_path), run_name="t",
+                eval_fractions=[1.0, 0.5])
+    assert run.run_dir == tmp_path / "t" and (run.run_dir / "model.pt").exists()
+    assert run.ladder["rank_fraction"].tolist() == [1.0, 0.5] and len(run.epochs) == 2
+    assert run.ladder["params"].iloc[1] < run.ladder["params"].iloc[0]
+
+
+@pytest.mark.slow
+def test_sweep_and_compare_through_the_python_api_ship_objects_to_ray_tasks(tmp_path: Path) -> None:
+    from strategies.api import compare, sweep
+
+    builder, spec = ARCHITECTURES["zoo_mlp"]
+    x, y = inputs(spec, 160).numpy(), np.arange(160) % 10
+    small = {"rounds": 1, "num_clients": 4, "clients_per_round": 4, "partition": "iid", "local_epochs": 1}
+    result = sweep({"sweep": {"name": "s", "out_dir": str(tmp_path)}, "base": small, "grid": {"seed": [0, 1]}},
+                   model=builder, dataset=(x, y))
+    assert set(result.results["status"]) == {"ok"} and result.results["run"].nunique() == 2
+    compared = compare(builder, (x, y), methods=["fedlod", "heterofl"], seeds=[0], out_dir=str(tmp_path / "c"),
+                       **small)
+    assert set(compared.summary["method"]) == {"fedlod", "heterofl"}
+    assert compared.matched is not None and (compared.matched["method"] == "heterofl").any()
