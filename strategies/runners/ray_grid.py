@@ -13,8 +13,8 @@ Messages out, one Context per node) and runs the ClientApp in actors:
   streams each reply back as it is made (a Ray streaming generator), so the
   per-call cost is paid per batch, and nothing finished is lost;
 * **dead actors are replaced**: the batch's unfinished messages are retried one
-  per call on a fresh actor, so the client that kills its process is found and
-  recorded ``failed``, and the healthy ones behind it still train;
+  per call, so the client that kills its process is found (a call of one
+  message) and recorded ``failed``, and the healthy ones in its batch still train;
 * **hung clients are abandoned** at the round's timeout: their actor is killed
   and replaced; messages it had not started were already handed to idle actors;
 * **interruptible**: ``should_stop()`` is polled while waiting, and the round is
@@ -308,15 +308,13 @@ class RayGrid(NodeGrid):
             del running[slot]
             self._replace(slot)
             unfinished = [i for i in job.batch if i not in replies]
-            in_flight = [i for i in unfinished if i in job.started]
-            if len(in_flight) == 1 or len(unfinished) == 1:  # the client that was running killed its process
-                i = (in_flight or unfinished)[0]
+            # Only a call of one message names the client that killed its process: the items an actor
+            # yields just before it dies may never reach the driver, so "started" cannot be trusted.
+            if len(unfinished) == 1:
+                i = unfinished[0]
                 reason = f"client process died: {str(err).splitlines()[0][:200]}"
                 replies[i] = Message(Error(code=PROCESS_DIED, reason=reason), reply_to=messages[i])
-                rest = [j for j in unfinished if j != i]
-                if rest:
-                    queue.appendleft(rest)
-            else:  # which one died is unknown: retry one per call to find it; the healthy ones still train
+            else:  # retry one per call to find it; the healthy ones still train (their lost replies rerun)
                 queue.extendleft([i] for i in reversed(unfinished))
             return
         if item[0] == "start":
