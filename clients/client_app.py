@@ -85,6 +85,7 @@ def _train(msg: Message, context: Context, cfg: SimConfig) -> Message:
     started = time.perf_counter()
     pid = int(context.node_config["partition-id"])
     conf: ConfigRecord = msg.content[P.CONFIG]
+    device_conf: ConfigRecord = msg.content[P.DEVICE]
     server_round = int(conf[P.SERVER_ROUND])
     injected = parse_faults(cfg.fault_injection).get(pid)
     fault = injected.kind if injected is not None and injected.applies(server_round) else None
@@ -122,9 +123,9 @@ def _train(msg: Message, context: Context, cfg: SimConfig) -> Message:
             P.PARTITION_ID: pid,
             **({P.LABELS: list(result.labels)} if result.labels else {}),
             P.MACS: float(macs),
-            P.COMPUTE_SECONDS: macs / float(conf[P.DEVICE_MACS_PER_S]),
-            P.DOWNLOAD_SECONDS: transfer_seconds(bytes_in, float(conf[P.DEVICE_DOWN_BPS])),
-            P.UPLOAD_SECONDS: transfer_seconds(bytes_out, float(conf[P.DEVICE_UP_BPS])),
+            P.COMPUTE_SECONDS: macs / float(device_conf[P.DEVICE_MACS_PER_S]),
+            P.DOWNLOAD_SECONDS: transfer_seconds(bytes_in, float(device_conf[P.DEVICE_DOWN_BPS])),
+            P.UPLOAD_SECONDS: transfer_seconds(bytes_out, float(device_conf[P.DEVICE_UP_BPS])),
             P.WALL_SECONDS: time.perf_counter() - started,
         }
     )

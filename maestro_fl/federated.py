@@ -12,7 +12,7 @@ import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import cached_property, lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from .results import RunDir
 from .training import evaluate
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Federation:
     data: TaskData
     partitions: tuple[tuple[np.ndarray, np.ndarray], ...]  # (train, validation) indices per client
@@ -42,7 +42,7 @@ class Federation:
         """The server's initial model at full size (from the seed)."""
         return self.method.template
 
-    @property
+    @cached_property
     def layer_names(self) -> tuple[str, ...]:
         """LoD layers, in the order ranks travel on the wire."""
         return tuple(lod_layers(self.template))
@@ -84,7 +84,9 @@ def load_task(cfg: SimConfig) -> TaskData:
                         label_column=cfg.label_column, input_column=cfg.input_column, partition_by=cfg.partition_by)
 
 
+@lru_cache(maxsize=2)  # as _federation's: never more federations alive than it keeps
 def federation(cfg: SimConfig) -> Federation:
+    """The run's data, partitions and method, built once per process (the config is hashable: looked up per message)."""
     return _federation(json.dumps(to_dict(cfg), sort_keys=True))
 
 

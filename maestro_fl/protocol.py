@@ -8,7 +8,8 @@ from __future__ import annotations
 
 # RecordDict entries
 ARRAYS = "arrays"  # ArrayRecord: the (sub-)model, keyed by state_dict names
-CONFIG = "config"  # ConfigRecord: what the server asks of this round
+CONFIG = "config"  # ConfigRecord: what the server asks of this round (shared by the clients of one budget)
+DEVICE = "device"  # ConfigRecord: the device the client is simulated on this round (DEVICE_* keys)
 METRICS = "metrics"  # MetricRecord: what the client reports back
 
 # The apps, referenced as Flower references them ([tool.flwr.app.components]); the
@@ -27,7 +28,7 @@ RANKS = "ranks"  # list[int]: the client's rank per LoD layer, in the method's l
 LEVELS = "levels"  # list[float]: the fractions its ordered dropout draws from, its own last
 LEVEL_RANKS = "level-ranks"  # list[int]: the ranks of every level, level after level (rank methods)
 LABEL_MASK = "label-mask"  # bool: train only the logits of the client's own classes (HeteroFL's masked classifier)
-# the device the client is simulated on this round
+# the device the client is simulated on this round (in the DEVICE record)
 DEVICE_MACS_PER_S = "device-macs-per-s"
 DEVICE_UP_BPS = "device-up-bps"
 DEVICE_DOWN_BPS = "device-down-bps"

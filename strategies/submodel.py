@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from logging import DEBUG, INFO
 from typing import Any
 
@@ -32,19 +33,33 @@ from flwr.serverapp.strategy import Strategy
 
 from maestro_fl import protocol as P
 from maestro_fl import wire
+from maestro_fl.aggregation import part_key
 from maestro_fl.budget import Cost, DeviceCapability
 from maestro_fl.config import SimConfig, to_dict
 from maestro_fl.convert import lod_layers
 from maestro_fl.footprint import footprint
-from maestro_fl.methods import ClientTask, FederatedMethod, Update
+from maestro_fl.methods import Assignment, ClientTask, FederatedMethod, Update
 from maestro_fl.replies import check_reply, read_metrics, squared_norm
 from maestro_fl.results import ClientRound
-from maestro_fl.submodels import index_shape, take
+from maestro_fl.submodels import Index, index_shape, take
 
 
-def part_key(name: str, index: tuple[object, ...]) -> tuple[str, tuple[object, ...]]:
+@dataclass(frozen=True)
+class _BudgetParts:
+    """What :meth:`SubModelStrategy.configure_train` makes once per distinct budget in a round."""
+
+    assignment: Assignment
+    index: Index
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    bytes_down: int
+    arrays: ArrayRecord
+    config: ConfigRecord
+
+
+def named_part(name: str, index: tuple[object, ...]) -> tuple[str, tuple[object, ...]]:
     """A hashable name for the part ``index`` of array ``name``: equal parts, equal keys."""
-    return name, tuple((i.start, i.stop, i.step) if isinstance(i, slice) else i.tobytes() for i in index)  # type: ignore[union-attr]
+    return name, part_key(index)  # type: ignore[arg-type]
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -86,7 +101,7 @@ class SubModelStrategy(Strategy):
         self._budgets: dict[tuple[int, DeviceCapability], Cost | None] = {}
         self._tiers: dict[int, dict[int, Cost]] = {}
         self._encoded: dict[tuple[str, tuple[object, ...]], Array] = {}  # this round's arrays, as sent
-        self._sent: dict[tuple[object, ...], tuple[dict[str, np.ndarray], float]] = {}  # a sub-model and ‖·‖²
+        self._sent: dict[int, tuple[dict[str, np.ndarray], float]] = {}  # a sub-model and ‖·‖²
         self.ignored: list[tuple[int, str]] = []  # replies of the last round that no client round owns
 
     # -- registration -------------------------------------------------------------------------
@@ -220,10 +235,16 @@ class SubModelStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """One message per sampled client, carrying only its sub-model and its assignment."""
+        """One message per sampled client, carrying only its sub-model and its assignment.
+
+        What depends only on the budget (the index, the encoded arrays, the
+        assignment's ConfigRecord) is made once per distinct budget in a round
+        and shared by its clients' messages; each message adds its device.
+        """
         self.current = to_numpy(arrays)
         self.tasks, self.client_rounds, self._encoded, self._sent = {}, [], {}, {}
         tiers = list(self.tier_costs().values())
+        parts: dict[tuple[Any, ...], _BudgetParts] = {}
         messages = []
         for node in self.sample(server_round):
             device = self.device_this_round(node, server_round)
@@ -232,36 +253,43 @@ class SubModelStrategy(Strategy):
                 self.client_rounds.append(self._row(server_round, node, device, None, "unaffordable",
                                                     "no sub-model fits its memory and compute budget"))
                 continue
-            assignment = self.method.assign(cost, tiers)
-            index = self.method.index(cost, server_round)
-            sub = take(self.current, index)
-            self.tasks[node] = ClientTask(
-                node=node,
-                partition=self.partition_of[node],
-                device=device,
-                cost=cost,
-                assignment=assignment,
-                index=index,
-                shapes={k: index_shape(index[k], self.current[k].shape) for k in index},
-                dtypes={k: v.dtype.name for k, v in sub.items()},
-                bytes_down=sum(v.nbytes for v in sub.values()),
-            )
-            conf = ConfigRecord(
-                {
-                    P.RUN_CONFIG: self._config_json,
-                    P.SERVER_ROUND: server_round,
-                    P.LOCAL_EPOCHS: self.cfg.local_epochs,
-                    P.LR: self.cfg.lr,
-                    P.DEVICE_MACS_PER_S: device.macs_per_s,
-                    P.DEVICE_UP_BPS: device.up_bps,
-                    P.DEVICE_DOWN_BPS: device.down_bps,
-                }
-                | assignment.to_config(self.layer_names)
-            )
-            content = RecordDict({P.ARRAYS: self._record(sub, index), P.CONFIG: conf})
+            key = (cost.fraction, tuple(sorted(cost.ranks.items())))
+            if key not in parts:
+                parts[key] = self._budget_parts(cost, tiers, server_round)
+            part = parts[key]
+            self.tasks[node] = ClientTask(node=node, partition=self.partition_of[node], device=device, cost=cost,
+                                          assignment=part.assignment, index=part.index, shapes=part.shapes,
+                                          dtypes=part.dtypes, bytes_down=part.bytes_down)
+            device_record = ConfigRecord({P.DEVICE_MACS_PER_S: device.macs_per_s, P.DEVICE_UP_BPS: device.up_bps,
+                                          P.DEVICE_DOWN_BPS: device.down_bps})
+            content = RecordDict({P.ARRAYS: part.arrays, P.CONFIG: part.config, P.DEVICE: device_record})
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         log(DEBUG, "configure_train: round %s, %s clients", server_round, len(messages))
         return messages
+
+    def _budget_parts(self, cost: Cost, tiers: list[Cost], server_round: int) -> _BudgetParts:
+        """What every client at ``cost`` gets this round: one index, one encoded sub-model, one ConfigRecord."""
+        assignment = self.method.assign(cost, tiers)
+        index = self.method.index(cost, server_round)
+        sub = take(self.current, index)
+        config = ConfigRecord(
+            {
+                P.RUN_CONFIG: self._config_json,
+                P.SERVER_ROUND: server_round,
+                P.LOCAL_EPOCHS: self.cfg.local_epochs,
+                P.LR: self.cfg.lr,
+            }
+            | assignment.to_config(self.layer_names)
+        )
+        return _BudgetParts(
+            assignment=assignment,
+            index=index,
+            shapes={k: index_shape(index[k], self.current[k].shape) for k in index},
+            dtypes={k: v.dtype.name for k, v in sub.items()},
+            bytes_down=sum(v.nbytes for v in sub.values()),
+            arrays=self._record(sub, index),
+            config=config,
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -340,7 +368,7 @@ class SubModelStrategy(Strategy):
     # -- helpers ------------------------------------------------------------------------------
     def sent(self, task: ClientTask) -> tuple[dict[str, np.ndarray], float]:
         """What the client was sent and its squared norm (once per distinct sub-model in a round)."""
-        key = tuple(part_key(name, idx) for name, idx in task.index.items())
+        key = id(task.index)  # the clients of one budget share one index object this round (configure_train)
         if key not in self._sent:
             sub = take(self.current, task.index)
             self._sent[key] = sub, sum(squared_norm(v) for v in sub.values())
@@ -364,7 +392,7 @@ class SubModelStrategy(Strategy):
         the factors of one tier) is encoded once and the same bytes are sent to each."""
         record = ArrayRecord()  # filled item by item: ArrayRecord(dict) would copy every Array
         for name, value in sub.items():
-            key = part_key(name, index[name])
+            key = named_part(name, index[name])
             if key not in self._encoded:
                 self._encoded[key] = Array(*wire.encode(value))
             record[name] = self._encoded[key]

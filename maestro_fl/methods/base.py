@@ -175,6 +175,7 @@ class FederatedMethod(ABC):
         self.family: SubModelFamily = self.make_family(torch.Generator().manual_seed(cfg.seed))
         self._tables: dict[int, list[Cost]] = {}
         self._client_costs: dict[tuple[Any, ...], Cost] = {}
+        self._client_models: dict[tuple[Any, ...], nn.Module] = {}
 
     # -- sub-model family ------------------------------------------------------------------
     @abstractmethod
@@ -225,8 +226,20 @@ class FederatedMethod(ABC):
         return self.family.index(cost, server_round)
 
     def client_model(self, assignment: Assignment) -> nn.Module:
-        """The module a client trains (the shapes of what it received)."""
-        return self.family.client_model(assignment.fraction, assignment.ranks)
+        """The module a client trains (the shapes of what it received), built once per shape in a process.
+
+        A Ray actor runs many clients: building (deep-copying) a module per
+        message cost more than a small client's training. The caller loads
+        every entry of its state dict before training (strict), the trainers
+        start every step with ``zero_grad(set_to_none=True)`` and restore the
+        ranks they draw, so a reused module trains exactly as a fresh one
+        (``tests/test_client_reuse.py``).
+        """
+        key = (assignment.fraction, tuple(sorted(assignment.ranks.items())))
+        model = self._client_models.get(key)
+        if model is None:
+            model = self._client_models[key] = self.family.client_model(assignment.fraction, assignment.ranks)
+        return model
 
     def deploy(self, global_model: nn.Module, cost: Cost) -> tuple[nn.Module, Ranks | None]:
         """The model a tier at ``cost`` runs, and the ranks to run it at."""

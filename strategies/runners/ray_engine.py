@@ -158,6 +158,9 @@ def _run_on_ray_grid(cfg: SimConfig, run_dir: Path, stop: StopRequest) -> list[d
         grid = RayGrid(P.CLIENTAPP_REF, cfg.num_clients, num_actors=actors,
                        actor_options={"num_cpus": cfg.num_cpus_per_client, "num_gpus": cfg.num_gpus_per_client},
                        env=env, should_stop=stop.requested, objects=export_objects(*object_fields(cfg)))
+        placed = grid.placement(cfg.round_timeout_s)
+        LOG.info("%s client actor(s) started on %s Ray node(s)%s", sum(placed.values()), len(placed),
+                 "" if sum(placed.values()) == actors else f"; {actors - sum(placed.values())} not (yet)")
         return run_server(grid, cfg, run_dir, stop=stop)
     finally:
         if grid is not None:

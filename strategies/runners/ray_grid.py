@@ -148,8 +148,11 @@ class ClientWorker:
         self.cancelled: set[tuple[int, int]] = set()  # (dispatch, message index)
         self.lock = threading.Lock()
 
-    def ready(self) -> int:
-        return os.getpid()
+    def where(self) -> tuple[str, int]:
+        """The Ray node this actor runs on, and its process id."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), os.getpid()
 
     def cancel(self, keys: list[tuple[int, int]]) -> None:
         with self.lock:
@@ -233,6 +236,20 @@ class RayGrid(NodeGrid):
         self.actors = [self._new_actor() for _ in range(max(1, num_actors))]
         self.restarts = 0  # actors replaced after a death or a hang
         self._dispatches = 0
+
+    def placement(self, timeout: float) -> dict[str, int]:
+        """Per Ray node, how many of the pool's actors started on it within ``timeout`` seconds."""
+        ray = self._ray
+        refs = [a.where.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        nodes: dict[str, int] = {}
+        for ref in ready:
+            try:
+                node, _ = ray.get(ref)
+            except ray.exceptions.RayError:  # an actor that cannot start: its clients' replies say why
+                continue
+            nodes[node] = nodes.get(node, 0) + 1
+        return nodes
 
     def _new_actor(self):  # type: ignore[no-untyped-def]
         return self._remote.options(max_concurrency=2, **self.actor_options).remote(

@@ -33,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 import traceback
@@ -48,6 +49,8 @@ from maestro_fl.results import CHECKPOINT_FILE, CONFIG_FILE, RunDir, RunDirError
 from ..runners.ray_engine import object_fields, quiet_flower
 from ..runners.ray_grid import export_objects
 
+#: written in a run's directory when the run finished: a later sweep skips it
+RESULT_FILE = "result.json"
 SWEEP_KEYS = {"name": str, "out_dir": str, "ray_address": str, "cpus_per_run": (int, float), "gpus_per_run": (int, float)}
 
 
@@ -126,8 +129,16 @@ def build_sweep(
     )
 
 
+def _ray_node() -> str:
+    """The Ray node this process runs on ('' outside Ray): where a sweep's run executed."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 def run_one(cfg: SimConfig, run_dir: Path, sys_path: list[str] | None = None, objects: bytes = b"") -> dict[str, Any]:
-    """Run (or resume) one grid point in ``run_dir``; writes ``result.json`` when it finished.
+    """Run (or resume) one grid point in ``run_dir``; writes :data:`RESULT_FILE` when it finished
+    (with the host and Ray node it ran on).
 
     In a Ray task, ``sys_path`` and ``objects`` bring the driver's import path
     and the Python API's objects the run refers to.
@@ -146,8 +157,9 @@ def run_one(cfg: SimConfig, run_dir: Path, sys_path: list[str] | None = None, ob
         cfg = replace(cfg, out_dir=str(run_dir.parent), run_name=run_dir.name)
     started = time.time()
     run_simulation(cfg)
-    result = {"seconds": time.time() - started, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (run_dir / "result.json").write_text(json.dumps(result))
+    result = {"seconds": time.time() - started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "host": socket.gethostname(), "ray_node": _ray_node()}
+    (run_dir / RESULT_FILE).write_text(json.dumps(result))
     return result
 
 
@@ -201,7 +213,7 @@ def run_sweep(path_or_sweep: str | Path | Sweep) -> Path:
     rows: dict[str, list[dict[str, Any]]] = {}
     todo = []
     for name, values, cfg in sweep.runs:
-        if (sweep.root / name / "result.json").exists():
+        if (sweep.root / name / RESULT_FILE).exists():
             rows[name] = _rows(sweep, name, values, "ok")
         else:
             todo.append((name, values, cfg))
