@@ -25,8 +25,10 @@ simulated here the Python overhead of ``DataLoader`` is larger than the step.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
+import json
 import os
 import pickle
 import random
@@ -139,6 +141,51 @@ def load_dataset(
     if partition_by and data.groups is None:
         raise DataError(f"partition_by: dataset {name!r} has no column {partition_by!r} to partition by")
     return data
+
+
+# -- one copy per machine: the data memory-mapped by every process of a run -------------------
+_SHARED_META = "task.json"
+
+
+def save_shared(data: TaskData, folder: str | Path, key: str) -> Path:
+    """Write ``data`` as ``.npy`` files in ``folder`` for :func:`load_shared`; ``key`` names what it holds.
+
+    The driver of a Ray run writes its dataset once; every client actor on the
+    machine then maps the same pages (:func:`load_shared`) instead of loading
+    and holding a copy of its own.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {"train_x": data.train.x, "train_y": data.train.y, "test_x": data.test.x, "test_y": data.test.y}
+    for name, tensor in arrays.items():
+        np.save(folder / f"{name}.npy", tensor.detach().cpu().numpy())
+    if data.groups is not None:
+        np.save(folder / "groups.npy", np.asarray(data.groups), allow_pickle=False)
+    meta = {"key": key, "name": data.name, "augment": data.augment, "spec": dataclasses.asdict(data.spec)}
+    (folder / _SHARED_META).write_text(json.dumps(meta))  # written last: its presence means complete
+    return folder
+
+
+def load_shared(folder: str | Path, key: str) -> TaskData | None:
+    """The dataset :func:`save_shared` wrote in ``folder`` for ``key``, memory-mapped; ``None`` if it is not there.
+
+    Pages are mapped copy-on-write: read by every process from the one page
+    cache, copied only if a process writes them.
+    """
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / _SHARED_META).read_text())
+    except (OSError, ValueError):
+        return None  # another node of a cluster, or nothing shared
+    if meta.get("key") != key:
+        return None
+    mapped = {n: torch.from_numpy(np.load(folder / f"{n}.npy", mmap_mode="c"))
+              for n in ("train_x", "train_y", "test_x", "test_y")}
+    groups = np.load(folder / "groups.npy") if (folder / "groups.npy").exists() else None
+    spec = meta["spec"]
+    return TaskData(meta["name"], Split(mapped["train_x"], mapped["train_y"]), Split(mapped["test_x"], mapped["test_y"]),
+                    InputSpec(**{**spec, "shape": tuple(spec["shape"])}),
+                    augment=bool(meta["augment"]), groups=groups)
 
 
 # -- arrays, Hugging Face datasets, files ------------------------------------------------------

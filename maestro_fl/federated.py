@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache, partial
@@ -21,7 +22,7 @@ from torch import nn
 
 from .config import ConfigError, SimConfig, resolve, to_dict
 from .convert import lod_layers, ranks_at_fraction
-from .data import DataError, DatasetNotFoundError, Split, TaskData, load_dataset
+from .data import DataError, DatasetNotFoundError, Split, TaskData, load_dataset, load_shared, save_shared
 from .footprint import footprint
 from .methods import METHODS, FederatedMethod
 from .models import MODELS, InputSpec, build_model
@@ -78,10 +79,30 @@ def make_method(cfg: SimConfig, spec: InputSpec) -> FederatedMethod:
     return cls(cfg, spec, model_builder(cfg, spec, cls.static_batchnorm))
 
 
+#: environment variable naming the folder where a run's driver shared its dataset (:func:`share_task`)
+SHARED_DATA_ENV = "MAESTRO_FL_SHARED_DATA"
+#: the config fields that decide what the dataset is
+DATA_FIELDS = ("dataset", "data_root", "download", "dataset_samples", "label_column", "input_column", "partition_by")
+
+
+def data_key(cfg: SimConfig) -> str:
+    return json.dumps({k: getattr(cfg, k) for k in DATA_FIELDS}, sort_keys=True)
+
+
 def load_task(cfg: SimConfig) -> TaskData:
-    """The run's dataset, as the config names it."""
+    """The run's dataset, as the config names it: memory-mapped from the driver's copy when one is shared."""
+    folder = os.environ.get(SHARED_DATA_ENV)
+    if folder and (shared := load_shared(folder, data_key(cfg))) is not None:
+        return shared
     return load_dataset(cfg.dataset, cfg.data_root, cfg.download, samples=cfg.dataset_samples,
                         label_column=cfg.label_column, input_column=cfg.input_column, partition_by=cfg.partition_by)
+
+
+def share_task(cfg: SimConfig, folder: str | Path) -> dict[str, str]:
+    """Write the run's dataset (as this process loaded it) to ``folder``; the environment that makes
+    the processes of this machine map it rather than load their own copy."""
+    save_shared(federation(cfg).data, folder, data_key(cfg))
+    return {SHARED_DATA_ENV: str(folder)}
 
 
 @lru_cache(maxsize=2)  # as _federation's: never more federations alive than it keeps

@@ -119,3 +119,38 @@ def test_partitions_cover_every_example_once_and_are_cached() -> None:
     assert all(len(np.unique(labels[p])) <= 2 for p in patho)
     with pytest.raises(ValueError, match="partition must be one of"):
         partition_indices(labels, 5, "zipf")
+
+
+# -- one copy of the data per machine ------------------------------------------------------------
+def _mapped_from(tensor: torch.Tensor, path: Path) -> bool:
+    """Whether the tensor's memory lies in a mapping of ``path`` (Linux's /proc/self/maps)."""
+    address = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path):
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            if start <= address < end:
+                return True
+    return False
+
+
+def test_the_drivers_dataset_is_memory_mapped_by_the_other_processes(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from maestro_fl.config import SimConfig
+    from maestro_fl.data import load_shared
+    from maestro_fl.federated import SHARED_DATA_ENV, load_task, share_task
+
+    cfg = resolve(SimConfig, overrides={"dataset": "mnist1d", "dataset_samples": 600, "num_clients": 10,
+                                        "clients_per_round": 10})
+    env = share_task(cfg, tmp_path / "shared")
+    monkeypatch.setenv(SHARED_DATA_ENV, env[SHARED_DATA_ENV])
+    mapped, loaded = load_task(cfg), load_dataset("mnist1d", samples=600)
+    for a, b in ((mapped.train, loaded.train), (mapped.test, loaded.test)):
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and a.x.dtype == b.x.dtype
+    assert mapped.spec == loaded.spec and mapped.name == loaded.name and mapped.augment == loaded.augment
+    assert _mapped_from(mapped.train.x, (tmp_path / "shared" / "train_x.npy").resolve())
+    assert not _mapped_from(loaded.train.x, (tmp_path / "shared" / "train_x.npy").resolve())
+    # another dataset, or a node without the folder, loads its own
+    other = resolve(SimConfig, overrides={"dataset": "mnist1d", "dataset_samples": 500})
+    assert len(load_task(other).train) + len(load_task(other).test) == 500
+    assert load_shared(tmp_path / "elsewhere", "any") is None

@@ -19,12 +19,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 from maestro_fl import protocol as P
 from maestro_fl.config import ConfigError, SimConfig, resolve, to_dict
-from maestro_fl.federated import check_task
+from maestro_fl.federated import check_task, share_task
 from maestro_fl.references import OBJECT_PREFIX
 from maestro_fl.results import RunDir, new_run_dir, timestamp
 
@@ -148,12 +149,14 @@ def _run_on_ray_grid(cfg: SimConfig, run_dir: Path, stop: StopRequest) -> list[d
                  f"a local instance, {os.cpu_count()} CPUs")
         ray.init(**ray_init_args(cfg.ray_address))
     grid = None
+    shared = Path(tempfile.mkdtemp(prefix="maestro-fl-data-"))
     try:
         resources = ray.cluster_resources()
         per_cpu = int(resources.get("CPU", 1) // cfg.num_cpus_per_client)
         per_gpu = int(resources.get("GPU", 0) // cfg.num_gpus_per_client) if cfg.num_gpus_per_client > 0 else per_cpu
         actors = max(1, min(per_cpu, per_gpu, cfg.num_clients))
         env = {k: os.environ[k] for k in (*FLOWER_ENV, *RAY_ENV, "FLWR_HOME") if k in os.environ}
+        env |= share_task(cfg, shared)  # the actors of this machine map the driver's copy of the data
         LOG.info("starting %s client actor(s) of %g CPU(s) each", actors, cfg.num_cpus_per_client)
         grid = RayGrid(P.CLIENTAPP_REF, cfg.num_clients, num_actors=actors,
                        actor_options={"num_cpus": cfg.num_cpus_per_client, "num_gpus": cfg.num_gpus_per_client},
@@ -167,6 +170,7 @@ def _run_on_ray_grid(cfg: SimConfig, run_dir: Path, stop: StopRequest) -> list[d
             grid.shutdown()
         if started_here and ray.is_initialized():
             ray.shutdown()
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def _run_on_flower_engine(cfg: SimConfig, run_dir: Path) -> list[dict[str, object]]:

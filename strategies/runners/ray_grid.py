@@ -294,7 +294,12 @@ class RayGrid(NodeGrid):
                     self._replace(slot)
                 raise RoundInterrupted("stop requested")
             wait = min(0.2, max(0.0, deadline - time.monotonic()))
-            ready, _ = ray.wait([r.gen for r in running.values()], num_returns=len(running), timeout=wait)
+            gens = [r.gen for r in running.values()]
+            # as soon as any item is ready (waiting for all would leave a finished actor idle up to 0.2 s),
+            # then every item ready by now
+            ready, _ = ray.wait(gens, num_returns=1, timeout=wait)
+            if ready and len(gens) > 1:
+                ready, _ = ray.wait(gens, num_returns=len(gens), timeout=0)
             ready_ids = {id(g) for g in ready}
             for slot, job in list(running.items()):
                 if id(job.gen) in ready_ids:
