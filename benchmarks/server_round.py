@@ -7,7 +7,8 @@ sub-models of the task (MNIST-1D, the 1-D CNN, the default device population
 and method). The same quantity is ``server_round_s`` in
 ``benchmarks/sim_throughput.py``, where real clients train.
 
-    python benchmarks/server_round.py                          # the table in the README
+    python benchmarks/server_round.py                          # the table in the README (MNIST-1D for
+                                                               # 100,000 clients is generated once: ~10 min)
     python benchmarks/server_round.py --grid 100000:1000       # one pair
 """
 

@@ -221,14 +221,17 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     df = pd.DataFrame(rows)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for task, part in df.groupby("task"):
+    order = [f"{n:,}:{k:,}" for n, k in sorted({(r["clients"], r["per_round"]) for r in rows})]
+    axes[0].plot(order, [None] * len(order), alpha=0)  # fixes the order of the categories
+    axes[1].plot(order, [None] * len(order), alpha=0)
+    for (task, part), color in zip(df.groupby("task"), ("tab:blue", "tab:orange", "tab:green")):
         labels = [f"{n:,}:{k:,}" for n, k in zip(part["clients"], part["per_round"])]
-        axes[0].plot(labels, part["updates_per_s"], "o-", label=f"{task}: simulation")
-        axes[0].plot(labels, part["reference_updates_per_s"], "x--", label=f"{task}: tight loop (1 process)")
-        axes[1].plot(labels, part["efficiency"], "o-", label=task)
-    axes[0].set(xlabel="clients N : sampled per round K", ylabel="client updates / s", yscale="log",
-                title="Throughput")
-    axes[1].axhline(0.5, color="grey", lw=0.8, ls=":")
+        axes[0].plot(labels, part["updates_per_s"], "o-", color=color, label=f"{task}: simulation")
+        axes[0].plot(labels, part["reference_updates_per_s"], "x--", color=color, label=f"{task}: tight loop (1 process)")
+        axes[1].plot(labels, part["efficiency"], "o-", color=color, label=task)
+    axes[0].set(xlabel="clients N : sampled per round K", ylabel="client updates / s", title="Throughput",
+                ylim=(0, None))
+    axes[1].axhline(0.5, color="grey", lw=0.8, ls=":", label="target 0.5")
     axes[1].set(xlabel="clients N : sampled per round K", ylabel="simulation / tight loop",
                 title="Efficiency", ylim=(0, max(1.1, float(df["efficiency"].max()) * 1.1)))
     for ax in axes:

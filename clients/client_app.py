@@ -2,11 +2,13 @@
 
 * ``query``: registration. The client reports its device (from
   :mod:`clients.devices`) and how many training examples it holds.
-* ``train``: the client decodes its assignment, builds the module of the
-  sub-model it received (the method's family), loads the arrays, trains them
-  with the method's trainer, and replies with the trained sub-model and what
-  it cost: examples, loss, MACs by the method's cost model, and simulated
-  compute and transfer seconds on its device.
+* ``train``: the client decodes its assignment, takes the module of the
+  sub-model's shape (the method's family; built once per process and reused,
+  as the data, partitions and footprints are), loads the arrays it received,
+  trains them with the method's trainer, and replies with the trained
+  sub-model and what it cost: examples, loss, MACs by the method's cost
+  model, and simulated compute and transfer seconds on the device named in
+  the message's ``device`` record.
 
 Nothing here depends on the method: :mod:`maestro_fl.methods` decides.
 The run's :class:`~maestro_fl.config.SimConfig` arrives with every message

@@ -7,14 +7,16 @@ Per round it
 2. gives each the sub-model its device affords: the method's cost table and
    budget rule pick a :class:`~maestro_fl.budget.Cost`, the method's family
    cuts the arrays (:func:`~maestro_fl.submodels.take`), and the assignment
-   travels in the message's ConfigRecord;
+   travels in the message's ``config`` record, the device in its ``device`` record;
 3. checks every reply against what it sent (:func:`maestro_fl.replies.check_reply`)
    and records each client's fate (a row of clients.csv);
 4. merges the good replies with the method's server rule.
 
-Budgets are computed once per distinct device and global model, and the
-tiers' budgets once per global model, so a round costs O(K + N) for K
-sampled of N registered clients.
+Budgets are computed once per distinct device and global model, the
+tiers' budgets once per global model, and what a budget's clients are sent
+(index, encoded arrays, config record) once per budget and round, so a round
+costs O(K + N) for K sampled of N registered clients, with a small constant
+per sampled client (``benchmarks/server_round.py``).
 """
 
 from __future__ import annotations

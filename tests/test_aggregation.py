@@ -187,3 +187,45 @@ def test_zero_padding_shrinks_components_few_clients_trained() -> None:
     updates = [(perturbed(full, s), float(n)) for s, n in [(1, 10), (2, 30)]]
     for k, v in aggregate_zero_padded(full, updates).items():  # all at full rank: plain FedAvg
         np.testing.assert_allclose(v, fedavg(updates)[k], rtol=1e-6, atol=1e-6)
+
+
+def naive_indexed_mean(global_arrays, updates):  # type: ignore[no-untyped-def]
+    """Element by element, the weighted mean over the updates holding it (the definition, in plain loops)."""
+    out = {}
+    for name, current in global_arrays.items():
+        merged = current.astype(np.float64).copy()
+        for pos in np.ndindex(current.shape):
+            num = den = 0.0
+            for arrays, index, w in updates:
+                axes = [np.arange(*i.indices(n)) if isinstance(i, slice) else np.asarray(i)
+                        for i, n in zip(index[name], current.shape)]
+                where = [np.flatnonzero(a == p) for a, p in zip(axes, pos)]
+                if all(len(k) for k in where):
+                    num += w * float(arrays[name][tuple(int(k[0]) for k in where)])
+                    den += w
+            if den:
+                merged[pos] = num / den
+        out[name] = merged.astype(current.dtype)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_aggregate_indexed_is_the_elementwise_mean_over_holders(seed: int) -> None:
+    """Parts of one budget (slices, equal but distinct objects) and wrapping windows (integer arrays), mixed."""
+    rng = np.random.default_rng(seed)
+    current = {"a": rng.standard_normal((5, 4)).astype(np.float32), "b": rng.standard_normal(6).astype(np.float32)}
+    updates = []
+    for _ in range(int(rng.integers(1, 8))):
+        rows = int(rng.integers(1, 6))
+        kind = rng.integers(3)
+        a_rows = slice(0, rows) if kind == 0 else rolling(int(rng.integers(5)), rows, 5) if kind == 1 else np.sort(
+            rng.choice(5, rows, replace=False))
+        b_len = int(rng.integers(1, 7))
+        index = {"a": (a_rows, slice(0, 4)), "b": (slice(0, b_len),)}
+        shape_a = (len(range(*a_rows.indices(5))) if isinstance(a_rows, slice) else len(a_rows), 4)
+        arrays = {"a": rng.standard_normal(shape_a).astype(np.float32), "b": rng.standard_normal(b_len).astype(np.float32)}
+        updates.append((arrays, index, float(rng.integers(1, 50))))
+    got, want = aggregate_indexed(current, updates), naive_indexed_mean(current, updates)
+    for name in current:
+        assert got[name].dtype == current[name].dtype
+        np.testing.assert_allclose(got[name], want[name], rtol=2e-7, atol=1e-7)
