@@ -244,6 +244,12 @@ def aggregate_ordered_factors(
     untrained components are unchanged; dense parameters are FedAvg'd. With
     every client at full rank this is exactly FedAvg.
     """
+    check_prefixes(global_arrays, updates)
+    return aggregate_nested(global_arrays, updates)
+
+
+def check_prefixes(global_arrays: Mapping[str, np.ndarray], updates: Sequence[tuple[Mapping[str, np.ndarray], float]]) -> None:
+    """Every client array is a known parameter, and a rank prefix of the global one (``ValueError`` otherwise)."""
     axes = rank_axes(list(global_arrays))
     for arrays, _ in updates:
         for name, block in arrays.items():
@@ -251,7 +257,6 @@ def aggregate_ordered_factors(
                 raise ValueError(f"update has unknown parameter {name!r}")
             if not fits(block.shape, global_arrays[name].shape, axes.get(name)):
                 raise ValueError(f"{name}: shape {block.shape} does not fit the global {global_arrays[name].shape}")
-    return aggregate_nested(global_arrays, updates)
 
 
 def fits(shape: tuple[int, ...], full: tuple[int, ...], rank_axis: int | None) -> bool:
@@ -319,6 +324,110 @@ def aggregate_svd(
         out[u_name] = u_new.reshape(g_u.shape).astype(g_u.dtype)
         out[vt_name] = vt_new.reshape(g_vt.shape).astype(g_vt.dtype)
     return {k: out[k] for k in global_arrays}
+
+
+def _factor_pairs(global_arrays: Mapping[str, np.ndarray]) -> list[tuple[str, str]]:
+    """``(Vᵀ name, U name)`` of every LoD layer."""
+    axes = rank_axes(list(global_arrays))
+    return [(n, n.replace("in_network", "out_network")) for n in axes if n.endswith("in_network.weight")]
+
+
+def _rank_blocks(ranks: Sequence[int]) -> list[tuple[int, int]]:
+    """The nested levels the clients' ranks make: ``[(0, r_1), (r_1, r_2), ...]`` for their sorted distinct ranks."""
+    levels = sorted(set(int(r) for r in ranks if r > 0))
+    return list(zip([0, *levels[:-1]], levels))
+
+
+def _block_product_means(
+    global_arrays: Mapping[str, np.ndarray], updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
+    vt_name: str, u_name: str,
+) -> list[tuple[int, int, np.ndarray]]:
+    """Per nested level ``(lo, hi)``: the example-weighted mean of ``U[:, lo:hi] Vᵀ[lo:hi]`` over the clients
+    holding components ``lo..hi-1`` (float64, ``fan_out × fan_in``)."""
+    fan_out = global_arrays[u_name].shape[0]
+    held = [(a[u_name].reshape(fan_out, a[vt_name].shape[0]), a[vt_name].reshape(a[vt_name].shape[0], -1), w)
+            for a, w in updates if vt_name in a]
+    out = []
+    for lo, hi in _rank_blocks([vt.shape[0] for _, vt, _ in held]):
+        total, weight = 0.0, 0.0
+        for u, vt, w in held:
+            if vt.shape[0] >= hi:
+                total = total + w * (u[:, lo:hi].astype(np.float64) @ vt[lo:hi].astype(np.float64))
+                weight += w
+        out.append((lo, hi, total / weight))
+    return out
+
+
+def aggregate_ordered_products(
+    global_arrays: Mapping[str, np.ndarray],
+    updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
+) -> Arrays:
+    """FedLoD's ordered rule without the cross-term: per nested level, the mean of the block's products, re-factored.
+
+    The clients' distinct ranks ``r_1 < r_2 < ...`` cut each layer's components
+    into nested levels ``[r_{l-1}, r_l)``. For each level, the clients that hold
+    it (rank ≥ ``r_l``) send ``U[:, level] Vᵀ[level]``; their example-weighted
+    mean is re-factored by truncated SVD into the level's ``r_l − r_{l-1}``
+    components (``U = P√Σ``, ``Vᵀ = √Σ Qᵀ``, ordered by singular value).
+    Averaging ``U`` and ``Vᵀ`` separately (:func:`aggregate_ordered_factors`)
+    gives ``mean(U) mean(V)ᵀ``, which differs from ``mean(U Vᵀ)`` by the clients'
+    cross-terms; this rule trades that for the SVD's truncation error instead
+    (:func:`cross_term_share` measures both). Components no client holds keep
+    their value; dense parameters are FedAvg'd. With one level it is
+    :func:`aggregate_svd` of the clients' products.
+    """
+    check_prefixes(global_arrays, updates)
+    pairs = _factor_pairs(global_arrays)
+    factors = {n for pair in pairs for n in pair}
+    dense = {k: v for k, v in global_arrays.items() if k not in factors}
+    out = aggregate_nested(dense, [({k: a[k] for k in dense if k in a}, w) for a, w in updates])
+    for vt_name, u_name in pairs:
+        g_vt, g_u = global_arrays[vt_name], global_arrays[u_name]
+        rank, fan_out = g_vt.shape[0], g_u.shape[0]
+        u_new = g_u.reshape(fan_out, rank).astype(np.float64, copy=True)
+        vt_new = g_vt.reshape(rank, -1).astype(np.float64, copy=True)
+        for lo, hi, mean in _block_product_means(global_arrays, updates, vt_name, u_name):
+            p, s, qt = np.linalg.svd(mean, full_matrices=False)
+            k = min(hi - lo, len(s))
+            root = np.sqrt(s[:k])
+            u_new[:, lo:hi], vt_new[lo:hi] = 0.0, 0.0
+            u_new[:, lo:lo + k], vt_new[lo:lo + k] = p[:, :k] * root, root[:, None] * qt[:k]
+        out[u_name] = u_new.reshape(g_u.shape).astype(g_u.dtype)
+        out[vt_name] = vt_new.reshape(g_vt.shape).astype(g_vt.dtype)
+    return {k: out[k] for k in global_arrays}
+
+
+def cross_term_share(
+    global_arrays: Mapping[str, np.ndarray],
+    merged: Mapping[str, np.ndarray],
+    updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
+) -> dict[str, float]:
+    """Per LoD layer, how far a merge's product is from the clients' mean products, relative to the update.
+
+    ``‖W_merged − W_mean‖_F / ‖W_mean − W_global‖_F`` over the components the
+    clients hold, where ``W_mean`` sums, level by level, the mean of the block
+    products over the block's holders (what :func:`aggregate_ordered_products`
+    re-factors) and ``W_merged``, ``W_global`` are the products of the same
+    components after and before the merge. For :func:`aggregate_ordered_factors`
+    it is the cross-term's share of the update; for the product rule, the SVD's
+    truncation error.
+    """
+    shares = {}
+    for vt_name, u_name in _factor_pairs(global_arrays):
+        blocks = _block_product_means(global_arrays, updates, vt_name, u_name)
+        if not blocks:
+            continue
+        top = blocks[-1][1]
+        fan_out, rank = global_arrays[u_name].shape[0], global_arrays[vt_name].shape[0]
+
+        def product(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+            u = arrays[u_name].reshape(fan_out, rank)[:, :top].astype(np.float64)
+            return u @ arrays[vt_name].reshape(rank, -1)[:top].astype(np.float64)
+
+        target = sum(mean for _, _, mean in blocks)
+        moved = float(np.linalg.norm(target - product(global_arrays)))
+        shares[layer_of(vt_name)] = float(np.linalg.norm(product(merged) - target)) / max(moved, 1e-30)
+    return shares
 
 
 def aggregate_zero_padded(

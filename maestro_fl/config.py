@@ -369,8 +369,9 @@ class SimConfig:
     compute_budget_s: float = 15.0  # per-round compute a device may spend: tiers land at ~0.15/0.25/0.4/0.7/1 rank
     round_deadline_s: float = 0.0  # drop clients whose simulated round time exceeds this; 0 = no deadline
     # -- server --
-    aggregation: str = "ordered"  # FedLoD's rule. 'ordered': per-component prefix averaging; 'svd': average
-    # U Vᵀ and re-factor; 'zero_pad': pad factors with zeros to the global rank, average over all clients
+    aggregation: str = "ordered"  # FedLoD's rule. 'ordered': per-component prefix averaging; 'ordered_products':
+    # per nested rank level, the holders' mean U Vᵀ re-factored (no cross-term); 'svd': average U Vᵀ and re-factor;
+    # 'zero_pad': pad factors with zeros to the global rank, average over all clients
     server_shrink_eps: float = 0.0  # server-side progressive shrinking of the aggregate; 0 = off
     max_update_norm: float = 10.0  # reject a reply that moved its sub-model by > this x its norm: honest ones moved
     # 0.06-0.1x (median) and at most 0.38x (DLRT, which re-factors: 1.03x) over 8 methods x 20 rounds on digits; 0 = off
@@ -408,7 +409,7 @@ class SimConfig:
         check_one_of("tier_mode", self.tier_mode, ("fixed", "dynamic"))
         check_non_negative("keep_first", self.keep_first)
         check_one_of("backend", self.backend, ("ray", "flower", "local"))
-        check_one_of("aggregation", self.aggregation, ("ordered", "svd", "zero_pad"))
+        check_one_of("aggregation", self.aggregation, ("ordered", "ordered_products", "svd", "zero_pad"))
         if self.strategy != "fedlod" and (self.aggregation != "ordered" or self.server_shrink_eps > 0):
             raise ConfigError(
                 f"strategy {self.strategy!r} has its own server rule: aggregation and server_shrink_eps "

@@ -9,6 +9,9 @@ from maestro_fl.aggregation import (
     aggregate_indexed,
     aggregate_nested,
     aggregate_ordered_factors,
+    aggregate_ordered_products,
+    aggregate_svd,
+    cross_term_share,
     factor_importance,
     shrink_factors,
     slice_prefix,
@@ -229,3 +232,50 @@ def test_aggregate_indexed_is_the_elementwise_mean_over_holders(seed: int) -> No
     for name in current:
         assert got[name].dtype == current[name].dtype
         np.testing.assert_allclose(got[name], want[name], rtol=2e-7, atol=1e-7)
+
+
+# -- the factor-averaging cross-term --------------------------------------------------------------
+def _layer(u: list[list[float]], vt: list[list[float]], bias: list[float]) -> dict[str, np.ndarray]:
+    return {"fc.out_network.weight": np.array(u, np.float32), "fc.in_network.weight": np.array(vt, np.float32),
+            "fc.bias": np.array(bias, np.float32)}
+
+
+def _product(arrays: dict[str, np.ndarray], top: int) -> np.ndarray:
+    return arrays["fc.out_network.weight"][:, :top].astype(np.float64) @ arrays["fc.in_network.weight"][:top]
+
+
+def test_ordered_products_average_the_products_per_level_where_factor_averaging_has_a_cross_term() -> None:
+    """Hand-computed: A = (u=2e1, v=[1,0]) at rank 1, B = (u=e1, v=[2,0]; 2nd component e2 ⊗ [0,3]) at rank 2.
+
+    Level [0,1): mean(u vᵀ) = ½(2·[1,0] + 1·[2,0]) = e1 ⊗ [2, 0]; factor averaging gives
+    mean(u) mean(v)ᵀ = 1.5 e1 ⊗ [1.5, 0] = e1 ⊗ [2.25, 0]. Level [1,2): only B holds it: e2 ⊗ [0, 3].
+    The global rank-3 layer's third component is held by nobody and keeps its value.
+    """
+    g = _layer([[0, 0, 7], [0, 0, 5]], [[0, 0], [0, 0], [1, 1]], [0, 0])
+    a = _layer([[2], [0]], [[1, 0]], [1, 1])
+    b = _layer([[1, 0], [0, 1]], [[2, 0], [0, 3]], [3, 5])
+    updates = [(a, 1.0), (b, 1.0)]
+    products = aggregate_ordered_products(g, updates)
+    np.testing.assert_allclose(_product(products, 1), [[2, 0], [0, 0]], atol=1e-6)
+    np.testing.assert_allclose(_product(products, 2) - _product(products, 1), [[0, 0], [0, 3]], atol=1e-6)
+    np.testing.assert_array_equal(products["fc.out_network.weight"][:, 2], [7, 5])  # nobody's component: kept
+    np.testing.assert_array_equal(products["fc.in_network.weight"][2], [1, 1])
+    np.testing.assert_allclose(products["fc.bias"], [2, 3])  # dense: FedAvg
+    factors = aggregate_ordered_factors(g, updates)
+    np.testing.assert_allclose(_product(factors, 1), [[2.25, 0], [0, 0]], atol=1e-6)
+    # the update of the held components is e1⊗[2,0] + e2⊗[0,3] (the global ones were 0): norm √13;
+    # factor averaging is off by 0.25, the product rule by nothing
+    assert cross_term_share(g, factors, updates)["fc"] == pytest.approx(0.25 / np.sqrt(13), rel=1e-6)
+    assert cross_term_share(g, products, updates)["fc"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ordered_products_with_one_level_is_the_svd_rule() -> None:
+    rng = np.random.default_rng(3)
+    g = {"fc.out_network.weight": rng.standard_normal((4, 3)).astype(np.float32),
+         "fc.in_network.weight": rng.standard_normal((3, 5)).astype(np.float32),
+         "fc.bias": np.zeros(4, np.float32)}
+    updates = [({k: (v + rng.standard_normal(v.shape)).astype(np.float32) for k, v in g.items()}, float(w))
+               for w in (3, 1, 2)]
+    ours, svd = aggregate_ordered_products(g, updates), aggregate_svd(g, updates)
+    np.testing.assert_allclose(_product(ours, 3), _product(svd, 3), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours["fc.bias"], svd["fc.bias"], rtol=1e-6)

@@ -8,6 +8,8 @@ The server rule is ``cfg.aggregation``:
 * ``ordered``: each rank component averaged over the clients that trained it
   (:func:`~maestro_fl.aggregation.aggregate_ordered_factors`; FjORD's nested
   rule on ranks, as RBLA, arXiv 2408.08699);
+* ``ordered_products``: per nested rank level, the mean of the holders' block
+  products ``U Vᵀ`` re-factored (no cross-term between clients' factors);
 * ``svd``: every client's ``U Vᵀ`` averaged, then re-factored (FlexLoRA, FedHM);
 * ``zero_pad``: factors zero-padded to the global rank and averaged (HetLoRA).
 """
@@ -20,7 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..aggregation import aggregate_ordered_factors, aggregate_svd, aggregate_zero_padded, shrink_factors
+from ..aggregation import (
+    aggregate_ordered_factors,
+    aggregate_ordered_products,
+    aggregate_svd,
+    aggregate_zero_padded,
+    shrink_factors,
+)
 from ..budget import Cost
 from ..convert import factorize
 from ..data import Split
@@ -28,7 +36,8 @@ from ..submodels import Arrays, RankPrefix, SubModelFamily
 from ..training import RankDraw, group_lasso, make_sampler
 from .base import Assignment, FederatedMethod, LocalResult, Update, corners_weighted
 
-RULES = {"ordered": aggregate_ordered_factors, "svd": aggregate_svd, "zero_pad": aggregate_zero_padded}
+RULES = {"ordered": aggregate_ordered_factors, "ordered_products": aggregate_ordered_products, "svd": aggregate_svd,
+         "zero_pad": aggregate_zero_padded}
 
 
 class FedLoD(FederatedMethod):
