@@ -154,3 +154,15 @@ def test_the_drivers_dataset_is_memory_mapped_by_the_other_processes(tmp_path: P
     other = resolve(SimConfig, overrides={"dataset": "mnist1d", "dataset_samples": 500})
     assert len(load_task(other).train) + len(load_task(other).test) == 500
     assert load_shared(tmp_path / "elsewhere", "any") is None
+
+
+def test_a_config_built_by_hand_with_lists_finds_its_federation_as_a_resolved_one() -> None:
+    """``federation`` is looked up per message by the config's hash; a config holding lists has none."""
+    import dataclasses
+
+    from maestro_fl.config import SimConfig
+    from maestro_fl.federated import federation
+
+    by_hand = dataclasses.replace(SimConfig(), tier_shares=[0.2] * 5)
+    resolved = resolve(SimConfig, overrides={"tier_shares": [0.2] * 5})
+    assert federation(by_hand) is federation(by_hand) is federation(resolved)
