@@ -218,6 +218,41 @@ def aggregate_fedrolex(
     return aggregate_indexed(global_arrays, [(arrays, index, 1.0) for arrays, index in updates])
 
 
+def aggregate_fiarse(
+    global_arrays: Mapping[str, np.ndarray],
+    updates: Sequence[tuple[Mapping[str, np.ndarray], Index]],
+) -> Arrays:
+    """FIARSE's server rule (Wu et al., NeurIPS 2024, ``fiarse/server.py`` of the official code).
+
+    Every element moves by the mean of the clients' updates ``trained - current``
+    over the clients whose update of that element is non-zero (the official
+    ``tot_grad / tot_mask`` with ``tot_mask += grad != 0``); an element that no
+    client changed keeps its value. Unweighted, as the official code. Where
+    every holder changed an element this is the count average over holders;
+    it differs where a held element came back unchanged.
+    """
+    out: Arrays = {}
+    for name, current in global_arrays.items():
+        base = np.asarray(current, dtype=np.float64)
+        total = np.zeros(current.shape, dtype=np.float64)
+        count = np.zeros(current.shape, dtype=np.float64)
+        for arrays, index in updates:
+            block = arrays.get(name)
+            if block is None:
+                continue
+            where = numpy_index(index[name], current.shape)
+            if block.shape != base[where].shape:
+                raise ValueError(f"{name}: client block {block.shape} does not match its index {base[where].shape}")
+            delta = np.asarray(block, dtype=np.float64) - base[where]
+            total[where] += delta
+            count[where] += delta != 0
+        moved = count > 0
+        merged = np.array(base, copy=True)
+        merged[moved] += total[moved] / count[moved]
+        out[name] = merged.astype(current.dtype, copy=False)
+    return out
+
+
 def aggregate_fjord(
     global_arrays: Mapping[str, np.ndarray],
     updates: Sequence[tuple[Mapping[str, np.ndarray], float]],

@@ -70,8 +70,9 @@ class CentralEvaluation(RoundCallback):
     model's, so ratios compare across methods.
     """
 
-    def __init__(self, method: FederatedMethod, test: Split, inputs: Inputs) -> None:
+    def __init__(self, method: FederatedMethod, test: Split, inputs: Inputs, validation: Split | None = None) -> None:
         self.method, self.test, self.inputs = method, test, inputs
+        self.validation = validation if validation is not None and len(validation) else None
         self.layer_names = tuple(lod_layers(method.template))
         self._footprints: dict[tuple[Any, ...], Any] = {}
 
@@ -89,6 +90,8 @@ class CentralEvaluation(RoundCallback):
         for tier, cost in result.tier_costs.items():
             model, ranks = self.method.deploy(global_model, cost)
             loss, acc = evaluate(model, self.test, ranks)
+            # the clients' held-out examples: what a tuning protocol scores, so it never sees the test set
+            val_acc = evaluate(model, self.validation, ranks)[1] if self.validation is not None else float("nan")
             fp = self.footprint(model, ranks)
             result.tiers.append(
                 {
@@ -96,6 +99,7 @@ class CentralEvaluation(RoundCallback):
                     "tier": tier,
                     "accuracy": acc,
                     "loss": loss,
+                    "val_accuracy": val_acc,
                     "fraction": cost.fraction,
                     "ranks": [ranks[n] for n in self.layer_names] if ranks else [],
                     "params": fp.params,

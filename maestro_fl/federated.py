@@ -48,6 +48,12 @@ class Federation:
         """LoD layers, in the order ranks travel on the wire."""
         return tuple(lod_layers(self.template))
 
+    @cached_property
+    def validation(self) -> Split:
+        """Every client's validation examples together: what tuning scores (never the test set)."""
+        held = [val for _, val in self.partitions]
+        return self.data.train.subset(np.concatenate(held) if held else np.zeros(0, dtype=np.int64))
+
     def client_split(self, partition_id: int) -> tuple[Split, Split]:
         train_idx, val_idx = self.partitions[partition_id]
         return self.data.train.subset(train_idx), self.data.train.subset(val_idx)

@@ -68,6 +68,8 @@ TIERS = Table("tiers.csv", "round and tier", _cols(
     ("tier", "device tier"),
     ("accuracy", "test accuracy of the global model deployed at the tier's budget"),
     ("loss", "test cross-entropy of the same"),
+    ("val_accuracy", "accuracy of the same on every client's validation split together (what tuning scores; "
+                     "empty when val_fraction is 0)"),
     ("fraction", "the tier's rank (or width) fraction"),
     ("ranks", "rank per LoD layer, space-separated (empty for width and dense methods)"),
     ("params", "parameters of the deployed model"),
@@ -379,12 +381,14 @@ class RunDir:
                     "tier": tier,
                     "clients": int((clients.drop_duplicates("partition_id")["tier"] == tier).sum()),
                     "accuracy": float(t["accuracy"]),
+                    "val_accuracy": float(t["val_accuracy"]) if "val_accuracy" in t else float("nan"),
                     "params": int(t["params"]),
                     "params_ratio": float(t["params_ratio"]),
                     "macs": int(t["macs"]),
                     "bytes_per_round": float((traffic["bytes_down"] + traffic["bytes_up"]).mean())
                     if traffic is not None else 0.0,
                     "updates": len(traffic) if traffic is not None else 0,
+                    "unaffordable": int(((clients["tier"] == tier) & (clients["status"] == "unaffordable")).sum()),
                 }
             )
         return rows

@@ -75,10 +75,11 @@ class StopRequest:
         self._restore()
 
 
-def default_callbacks(cfg: SimConfig, run: RunDir, strategy: SubModelStrategy, test, inputs) -> list[RoundCallback]:  # type: ignore[no-untyped-def]
+def default_callbacks(cfg: SimConfig, run: RunDir, strategy: SubModelStrategy, test, inputs,  # type: ignore[no-untyped-def]
+                      validation=None) -> list[RoundCallback]:
     """Evaluation, then the tables, then the checkpoint (never ahead of the tables), then progress."""
     callbacks: list[RoundCallback] = [
-        CentralEvaluation(strategy.method, test, inputs),
+        CentralEvaluation(strategy.method, test, inputs, validation),
         RoundTables(run, cfg.round_deadline_s),
         Checkpointing(run),
     ]
@@ -166,7 +167,7 @@ def run_server(
         start, arrays = checkpoint.round + 1, checkpoint.arrays
         LOG.info("resuming %s after round %s", run_dir, checkpoint.round)
     run.trim(start - 1)  # rows written after the checkpoint (or before any) are redone, never duplicated
-    callbacks = [*default_callbacks(cfg, run, strategy, fed.data.test, fed.data.spec), *extra_callbacks]
+    callbacks = [*default_callbacks(cfg, run, strategy, fed.data.test, fed.data.spec, fed.validation), *extra_callbacks]
     for cb in callbacks:
         cb.on_run_start(start, cfg.rounds)
     done_round = start - 1

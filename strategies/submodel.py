@@ -196,7 +196,7 @@ class SubModelStrategy(Strategy):
             }
             if weakest.chosen is not None:  # the footprint of what the tier deploys, as tiers.csv gives it
                 cost = weakest.chosen
-                sent = sum(v.nbytes for v in take(initial, self.method.index(cost, 1)).values())
+                sent = sum(v.nbytes for v in take(initial, self.method.index(cost, 1, initial)).values())
                 model, ranks = self.method.deploy(global_model, cost)
                 fp = footprint(model, self.method.inputs, ranks)
                 row.update(fraction=cost.fraction, params=fp.params, params_ratio=fp.params / full.params,
@@ -272,7 +272,7 @@ class SubModelStrategy(Strategy):
     def _budget_parts(self, cost: Cost, tiers: list[Cost], server_round: int) -> _BudgetParts:
         """What every client at ``cost`` gets this round: one index, one encoded sub-model, one ConfigRecord."""
         assignment = self.method.assign(cost, tiers)
-        index = self.method.index(cost, server_round)
+        index = self.method.index(cost, server_round, self.current)
         sub = take(self.current, index)
         config = ConfigRecord(
             {

@@ -12,6 +12,7 @@ from .fedavg import FedAvgDense, FedAvgExclusive
 from .fedhm import FedHM
 from .fedlod import FedLoD
 from .fedrolex import FedRolex, FedRolexRank
+from .fiarse import FIARSE, FIARSERank
 from .width import FjORD, HeteroFL
 
 #: every method by its ``strategy`` name, in the order `maestro-fl compare` lists them
@@ -27,6 +28,8 @@ METHODS: dict[str, type[FederatedMethod]] = {
         FedHM,
         FedRolex,
         FedRolexRank,
+        FIARSE,
+        FIARSERank,
     )
 }
 

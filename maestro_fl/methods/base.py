@@ -221,8 +221,12 @@ class FederatedMethod(ABC):
         """What a client at ``cost`` trains, given every tier's budget (the levels of ordered dropout)."""
         return Assignment(cost.fraction, dict(cost.ranks))
 
-    def index(self, cost: Cost, server_round: int) -> Index:
-        """Which part of every global array a client at ``cost`` receives in ``server_round``."""
+    def index(self, cost: Cost, server_round: int, current: Mapping[str, np.ndarray] | None = None) -> Index:
+        """Which part of every global array a client at ``cost`` receives in ``server_round``.
+
+        ``current``: the global arrays of the round, for families that choose by
+        what the model holds (FIARSE's importance); ``None`` before the first round.
+        """
         return self.family.index(cost, server_round)
 
     def client_model(self, assignment: Assignment) -> nn.Module:

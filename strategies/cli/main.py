@@ -59,11 +59,14 @@ COMMANDS: dict[str, Command] = {
         "maestro-fl sweep SWEEP.toml",
         "A grid of federated runs as Ray tasks (a local Ray, or a cluster with [sweep] ray_address). Finished "
         "runs are skipped when it runs again, interrupted ones resume, failed ones are recorded.",
-        ("maestro-fl sweep benchmarks/sweeps/fjord_protocol_cifar10.toml",),
+        ("maestro-fl sweep benchmarks/sweeps/protocol_digits.toml",
+         "maestro-fl sweep benchmarks/sweeps/fjord_protocol_cifar10.toml"),
         notes="The file's tables: [sweep] name, out_dir, ray_address, cpus_per_run, gpus_per_run; [base] "
               "simulate keys shared by every run; [grid] simulate keys, each a list of values (the runs are "
               "their product); optional [methods.NAME] tables of simulate keys, crossed with the grid. "
-              "See strategies/sweeps/sweep.py.",
+              "With a [protocol] table (tune_seed, seeds) the grid is a tuning grid: every method runs it at "
+              "tune_seed, the point of best validation accuracy is selected per method and run on every seed "
+              "(selected.csv, comparison.csv). See strategies/sweeps/sweep.py and protocol.py.",
     ),
     "compare": Command(
         "maestro-fl compare [key=value ...]",
@@ -212,7 +215,12 @@ def _sweep(file: str | None, overrides: list[str]) -> int:
 
     if file is None or overrides:
         raise ConfigError("sweep takes one argument, the sweep file (SWEEP.toml)")
-    print(f"results: {run_sweep(file) / 'results.csv'}")
+    from ..sweeps.protocol import is_protocol, run_protocol
+
+    if is_protocol(file):
+        print(f"comparison: {run_protocol(file) / 'comparison.csv'}")
+    else:
+        print(f"results: {run_sweep(file) / 'results.csv'}")
     return 0
 
 
