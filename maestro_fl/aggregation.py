@@ -253,6 +253,19 @@ def aggregate_fiarse(
     return out
 
 
+def aggregate_flanc(global_arrays: Mapping[str, np.ndarray], updates: Sequence[Mapping[str, np.ndarray]]) -> Arrays:
+    """FLANC's server rule (Mei et al., NeurIPS 2022, ``sync`` of the official ``trainer_FL.py``).
+
+    Each client returns the bases' slices it holds (leading corners of the
+    shared global bases) and its width's anchor (whole arrays named for that
+    width). Every element becomes the unweighted mean over the clients that
+    hold it: a basis element over every client whose slice covers it, an
+    anchor over the clients of its width; an anchor no client of its width
+    trained keeps its value (the official code samples every width every round).
+    """
+    return aggregate_nested(global_arrays, [(arrays, 1.0) for arrays in updates])
+
+
 def aggregate_fjord(
     global_arrays: Mapping[str, np.ndarray],
     updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
@@ -271,26 +284,39 @@ def aggregate_fjord(
 def aggregate_ordered_factors(
     global_arrays: Mapping[str, np.ndarray],
     updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
+    narrowed: bool = False,
 ) -> Arrays:
     """FedLoD's server rule: per-component weighted averaging of ordered factor prefixes.
 
     Rank component ``k`` of a layer (column ``k`` of ``U``, row ``k`` of ``Vᵀ``)
     is averaged over the clients with rank > ``k``, weighted by examples;
     untrained components are unchanged; dense parameters are FedAvg'd. With
-    every client at full rank this is exactly FedAvg.
+    every client at full rank this is exactly FedAvg. With ``narrowed``,
+    clients below the smallest rank prefix hold leading corners (narrower
+    hidden layers too, :class:`~maestro_fl.submodels.RankWidthPrefix`): each
+    element is averaged over the clients whose corner holds it, the same rule.
     """
-    check_prefixes(global_arrays, updates)
+    check_prefixes(global_arrays, updates, narrowed)
     return aggregate_nested(global_arrays, updates)
 
 
-def check_prefixes(global_arrays: Mapping[str, np.ndarray], updates: Sequence[tuple[Mapping[str, np.ndarray], float]]) -> None:
-    """Every client array is a known parameter, and a rank prefix of the global one (``ValueError`` otherwise)."""
+def check_prefixes(
+    global_arrays: Mapping[str, np.ndarray],
+    updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
+    narrowed: bool = False,
+) -> None:
+    """Every client array is a known parameter, and a rank prefix of the global one (``ValueError`` otherwise).
+
+    ``narrowed``: clients may also hold narrower hidden layers, so any leading corner fits.
+    """
     axes = rank_axes(list(global_arrays))
     for arrays, _ in updates:
         for name, block in arrays.items():
             if name not in global_arrays:
                 raise ValueError(f"update has unknown parameter {name!r}")
-            if not fits(block.shape, global_arrays[name].shape, axes.get(name)):
+            full = global_arrays[name].shape
+            corner = len(block.shape) == len(full) and all(0 < b <= f for b, f in zip(block.shape, full))
+            if not (corner if narrowed else fits(block.shape, full, axes.get(name))):
                 raise ValueError(f"{name}: shape {block.shape} does not fit the global {global_arrays[name].shape}")
 
 

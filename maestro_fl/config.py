@@ -333,6 +333,8 @@ class SimConfig:
     # measured 2026-11 with momentum 0.5 and sampler nested, not rerun since)
     keep_first: int = 1  # the first conv stays dense: 320 weights, and rank 2 of 9 would starve every tier
     keep_classifier: bool = True  # 1.3k weights; a rank-2 classifier caps the weakest tier's accuracy
+    width_floor: bool = True  # FedLoD: a device too small for the smallest rank prefix trains that prefix of a
+    # narrower model (corners of the ordered factors), as width methods serve it; nothing changes above that floor
     # -- federation --
     num_clients: int = 50  # the smallest federation the main job must show; FjORD/HeteroFL use 100
     clients_per_round: int = 20  # 40% participation: with 10, the full tier needed ~2x the rounds (stale:
@@ -358,6 +360,9 @@ class SimConfig:
     clip_grad_norm: float = 2.0  # products of factors spike the gradient; unclipped runs diverge at lr 0.1
     lambda_gl: float = 0.0  # group lasso off: budgets, not learned ranks, set the federated footprint
     full_pass: bool = False  # self-distillation (FedLoD, FjORD's KD): 2x client compute, no gain in Maestro's ablation
+    flanc_basis: float = 0.25  # FLANC's basis filters per composed layer, as a share of its output channels
+    # (the official n_basis for its CNN and ResNet-18 runs)
+    flanc_orthogonality: float = 10.0  # FLANC's orthogonality penalty on the bases (the official lambdaR)
     heterofl_label_mask: bool = False  # HeteroFL's masked classifier: 1.3-2.1 pp lower per tier on the main job
     # (3 seeds, 2026-12-01)
     # -- devices --
@@ -419,6 +424,8 @@ class SimConfig:
             raise ConfigError(f"full_pass (self-distillation) applies to 'fedlod' and 'fjord', not {self.strategy!r}")
         check_fraction("dlrt_tau", self.dlrt_tau)
         check_positive("dlrt_lr", self.dlrt_lr)
+        check_fraction("flanc_basis", self.flanc_basis)
+        check_non_negative("flanc_orthogonality", self.flanc_orthogonality)
         for name in ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "classes_per_client",
                      "client_threads"):
             check_positive(name, getattr(self, name))

@@ -216,6 +216,79 @@ class RankPrefix(SubModelFamily):
         return global_model, dict(cost.ranks)
 
 
+class RankWidthPrefix(RankPrefix):
+    """Rank prefixes, and below the smallest one, rank prefixes of a narrower model: corners of the ordered factors.
+
+    A rank prefix cuts parameters and MACs but not the feature maps: every
+    layer still outputs all its channels, and a dense first layer keeps its
+    full cost. A device that cannot train even the smallest prefix (the
+    activation memory of full-width maps, or a dense input layer's MACs) gets
+    the smallest rank fraction ``f_min`` of the LoD model at a hidden width
+    ``w < 1``: the first ``⌈w·c⌉`` channels of every hidden layer, so its
+    factors are leading corners of the global ones (``U[:⌈w·m⌉, :r]``,
+    ``Vᵀ[:r, :⌈w·n⌉]``) and merge back by the same per-element averaging.
+    Such an entry's ``fraction`` is ``f_min·w`` (below every rank-only entry).
+
+    Parameters
+    ----------
+    at_width : callable
+        ``at_width(w)``: the LoD model at hidden width ``w`` (shapes only; it
+        must factorize the same layers as the template, or the ladder stops
+        at the width where it does not).
+    """
+
+    def __init__(self, template: nn.Module, inputs: Inputs, at_width: Callable[[float], nn.Module]) -> None:
+        super().__init__(template, inputs)
+        self.at_width = at_width
+        self._narrow: dict[float, tuple[float, nn.Module]] = {}  # fraction -> (width, LoD model at that width)
+
+    def cost_table(self, global_arrays: Mapping[str, np.ndarray] | None = None) -> list[Cost]:
+        table = super().cost_table(global_arrays)
+        cache = self.__dict__.setdefault("_full_tables", {})
+        if id(table) not in cache:
+            cache[id(table)] = table + self._narrow_costs(min(c.fraction for c in table))
+        return cache[id(table)]
+
+    def _narrow_costs(self, floor: float) -> list[Cost]:
+        names = set(self._shapes)
+        costs = []
+        for w in sorted(FRACTION_GRID, reverse=True):
+            if w >= 1.0:
+                continue
+            model = self.at_width(w)
+            if set(state_shapes(model)) != names:  # a layer too narrow to factorize: the ladder ends here
+                break
+            fraction = round(floor * w, 6)
+            ranks = ranks_at_fraction(model, floor)
+            self._narrow[fraction] = (w, model)
+            fp = footprint(model, self.inputs, ranks, as_deployed=False)
+            costs.append(Cost(fraction, ranks, fp.params, fp.macs, activation_count(model, self.inputs, ranks)))
+        return costs
+
+    def width_of(self, fraction: float) -> float:
+        """The hidden width of the sub-model at ``fraction`` (1.0 for a rank-only entry)."""
+        if fraction not in self._narrow and fraction < min(FRACTION_GRID):
+            self.cost_table()  # a client process builds the ladder on first use
+        return self._narrow[fraction][0] if fraction in self._narrow else 1.0
+
+    def index(self, cost: Cost, server_round: int) -> Index:
+        if self.width_of(cost.fraction) == 1.0:
+            return super().index(cost, server_round)
+        return corner_index(state_shapes(self.client_model(cost.fraction, cost.ranks)))
+
+    def client_model(self, fraction: float, ranks: Mapping[str, int]) -> nn.Module:
+        if self.width_of(fraction) == 1.0:
+            return super().client_model(fraction, ranks)
+        return truncate(self._narrow[fraction][1], ranks)
+
+    def deploy(self, global_model: nn.Module, cost: Cost) -> tuple[nn.Module, Ranks | None]:
+        if self.width_of(cost.fraction) == 1.0:
+            return super().deploy(global_model, cost)
+        model = self.client_model(cost.fraction, cost.ranks)
+        full = {k: v.detach().cpu().numpy() for k, v in global_model.state_dict().items()}
+        return load_arrays(model, take(full, corner_index(state_shapes(model)))), dict(cost.ranks)
+
+
 class WidthCorner(SubModelFamily):
     """The first ``⌈p·c⌉`` channels (units) of every hidden layer: HeteroFL's and FjORD's sub-models.
 

@@ -13,6 +13,7 @@ from .fedhm import FedHM
 from .fedlod import FedLoD
 from .fedrolex import FedRolex, FedRolexRank
 from .fiarse import FIARSE, FIARSERank
+from .flanc import FLANC
 from .width import FjORD, HeteroFL
 
 #: every method by its ``strategy`` name, in the order `maestro-fl compare` lists them
@@ -30,6 +31,7 @@ METHODS: dict[str, type[FederatedMethod]] = {
         FedRolexRank,
         FIARSE,
         FIARSERank,
+        FLANC,
     )
 }
 

@@ -32,7 +32,7 @@ from ..aggregation import (
 from ..budget import Cost
 from ..convert import factorize
 from ..data import Split
-from ..submodels import Arrays, RankPrefix, SubModelFamily
+from ..submodels import Arrays, RankPrefix, RankWidthPrefix, SubModelFamily
 from ..training import RankDraw, group_lasso, make_sampler
 from .base import Assignment, FederatedMethod, LocalResult, Update, corners_weighted
 
@@ -46,14 +46,25 @@ class FedLoD(FederatedMethod):
     name = "fedlod"
 
     def make_family(self, generator: torch.Generator) -> SubModelFamily:
-        model = factorize(
-            self.build(1.0),
+        model = self.factorized(1.0, generator)
+        if self.cfg.width_floor and self.cfg.aggregation == "ordered" and self.cfg.server_shrink_eps == 0:
+            return RankWidthPrefix(model, self.inputs, self.factorized)
+        return RankPrefix(model, self.inputs)
+
+    def factorized(self, width: float, generator: torch.Generator | None = None) -> nn.Module:
+        """The LoD model at hidden width ``width`` (the run's ``keep_first``/``keep_classifier``)."""
+        return factorize(
+            self.build(width),
             init=self.init,  # type: ignore[arg-type]
             keep_first=self.cfg.keep_first,
             keep_classifier=self.cfg.keep_classifier,
             generator=generator,
         )
-        return RankPrefix(model, self.inputs)
+
+    def width_of(self, cost: Cost) -> float:
+        """The hidden width of a budget's sub-model (below the smallest rank prefix it narrows too)."""
+        family = self.family
+        return family.width_of(cost.fraction) if isinstance(family, RankWidthPrefix) else 1.0
 
     @property
     def init(self) -> str:
@@ -76,7 +87,10 @@ class FedLoD(FederatedMethod):
         if self.sampler != "tiers":
             return Assignment(cost.fraction, dict(cost.ranks))
         # FjORD's p ~ U{p_s <= p_max} on ranks: the tiers' sub-models up to the client's own
-        levels = {c.fraction: c.ranks for c in tier_costs if c.fraction <= cost.fraction} | {cost.fraction: cost.ranks}
+        # (a narrowed sub-model's levels are its own only: ranks of another width are not its prefixes)
+        width = self.width_of(cost)
+        levels = {c.fraction: c.ranks for c in tier_costs
+                  if c.fraction <= cost.fraction and self.width_of(c) == width} | {cost.fraction: cost.ranks}
         order = sorted(levels)
         return Assignment(cost.fraction, dict(cost.ranks), tuple(order), tuple(dict(levels[p]) for p in order))
 
@@ -106,7 +120,10 @@ class FedLoD(FederatedMethod):
         return cfg.aggregation == "ordered" and cfg.server_shrink_eps == 0
 
     def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:
-        merged = RULES[self.cfg.aggregation](current, corners_weighted(updates))
+        if isinstance(self.family, RankWidthPrefix):  # the ordered rule, clients below the rank floor narrowed
+            merged = aggregate_ordered_factors(current, corners_weighted(updates), narrowed=True)
+        else:
+            merged = RULES[self.cfg.aggregation](current, corners_weighted(updates))
         if self.cfg.server_shrink_eps > 0:  # Maestro's progressive shrinking, on the server's aggregate
             merged, _ = shrink_factors(merged, self.cfg.server_shrink_eps)
         return merged

@@ -191,7 +191,10 @@ def _check_existing_runs(sweep: Sweep) -> None:
         except RunDirError as err:
             raise ConfigError(f"run {name}: {err}") from None
         wanted = json.loads(json.dumps(to_dict(cfg)))
-        differ = sorted(k for k in wanted if k not in RUN_LOCATION_FIELDS and stored.get(k) != wanted[k])
+        # a field added after that run was made counts as its default (new fields default to the old behaviour)
+        defaults = json.loads(json.dumps(to_dict(SimConfig())))
+        differ = sorted(k for k in wanted
+                        if k not in RUN_LOCATION_FIELDS and stored.get(k, defaults.get(k)) != wanted[k])
         if differ:
             shown = ", ".join(f"{k}: {stored.get(k)!r} there, {wanted[k]!r} now" for k in differ[:3])
             raise ConfigError(
