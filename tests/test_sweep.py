@@ -9,6 +9,7 @@ import pytest
 
 from maestro_fl.config import ConfigError
 from strategies.cli import main
+from strategies.sweeps.protocol import is_protocol, load_protocol
 from strategies.sweeps.sweep import load_sweep, run_sweep
 
 BASE = """
@@ -130,5 +131,52 @@ def test_shipped_sweep_files_are_valid() -> None:
     files = sorted((Path(__file__).parents[1] / "benchmarks" / "sweeps").glob("*.toml"))
     assert files
     for path in files:
-        sweep = load_sweep(path)
+        sweep = load_protocol(path)[0] if is_protocol(path) else load_sweep(path)
         assert len(sweep.runs) >= 3 and sweep.gpus_per_run >= 0
+
+
+TWO_METHODS = """
+[methods.fedlod]
+strategy = "fedlod"
+
+[methods.fjord]
+strategy = "fjord"
+"""
+
+
+@pytest.mark.slow
+def test_the_protocol_tunes_on_validation_selects_per_method_and_reuses_the_tuning_run(tmp_path: Path) -> None:
+    spec = write(tmp_path, "lr = [0.01, 0.3]", extra=TWO_METHODS, name="p.toml")
+    spec.write_text(spec.read_text() + "\n[protocol]\ntune_seed = 0\nseeds = [0, 1]\n")
+    assert main(["sweep", str(spec)]) == 0
+    root = tmp_path / "out" / "t"
+    tune = pd.read_csv(root / "tune" / "results.csv")
+    assert len(tune.drop_duplicates("run")) == 4  # 2 methods x 2 learning rates, at the tuning seed
+    selected = pd.read_csv(root / "selected.csv").set_index("method")
+    for method, runs in tune.groupby("method"):  # the best mean validation accuracy over tiers, per method
+        scores = runs.groupby("run")["val_accuracy"].mean()
+        assert selected.loc[method, "run"] == scores.idxmax()
+        assert selected.loc[method, "lr"] == runs[runs["run"] == scores.idxmax()]["lr"].iloc[0]
+    final = pd.read_csv(root / "final" / "results.csv")
+    comparison = pd.read_csv(root / "comparison.csv")
+    assert sorted(final.drop_duplicates("run")["run"]) == [
+        "method=fedlod,seed=0", "method=fedlod,seed=1", "method=fjord,seed=0", "method=fjord,seed=1"]
+    for method in ("fedlod", "fjord"):  # the seed-0 final run is the tuning run, copied
+        copied = (root / "final" / f"method={method},seed=0" / "tiers.csv").read_text()
+        assert copied == (root / "tune" / selected.loc[method, "run"] / "tiers.csv").read_text()
+        assert (comparison[comparison["method"] == method]["lr"] == selected.loc[method, "lr"]).all()
+    assert set(comparison["seeds"]) == {2} and set(comparison["method"]) == {"fedlod", "fjord"}
+    assert (comparison["unaffordable"] == 0).all()
+    mean = final[(final["method"] == "fjord") & (final["tier"] == 0)]["accuracy"].mean()
+    assert comparison.query("method == 'fjord' and tier == 0")["acc_mean"].iloc[0] == pytest.approx(mean)
+
+
+def test_a_protocol_file_sets_seeds_in_its_protocol_table(tmp_path: Path) -> None:
+    spec = write(tmp_path, "seed = [0, 1]", name="p.toml")
+    spec.write_text(spec.read_text() + "\n[protocol]\nseeds = [0, 1]\n")
+    with pytest.raises(ConfigError, match="sets seeds in \\[protocol\\]"):
+        load_protocol(spec)
+    spec.write_text(spec.read_text().replace("seed = [0, 1]\n\n[protocol]", "lr = [0.1]\n\n[protocol]")
+                    .replace("seeds = [0, 1]", "seeds = []"))
+    with pytest.raises(ConfigError, match="seeds must be a non-empty list"):
+        load_protocol(spec)

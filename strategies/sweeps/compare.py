@@ -40,6 +40,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "fedhm": {"strategy": "fedhm"},
     "fedrolex": {"strategy": "fedrolex"},
     "fedrolex_rank": {"strategy": "fedrolex_rank"},
+    "fiarse": {"strategy": "fiarse"},
+    "fiarse_rank": {"strategy": "fiarse_rank"},
+    "flanc": {"strategy": "flanc"},
     "fedavg_dense": {"strategy": "fedavg_dense"},
     "fedavg_exclusive": {"strategy": "fedavg_exclusive"},
 }

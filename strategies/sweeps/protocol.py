@@ -19,8 +19,8 @@ A sweep file with a ``[protocol]`` table runs in two stages (``maestro-fl sweep 
 3. **Final**: per method, the selected values on every seed of ``seeds``,
    under ``out_dir/name/final``; the run at ``tune_seed`` is the tuning run
    itself (copied, not rerun). ``comparison.csv``: per method and tier,
-   test accuracy mean ± std over seeds, footprint, bytes per round and the
-   clients that could afford nothing.
+   test accuracy mean ± std over seeds, footprint, bytes per round, the
+   clients that could afford nothing and the selected values.
 
 Both stages are ordinary sweeps: finished runs are skipped, so adding a
 method to the file and running it again runs only that method's grid.
@@ -133,6 +133,8 @@ def run_protocol(path: str | Path) -> Path:
     final_root = run_sweep(final)
     results = pd.read_csv(final_root / "results.csv")
     table = summarize(results)
+    for key in tuned:  # the values each method ran with, beside its numbers
+        table[key] = [chosen[m][key] for m in table["method"]]
     table.to_csv(root / "comparison.csv", index=False)
     print("\n" + format_table(table.to_dict("records"), COLUMNS), flush=True)
     return root
