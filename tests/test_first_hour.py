@@ -76,7 +76,7 @@ def test_plan_gives_the_sub_models_the_simulation_then_assigns(tmp_path: Path) -
 
 
 def test_plan_names_the_binding_constraint_and_what_would_serve_an_unaffordable_tier(tmp_path: Path) -> None:
-    cfg = resolve(SimConfig, overrides=SMALL | {"compute_budget_s": 2.0, "keep_first": 0})
+    cfg = resolve(SimConfig, overrides=SMALL | {"compute_budget_s": 2.0, "keep_first": 0, "width_floor": False})
     rows = {r["tier"]: r for r in plan_rows(cfg)}
     starved = [r for r in rows.values() if r["unaffordable"]]
     assert starved and all(r["unaffordable"] == r["clients"] for r in starved)
@@ -85,14 +85,18 @@ def test_plan_names_the_binding_constraint_and_what_would_serve_an_unaffordable_
         assert "compute_budget_s >=" in r["advice"]
     # the advice holds: with the budget it names, that tier affords a sub-model
     need = max(r["need_seconds"] for r in starved)
-    fixed = resolve(SimConfig, overrides=SMALL | {"compute_budget_s": need + 0.01, "keep_first": 0})
+    fixed = resolve(SimConfig, overrides=SMALL | {"compute_budget_s": need + 0.01, "keep_first": 0,
+                                                  "width_floor": False})
+    assert not any(r["unaffordable"] for r in plan_rows(resolve(  # or: narrower sub-models below the rank floor
+        SimConfig, overrides=SMALL | {"compute_budget_s": 2.0, "keep_first": 0})))
     assert not any(r["unaffordable"] for r in plan_rows(fixed))
     text = plan(cfg)
     assert "can afford no sub-model" in text and "binds" in text
 
 
 def test_simulate_prints_the_plan_and_warns_about_unaffordable_tiers(tmp_path: Path) -> None:
-    args = [f"{k}={v}" for k, v in SMALL.items()] + ["compute_budget_s=2", "keep_first=0", f"out_dir={tmp_path}"]
+    args = [f"{k}={v}" for k, v in SMALL.items()] + ["compute_budget_s=2", "keep_first=0", "width_floor=false",
+                                                     f"out_dir={tmp_path}"]
     code, out, err = run_cli("simulate", *args)
     assert code == 0
     assert "registering 10 clients" in err and "what each tier can afford" in err
