@@ -167,6 +167,9 @@ def test_the_protocol_tunes_on_validation_selects_per_method_and_reuses_the_tuni
         assert (comparison[comparison["method"] == method]["lr"] == selected.loc[method, "lr"]).all()
     assert set(comparison["seeds"]) == {2} and set(comparison["method"]) == {"fedlod", "fjord"}
     assert (comparison["unaffordable"] == 0).all()
+    matched = pd.read_csv(root / "matched.csv")  # FedLoD cut at FjORD's tiers: never larger
+    assert set(matched["method"]) == {"fjord"}
+    assert (matched["fedlod_params"] <= matched["params"]).all() and (matched["fedlod_macs"] <= matched["macs"]).all()
     mean = final[(final["method"] == "fjord") & (final["tier"] == 0)]["accuracy"].mean()
     assert comparison.query("method == 'fjord' and tier == 0")["acc_mean"].iloc[0] == pytest.approx(mean)
 

@@ -15,6 +15,7 @@ parameters *and* MACs are both at most that tier's; ``matched.csv``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,13 +97,14 @@ def _mean_std(values: pd.Series) -> str:
     return f"{values.mean():.4f} ± {0.0 if pd.isna(std) else std:.4f}"
 
 
-def matched_footprint(root: Path, results: pd.DataFrame, reference: str = "fedlod") -> pd.DataFrame:
-    """FedLoD (method ``reference``) deployed at each width-baseline tier's footprint, seed by seed."""
+def matched_footprint(root: Path, results: pd.DataFrame, reference: str = "fedlod",
+                      against: Sequence[str] = MATCHED) -> pd.DataFrame:
+    """FedLoD (method ``reference``) deployed at each tier's footprint of the methods ``against``, seed by seed."""
     ok = results[results["status"] == "ok"]
     rows = []
     for seed, ref_runs in ok[ok["method"] == reference].groupby("seed"):
         ladder = pd.DataFrame(deploy_ladder(root / ref_runs["run"].iloc[0], LADDER))
-        for _, t in ok[(ok["seed"] == seed) & ok["method"].isin(MATCHED)].iterrows():
+        for _, t in ok[(ok["seed"] == seed) & ok["method"].isin(against)].iterrows():
             fits = ladder[(ladder["params"] <= t["params"]) & (ladder["macs"] <= t["macs"])]
             if fits.empty:
                 continue

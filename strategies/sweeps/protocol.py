@@ -20,7 +20,10 @@ A sweep file with a ``[protocol]`` table runs in two stages (``maestro-fl sweep 
    under ``out_dir/name/final``; the run at ``tune_seed`` is the tuning run
    itself (copied, not rerun). ``comparison.csv``: per method and tier,
    test accuracy mean ± std over seeds, footprint, bytes per round, the
-   clients that could afford nothing and the selected values.
+   clients that could afford nothing and the selected values. ``matched.csv``:
+   FedLoD's global model of each seed cut at the largest rank prefix whose
+   parameters and MACs are both at most each other method's tier's, against
+   that tier's accuracy (FedLoD's standing at equal or smaller footprint).
 
 Both stages are ordinary sweeps: finished runs are skipped, so adding a
 method to the file and running it again runs only that method's grid.
@@ -37,6 +40,7 @@ import pandas as pd
 from maestro_fl.config import ConfigError, read_toml
 from maestro_fl.results import format_table
 
+from .compare import MATCHED_COLUMNS, matched_footprint
 from .sweep import RESULT_FILE, Sweep, build_sweep, run_sweep
 
 PROTOCOL_KEYS = {"tune_seed", "seeds"}
@@ -137,6 +141,12 @@ def run_protocol(path: str | Path) -> Path:
         table[key] = [chosen[m][key] for m in table["method"]]
     table.to_csv(root / "comparison.csv", index=False)
     print("\n" + format_table(table.to_dict("records"), COLUMNS), flush=True)
+    others = [m for m in methods if m != "fedlod" and m != "fedavg_dense"]
+    if "fedlod" in methods and others:  # FedLoD's one model cut at each other method's tier footprint
+        matched = matched_footprint(final_root, results, against=others)
+        matched.to_csv(root / "matched.csv", index=False)
+        print("\nFedLoD's global model deployed at each tier's footprint (params and MACs both <=):\n"
+              + format_table(matched.to_dict("records"), MATCHED_COLUMNS), flush=True)
     return root
 
 
