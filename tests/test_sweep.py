@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -145,7 +146,9 @@ strategy = "fjord"
 
 
 @pytest.mark.slow
-def test_the_protocol_tunes_on_validation_selects_per_method_and_reuses_the_tuning_run(tmp_path: Path) -> None:
+def test_the_protocol_tunes_on_validation_selects_per_method_and_reuses_the_tuning_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     spec = write(tmp_path, "lr = [0.01, 0.3]", extra=TWO_METHODS, name="p.toml")
     spec.write_text(spec.read_text() + "\n[protocol]\ntune_seed = 0\nseeds = [0, 1]\n")
     assert main(["sweep", str(spec)]) == 0
@@ -172,6 +175,18 @@ def test_the_protocol_tunes_on_validation_selects_per_method_and_reuses_the_tuni
     assert (matched["fedlod_params"] <= matched["params"]).all() and (matched["fedlod_macs"] <= matched["macs"]).all()
     mean = final[(final["method"] == "fjord") & (final["tier"] == 0)]["accuracy"].mean()
     assert comparison.query("method == 'fjord' and tier == 0")["acc_mean"].iloc[0] == pytest.approx(mean)
+    # run again after a final run's selection changed (here: its stored lr edited): only that run is made
+    # again, the old one kept aside; nothing else reruns
+    stale = root / "final" / "method=fjord,seed=1"
+    config = json.loads((stale / "config.json").read_text())
+    (stale / "config.json").write_text(json.dumps(config | {"lr": 0.777}))
+    capsys.readouterr()
+    assert main(["sweep", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "4 runs, 4 finished already" in out and "4 runs, 3 finished already" in out
+    kept = list((root / "final" / "superseded").iterdir())
+    assert len(kept) == 1 and json.loads((kept[0] / "config.json").read_text())["lr"] == 0.777
+    assert json.loads((stale / "config.json").read_text())["lr"] == selected.loc["fjord", "lr"]
 
 
 def test_a_protocol_file_sets_seeds_in_its_protocol_table(tmp_path: Path) -> None:

@@ -26,22 +26,25 @@ A sweep file with a ``[protocol]`` table runs in two stages (``maestro-fl sweep 
    that tier's accuracy (FedLoD's standing at equal or smaller footprint).
 
 Both stages are ordinary sweeps: finished runs are skipped, so adding a
-method to the file and running it again runs only that method's grid.
+method or a grid value to the file and running it again runs only the new
+points; a final run made for a selection that changed is moved to
+``final/superseded`` and made again.
 """
 
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from maestro_fl.config import ConfigError, read_toml
-from maestro_fl.results import format_table
+from maestro_fl.results import CONFIG_FILE, RunDir, format_table
 
 from .compare import MATCHED_COLUMNS, matched_footprint
-from .sweep import RESULT_FILE, Sweep, build_sweep, run_sweep
+from .sweep import RESULT_FILE, Sweep, build_sweep, differing_fields, run_sweep
 
 PROTOCOL_KEYS = {"tune_seed", "seeds"}
 
@@ -129,9 +132,14 @@ def run_protocol(path: str | Path) -> Path:
     methods = {m: values | chosen[m] for m, values in spec["methods"].items() if m in chosen}
     final = build_sweep(spec["head"] | {"name": f"{spec['name']}/final"}, spec["base"], {"seed": spec["seeds"]},
                         methods)
-    for name, values, _ in final.runs:  # the tuning run at the tuning seed is this run: reuse it
+    for name, values, cfg in final.runs:
         source = tune.root / selected.set_index("method").loc[values["method"], "run"]
         target = final.root / name
+        if (target / CONFIG_FILE).is_file() and differing_fields(RunDir(target).config(), cfg):
+            # made for an earlier selection (the grid or the methods changed since): kept aside, not reused
+            (final.root / "superseded").mkdir(parents=True, exist_ok=True)
+            shutil.move(str(target), str(final.root / "superseded" / f"{name},{time.strftime('%Y%m%d-%H%M%S')}"))
+        # the tuning run at the tuning seed is this run: reuse it
         if values["seed"] == spec["tune_seed"] and (source / RESULT_FILE).exists() and not target.exists():
             shutil.copytree(source, target)
     final_root = run_sweep(final)

@@ -176,6 +176,17 @@ def _rows(sweep: Sweep, name: str, values: dict[str, Any], status: str, error: s
 RUN_LOCATION_FIELDS = ("out_dir", "run_name", "resume", "progress", "backend")
 
 
+def differing_fields(stored: dict[str, Any], cfg: SimConfig) -> list[str]:
+    """The fields in which a stored run's config differs from ``cfg`` (where and how it ran aside).
+
+    A field added after that run was made counts as its default: new fields
+    default to the old behaviour.
+    """
+    wanted = json.loads(json.dumps(to_dict(cfg)))
+    defaults = json.loads(json.dumps(to_dict(SimConfig())))
+    return sorted(k for k in wanted if k not in RUN_LOCATION_FIELDS and stored.get(k, defaults.get(k)) != wanted[k])
+
+
 def _check_existing_runs(sweep: Sweep) -> None:
     """A run directory left by an earlier sweep must hold the same experiment, or nothing runs.
 
@@ -190,12 +201,9 @@ def _check_existing_runs(sweep: Sweep) -> None:
             stored = RunDir(stored_path.parent).config()
         except RunDirError as err:
             raise ConfigError(f"run {name}: {err}") from None
-        wanted = json.loads(json.dumps(to_dict(cfg)))
-        # a field added after that run was made counts as its default (new fields default to the old behaviour)
-        defaults = json.loads(json.dumps(to_dict(SimConfig())))
-        differ = sorted(k for k in wanted
-                        if k not in RUN_LOCATION_FIELDS and stored.get(k, defaults.get(k)) != wanted[k])
+        differ = differing_fields(stored, cfg)
         if differ:
+            wanted = to_dict(cfg)
             shown = ", ".join(f"{k}: {stored.get(k)!r} there, {wanted[k]!r} now" for k in differ[:3])
             raise ConfigError(
                 f"run {name}: {stored_path.parent} holds a run with other settings ({shown}); "
