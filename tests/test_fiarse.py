@@ -145,3 +145,30 @@ def test_a_model_with_skip_connections_is_refused() -> None:
     cfg = resolve(SimConfig, overrides={"strategy": "fiarse", "model": "resnet18", "norm": "bn"})
     with pytest.raises(ValueError, match="feed-forward"):
         make_method(cfg, InputSpec.image(3, 32, 10))
+
+
+@pytest.mark.parametrize("model,shape", [("cnn", (1, 8, 8)), ("cnn1d", (1, 40)), ("lenet5", (1, 28, 28))])
+def test_zoo_sub_models_compute_what_the_full_model_does_with_the_rest_zeroed(model: str, shape: tuple[int, ...]) -> None:
+    """Convolutions, a flatten into a Linear, pooling: the channel grouping holds on the zoo's feed-forward models."""
+    from maestro_fl.config import SimConfig, resolve
+    from maestro_fl.federated import make_method
+    from maestro_fl.models import InputSpec
+    from maestro_fl.submodels import load_arrays, numpy_index, take
+
+    method = make_method(resolve(SimConfig, overrides={"strategy": "fiarse", "model": model, "norm": "none"}),
+                         InputSpec(shape, 10))
+    rng = np.random.default_rng(0)  # scale every weight so that importance differs from the corner's
+    full = {k: (v.detach().numpy() * rng.uniform(0.2, 2.0, v.shape)).astype(np.float32)
+            for k, v in method.template.state_dict().items()}
+    cost = next(c for c in method.cost_table() if c.fraction == 0.5)
+    index = method.index(cost, 1, full)
+    sub = load_arrays(method.family.client_model(0.5, {}), take(full, index))
+    zeroed = {}
+    for name, value in full.items():
+        keep = np.zeros(value.shape, dtype=bool)
+        keep[numpy_index(index[name], value.shape)] = True
+        zeroed[name] = np.where(keep, value, 0.0).astype(np.float32)
+    whole = load_arrays(method.family.build(1.0), zeroed)
+    x = torch.randn(3, *shape)
+    torch.testing.assert_close(sub(x), whole(x), atol=1e-5, rtol=1e-5)
+    assert any(not isinstance(i, slice) for i in index["0.weight"])  # not simply the corner
