@@ -203,3 +203,25 @@ def test_notebooks_execute_against_a_real_run(
     NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(root)}}).execute()
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, "the notebook drew no figure"
+
+
+def test_protocol_tables_render_the_comparison_selection_and_standing(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from analysis.protocol_tables import comparison_markdown, matched_markdown, selected_markdown
+
+    pd.DataFrame([
+        {"method": "fedlod", "tier": 0, "acc_mean": 0.9512, "acc_std": 0.0081, "params": 32778, "macs": 483072,
+         "bytes_per_round": 262224, "unaffordable": 0},
+        {"method": "fedlod", "tier": 1, "acc_mean": 0.97, "acc_std": float("nan"), "params": 51018, "macs": 2.4e6,
+         "bytes_per_round": 1.5e6, "unaffordable": 3},
+    ]).to_csv(tmp_path / "comparison.csv", index=False)
+    pd.DataFrame([{"method": "fedlod", "run": "r", "val_score": 0.9731, "lr": 0.15, "local_epochs": 3}]).to_csv(
+        tmp_path / "selected.csv", index=False)
+    table = comparison_markdown(tmp_path)
+    assert "| `fedlod` | **95.1 ± 0.8**<br>32.8k p, 483.1k MACs, 262.2kB |" in table
+    assert "**97.0 ± 0.0** (3 unaffordable)<br>51.0k p, 2.40M MACs, 1.50MB" in table
+    assert "| `fedlod` | 0.15 | 3 | 97.3 |" in selected_markdown(tmp_path)
+    assert "no matched.csv" in matched_markdown(tmp_path)
+    pd.DataFrame([{"method": "fjord", "tier": 2, "difference": -0.0123}]).to_csv(tmp_path / "matched.csv", index=False)
+    assert "| `fjord` | t2 -1.2 |" in matched_markdown(tmp_path)
