@@ -119,3 +119,11 @@ def test_a_progress_bar_with_tier_accuracy_or_a_line_per_round(tmp_path: Path) -
 def test_the_report_usage_is_its_own() -> None:
     code, _, err = run_cli("report")
     assert code == 2 and "usage: maestro-fl report RUN_DIR|SWEEP_DIR" in err
+
+
+def test_dense_fedavg_ignores_budgets_in_the_plan_too() -> None:
+    """fedavg_dense trains the full model everywhere: the plan says so, with what each device would need."""
+    rows = plan_rows(resolve(SimConfig, overrides=SMALL | {"strategy": "fedavg_dense"}))
+    assert all(r["unaffordable"] == 0 and r["binding"] == "ignored" and r["params_ratio"] == 1.0 for r in rows)
+    exclusive = plan_rows(resolve(SimConfig, overrides=SMALL | {"strategy": "fedavg_exclusive"}))
+    assert any(r["unaffordable"] for r in exclusive)  # the same devices, budgets applied

@@ -10,6 +10,7 @@ McMahan et al., AISTATS 2017 (arXiv 1602.05629).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from ..aggregation import aggregate_indexed
-from ..budget import Cost, DeviceCapability
+from ..budget import BudgetCheck, Cost, DeviceCapability
 from ..data import Split
 from ..submodels import Arrays, Dense, SubModelFamily
 from ..training import WholeModel
@@ -34,6 +35,11 @@ class FedAvgDense(FederatedMethod):
 
     def budget(self, table: Sequence[Cost], device: DeviceCapability, samples: int) -> Cost | None:
         return table[0]  # budgets ignored
+
+    def explain_budget(self, table: Sequence[Cost], device: DeviceCapability, samples: int) -> BudgetCheck:
+        """Every device trains the full model: what it would need against what it has, constraint ``ignored``."""
+        check = super().explain_budget(table, device, samples)
+        return dataclasses.replace(check, chosen=table[0], binding="ignored")
 
     def train(
         self,
@@ -62,3 +68,6 @@ class FedAvgExclusive(FedAvgDense):
 
     def budget(self, table: Sequence[Cost], device: DeviceCapability, samples: int) -> Cost | None:
         return FederatedMethod.budget(self, table, device, samples)
+
+    def explain_budget(self, table: Sequence[Cost], device: DeviceCapability, samples: int) -> BudgetCheck:
+        return FederatedMethod.explain_budget(self, table, device, samples)
