@@ -234,7 +234,9 @@ class RankWidthPrefix(RankPrefix):
     at_width : callable
         ``at_width(w)``: the LoD model at hidden width ``w`` (shapes only; it
         must factorize the same layers as the template, or the ladder stops
-        at the width where it does not).
+        at the width where it does not; a model that cannot be built
+        narrower, such as a user's without a ``width`` argument, keeps rank
+        prefixes only).
     """
 
     def __init__(self, template: nn.Module, inputs: Inputs, at_width: Callable[[float], nn.Module]) -> None:
@@ -255,8 +257,12 @@ class RankWidthPrefix(RankPrefix):
         for w in sorted(FRACTION_GRID, reverse=True):
             if w >= 1.0:
                 continue
-            model = self.at_width(w)
-            if set(state_shapes(model)) != names:  # a layer too narrow to factorize: the ladder ends here
+            try:
+                model = self.at_width(w)
+            except (ValueError, TypeError):  # a model that takes no width (a user's): rank prefixes only
+                break
+            shapes = state_shapes(model)
+            if set(shapes) != names or shapes == self._shapes:  # a layer too narrow to factorize, or no narrower
                 break
             fraction = round(floor * w, 6)
             ranks = ranks_at_fraction(model, floor)
