@@ -262,8 +262,10 @@ class RankWidthPrefix(RankPrefix):
             except (ValueError, TypeError):  # a model that takes no width (a user's): rank prefixes only
                 break
             shapes = state_shapes(model)
-            if set(shapes) != names or shapes == self._shapes:  # a layer too narrow to factorize, or no narrower
+            if set(shapes) != names:  # a layer too narrow to factorize: the ladder ends here
                 break
+            if shapes == self._shapes:  # no narrower than the full model at this width (or it ignores width)
+                continue
             fraction = round(floor * w, 6)
             ranks = ranks_at_fraction(model, floor)
             self._narrow[fraction] = (w, model)
