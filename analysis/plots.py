@@ -186,7 +186,9 @@ def accuracy_vs_footprint(
     methods = list(dict.fromkeys(data["method"]))
     many = len(methods) > 5  # a legend beside the axes, and 20 distinct colours past the default 10
     fig, ax = plt.subplots(figsize=(8.5, 4.5) if many else (6.5, 4))
-    colors = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
+    cmap = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
+    grays = {7} if cmap.N == 10 else {14, 15}  # gray is the dense reference line's
+    palette = [cmap(k) for k in range(cmap.N) if k not in grays]
     for i, (method, group) in enumerate(data.groupby("method", sort=False)):
         seeds = group["run"].nunique()
         if group["dense"].all():  # the reference: one model for every tier
@@ -202,7 +204,7 @@ def accuracy_vs_footprint(
         err = stats["sd"].fillna(0.0) if seeds > 1 else stats["spread"]
         how = f"{seeds} seeds" if seeds > 1 else f"last {LAST_ROUNDS} rounds"
         ax.errorbar(stats["x"], 100 * stats["acc"], yerr=100 * err, marker="o", capsize=3,
-                    label=f"{method} (± over {how})", color=colors(i))
+                    label=f"{method} (± over {how})", color=palette[i % len(palette)])
         if len(methods) <= 4:  # more curves than that: the labels would cover the points
             for _, row in stats.iterrows():
                 ax.annotate(row["label"], (row["x"], 100 * row["acc"]), textcoords="offset points",
