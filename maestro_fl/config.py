@@ -335,6 +335,7 @@ class SimConfig:
     keep_classifier: bool = True  # 1.3k weights; a rank-2 classifier caps the weakest tier's accuracy
     width_floor: bool = True  # FedLoD: a device too small for the smallest rank prefix trains that prefix of a
     # narrower model (corners of the ordered factors), as width methods serve it; nothing changes above that floor
+    width_floor_rank: float = 0.5  # the rank fraction of those narrower sub-models: MEASURING
     # -- federation --
     num_clients: int = 50  # the smallest federation the main job must show; FjORD/HeteroFL use 100
     clients_per_round: int = 20  # 40% participation: with 10, the full tier needed ~2x the rounds (stale:
@@ -426,6 +427,7 @@ class SimConfig:
         check_fraction("dlrt_tau", self.dlrt_tau)
         check_positive("dlrt_lr", self.dlrt_lr)
         check_fraction("flanc_basis", self.flanc_basis)
+        check_fraction("width_floor_rank", self.width_floor_rank)
         check_non_negative("flanc_orthogonality", self.flanc_orthogonality)
         for name in ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "classes_per_client",
                      "client_threads"):

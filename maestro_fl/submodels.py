@@ -228,9 +228,15 @@ class RankWidthPrefix(RankPrefix):
     factors are leading corners of the global ones (``U[:⌈w·m⌉, :r]``,
     ``Vᵀ[:r, :⌈w·n⌉]``) and merge back by the same per-element averaging.
     Such an entry's ``fraction`` is ``f_min·w`` (below every rank-only entry).
+    Its ranks are ``rank_fraction`` of the narrower layers' (a narrow model at
+    the floor's rank fraction keeps only a few components per layer); only
+    entries cheaper than the smallest rank prefix in parameters, MACs and
+    activations are kept, so the ladder stays ordered by cost.
 
     Parameters
     ----------
+    rank_fraction : float
+        The rank fraction of the narrower sub-models (``width_floor_rank``).
     at_width : callable
         ``at_width(w)``: the LoD model at hidden width ``w`` (shapes only; it
         must factorize the same layers as the template, or the ladder stops
@@ -239,19 +245,21 @@ class RankWidthPrefix(RankPrefix):
         prefixes only).
     """
 
-    def __init__(self, template: nn.Module, inputs: Inputs, at_width: Callable[[float], nn.Module]) -> None:
+    def __init__(self, template: nn.Module, inputs: Inputs, at_width: Callable[[float], nn.Module],
+                 rank_fraction: float = 0.5) -> None:
         super().__init__(template, inputs)
-        self.at_width = at_width
+        self.at_width, self.rank_fraction = at_width, rank_fraction
         self._narrow: dict[float, tuple[float, nn.Module]] = {}  # fraction -> (width, LoD model at that width)
 
     def cost_table(self, global_arrays: Mapping[str, np.ndarray] | None = None) -> list[Cost]:
         table = super().cost_table(global_arrays)
         cache = self.__dict__.setdefault("_full_tables", {})
         if id(table) not in cache:
-            cache[id(table)] = table + self._narrow_costs(min(c.fraction for c in table))
+            cache[id(table)] = table + self._narrow_costs(min(table, key=lambda c: c.fraction))
         return cache[id(table)]
 
-    def _narrow_costs(self, floor: float) -> list[Cost]:
+    def _narrow_costs(self, smallest: Cost) -> list[Cost]:
+        floor = smallest.fraction
         names = set(self._shapes)
         costs = []
         for w in sorted(FRACTION_GRID, reverse=True):
@@ -266,11 +274,13 @@ class RankWidthPrefix(RankPrefix):
                 break
             if shapes == self._shapes:  # no narrower than the full model at this width (or it ignores width)
                 continue
-            fraction = round(floor * w, 6)
-            ranks = ranks_at_fraction(model, floor)
-            self._narrow[fraction] = (w, model)
+            ranks = ranks_at_fraction(model, self.rank_fraction)
             fp = footprint(model, self.inputs, ranks, as_deployed=False)
-            costs.append(Cost(fraction, ranks, fp.params, fp.macs, activation_count(model, self.inputs, ranks)))
+            cost = Cost(round(floor * w, 6), ranks, fp.params, fp.macs, activation_count(model, self.inputs, ranks))
+            if cost.params >= smallest.params or cost.macs >= smallest.macs or cost.activations > smallest.activations:
+                continue  # not cheaper than the smallest rank prefix: whoever affords this affords that
+            self._narrow[cost.fraction] = (w, model)
+            costs.append(cost)
         return costs
 
     def width_of(self, fraction: float) -> float:

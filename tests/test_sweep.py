@@ -189,6 +189,12 @@ def test_the_protocol_tunes_on_validation_selects_per_method_and_reuses_the_tuni
     assert json.loads((stale / "config.json").read_text())["lr"] == selected.loc["fjord", "lr"]
 
 
+def test_a_dotted_method_name_is_named_in_the_error(tmp_path: Path) -> None:
+    spec = write(tmp_path, "seed = [0]", extra='[methods.rank_0.5]\nstrategy = "fedlod"\n', name="d.toml")
+    with pytest.raises(ConfigError, match=r"\[methods.rank_0.5\]: a method's name cannot contain a dot"):
+        load_sweep(spec)
+
+
 def test_a_protocol_file_sets_seeds_in_its_protocol_table(tmp_path: Path) -> None:
     spec = write(tmp_path, "seed = [0, 1]", name="p.toml")
     spec.write_text(spec.read_text() + "\n[protocol]\nseeds = [0, 1]\n")

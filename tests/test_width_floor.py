@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
+from maestro_fl.convert import ranks_at_fraction
+from maestro_fl.models import scaled
 from maestro_fl.submodels import RankPrefix, RankWidthPrefix, state_shapes
 from strategies.submodel import to_numpy
 from tests.fakes import ALL_LOD, fake_strategy, filled, messages, reply, sent, tiny_wide
@@ -30,20 +32,27 @@ def test_the_ladder_extends_below_the_rank_floor_and_is_unchanged_above_it() -> 
     assert [c.fraction for c in narrow] == sorted((c.fraction for c in narrow), reverse=True)
     assert min(c.params for c in narrow) < min(c.params for c in rank_only)  # a smaller device is served
     assert min(c.activations for c in narrow) < min(c.activations for c in rank_only)  # feature maps shrink too
+    smallest = min(rank_only, key=lambda c: c.fraction)
+    for c in narrow:  # every narrower entry is cheaper than the smallest prefix, at width_floor_rank of its layers
+        assert c.params < smallest.params and c.macs < smallest.macs and c.activations <= smallest.activations
+        model = with_floor.method.family.client_model(c.fraction, c.ranks)
+        assert c.ranks == ranks_at_fraction(with_floor.method.family._narrow[c.fraction][1], 0.5)
+        assert state_shapes(model)["0.out_network.weight"][0] < 8
 
 
 def test_a_narrow_client_holds_corners_and_they_merge_back_where_they_came_from() -> None:
     strategy, arrays = fake_strategy("fedlod", [1.0, 1.0], [10, 30], build=tiny_wide, **ALL_LOD)
     family = strategy.method.family
-    narrow = next(c for c in strategy.method.cost_table() if family.width_of(c.fraction) == 0.5)
+    narrow = next(c for c in strategy.method.cost_table() if family.width_of(c.fraction) < 1.0)
+    units = scaled(8, family.width_of(narrow.fraction))
     strategy, arrays = fake_strategy("fedlod", [narrow.fraction, 1.0], [10, 30], build=tiny_wide, **ALL_LOD)
     a, b = messages(strategy, arrays, 1)
     full = to_numpy(arrays)
     got = sent(a)
     for name, block in got.items():  # every array is the leading corner of the global one
         np.testing.assert_array_equal(block, full[name][tuple(slice(0, d) for d in block.shape)])
-    assert got["0.out_network.weight"].shape[0] == 4  # 4 of the 8 hidden units
-    assert got["2.in_network.weight"].shape[1] == 4  # the next layer reads those 4
+    assert got["0.out_network.weight"].shape[0] == units < 8  # the first hidden units only
+    assert got["2.in_network.weight"].shape[1] == units  # the next layer reads those
     assert list(a.content["config"]["level-ranks"]) == [r for r in narrow.ranks.values()]  # its own level only
     g = to_numpy(strategy.aggregate_train(1, [reply(a, filled(a, 11.0), 10), reply(b, filled(b, 33.0), 30)])[0])
     corner = tuple(slice(0, d) for d in got["0.out_network.weight"].shape)

@@ -48,7 +48,7 @@ class FedLoD(FederatedMethod):
     def make_family(self, generator: torch.Generator) -> SubModelFamily:
         model = self.factorized(1.0, generator)
         if self.cfg.width_floor and self.cfg.aggregation == "ordered" and self.cfg.server_shrink_eps == 0:
-            return RankWidthPrefix(model, self.inputs, self.factorized)
+            return RankWidthPrefix(model, self.inputs, self.factorized, self.cfg.width_floor_rank)
         return RankPrefix(model, self.inputs)
 
     def factorized(self, width: float, generator: torch.Generator | None = None) -> nn.Module:

@@ -98,6 +98,11 @@ def build_sweep(
     """A checked sweep: every run's SimConfig is resolved (and so validated) here."""
     if not isinstance(methods, dict) or not methods or not all(isinstance(m, dict) for m in methods.values()):
         raise ConfigError("[methods] must hold at least one table of config values, e.g. [methods.fedlod]")
+    for method, values in methods.items():
+        nested = [k for k, v in values.items() if isinstance(v, dict)]
+        if nested:  # TOML reads [methods.a.b] as table b inside table a
+            raise ConfigError(f"[methods.{method}.{nested[0]}]: a method's name cannot contain a dot; "
+                              f"write [methods.{method}_{nested[0]}]")
     bad = sorted(set(head) - set(SWEEP_KEYS))
     if bad:
         raise ConfigError(f"[sweep]: unknown key(s) {bad}; allowed: {sorted(SWEEP_KEYS)}")
