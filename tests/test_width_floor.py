@@ -36,7 +36,8 @@ def test_the_ladder_extends_below_the_rank_floor_and_is_unchanged_above_it() -> 
     for c in narrow:  # every narrower entry is cheaper than the smallest prefix, at width_floor_rank of its layers
         assert c.params < smallest.params and c.macs < smallest.macs and c.activations <= smallest.activations
         model = with_floor.method.family.client_model(c.fraction, c.ranks)
-        assert c.ranks == ranks_at_fraction(with_floor.method.family._narrow[c.fraction][1], 0.5)
+        rho = with_floor.method.cfg.width_floor_rank
+        assert c.ranks == ranks_at_fraction(with_floor.method.family._narrow[c.fraction][1], rho)
         assert state_shapes(model)["0.out_network.weight"][0] < 8
 
 
