@@ -159,7 +159,26 @@ class WidthImportance(WidthCorner):
         return load_arrays(self.build(cost.fraction), take(arrays, self.importance_index(cost, arrays))), None
 
 
-class FIARSE(WidthMethod):
+class ImportanceChoice:
+    """FIARSE's two halves on any family with ``importance_index``: the choice from the round's global model,
+    and the server rule (mixed into a method)."""
+
+    family: SubModelFamily
+    template: nn.Module
+
+    def index(self, cost: Cost, server_round: int, current: Mapping[str, np.ndarray] | None = None) -> Index:
+        return self.family.importance_index(cost, current if current else self._initial)  # type: ignore[attr-defined]
+
+    @cached_property
+    def _initial(self) -> Arrays:
+        """The initial global model's arrays: what the first round chooses from."""
+        return {k: v.detach().numpy() for k, v in self.template.state_dict().items()}
+
+    def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:
+        return aggregate_fiarse(current, [(u.arrays, u.task.index) for u in updates])
+
+
+class FIARSE(ImportanceChoice, WidthMethod):
     """Importance-chosen channels per hidden layer, plain SGD, each element moved by its changers' mean update."""
 
     name = "fiarse"
@@ -172,18 +191,8 @@ class FIARSE(WidthMethod):
     def assign(self, cost: Cost, tier_costs: Sequence[Cost]) -> Assignment:
         return Assignment(cost.fraction)
 
-    def index(self, cost: Cost, server_round: int, current: Mapping[str, np.ndarray] | None = None) -> Index:
-        return self.family.importance_index(cost, current if current else self._initial)  # type: ignore[attr-defined]
 
-    @cached_property
-    def _initial(self) -> Arrays:
-        return {k: v.detach().numpy() for k, v in self.template.state_dict().items()}
-
-    def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:
-        return aggregate_fiarse(current, [(u.arrays, u.task.index) for u in updates])
-
-
-class FIARSERank(FedLoD):
+class FIARSERank(ImportanceChoice, FedLoD):
     """FIARSE's choice on the ranks of an LoD model: the most important components, not the first ones."""
 
     name = "fiarse_rank"
@@ -199,13 +208,3 @@ class FIARSERank(FedLoD):
     @property
     def passes(self) -> int:
         return 1
-
-    def index(self, cost: Cost, server_round: int, current: Mapping[str, np.ndarray] | None = None) -> Index:
-        return self.family.importance_index(cost, current if current else self._initial)  # type: ignore[attr-defined]
-
-    @cached_property
-    def _initial(self) -> Arrays:
-        return {k: v.detach().numpy() for k, v in self.template.state_dict().items()}
-
-    def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:
-        return aggregate_fiarse(current, [(u.arrays, u.task.index) for u in updates])
