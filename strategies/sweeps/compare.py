@@ -68,6 +68,7 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
         params=("params", "mean"),
         macs=("macs", "mean"),
         bytes_per_round=("bytes_per_round", "mean"),
+        **({"unaffordable": ("unaffordable", "sum")} if "unaffordable" in ok else {}),  # older results lack it
         seeds=("seed", "nunique"),
     ).reset_index()
     table["accuracy"] = [f"{m:.4f} ± {0.0 if pd.isna(s) else s:.4f}" for m, s in zip(table["acc_mean"], table["acc_std"])]

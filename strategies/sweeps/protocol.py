@@ -43,7 +43,7 @@ import pandas as pd
 from maestro_fl.config import ConfigError, read_toml
 from maestro_fl.results import CONFIG_FILE, RunDir, format_table
 
-from .compare import MATCHED_COLUMNS, matched_footprint
+from .compare import MATCHED_COLUMNS, matched_footprint, summarize
 from .sweep import RESULT_FILE, Sweep, build_sweep, differing_fields, run_sweep
 
 PROTOCOL_KEYS = {"tune_seed", "seeds"}
@@ -103,19 +103,6 @@ def select(tune_results: pd.DataFrame, tuned: list[str]) -> pd.DataFrame:
         val_score=("val_accuracy", "mean"), **{k: (k, "first") for k in tuned}).reset_index()
     best = scores.loc[scores.groupby("method", sort=False)["val_score"].idxmax()]
     return best.reset_index(drop=True)
-
-
-def summarize(final: pd.DataFrame) -> pd.DataFrame:
-    """Per method and tier: test accuracy mean ± std over seeds, footprint, bytes, clients that afford nothing."""
-    ok = final[final["status"] == "ok"]
-    grouped = ok.groupby(["method", "tier"], sort=False)
-    table = grouped.agg(
-        acc_mean=("accuracy", "mean"), acc_std=("accuracy", "std"), params=("params", "mean"),
-        macs=("macs", "mean"), bytes_per_round=("bytes_per_round", "mean"), unaffordable=("unaffordable", "sum"),
-        seeds=("seed", "nunique"),
-    ).reset_index()
-    table["accuracy"] = [f"{m:.4f} ± {0.0 if pd.isna(s) else s:.4f}" for m, s in zip(table["acc_mean"], table["acc_std"])]
-    return table
 
 
 def run_protocol(path: str | Path) -> Path:
