@@ -98,6 +98,13 @@ def example_input(inputs: Inputs, model: nn.Module) -> torch.Tensor:
     return torch.zeros(1, *inputs, device=device, dtype=dtype)
 
 
+def probe_batch(inputs: Inputs, model: nn.Module) -> torch.Tensor:
+    """The example input, twice when it is one sample: batch norm that uses batch statistics in eval mode
+    (the static BN of width methods) refuses one value per channel, as after a ResNet's pool on 8×8 inputs."""
+    x = example_input(inputs, model)
+    return torch.cat([x, x]) if len(x) == 1 else x
+
+
 @torch.no_grad()
 def probe_forward(
     model: nn.Module,
@@ -105,13 +112,14 @@ def probe_forward(
     ranks: Mapping[str, int] | None,
     hooks: list[tuple[nn.Module, Callable[..., None]]],
 ) -> None:
-    """Run one all-zero sample through the model at ``ranks`` with temporary forward hooks (eval mode)."""
+    """Run the probe batch through the model at ``ranks`` with temporary forward hooks (eval mode); the hooks
+    read the first sample of each output."""
     handles = [module.register_forward_hook(fn) for module, fn in hooks]
     was_training = model.training
     model.eval()
     try:
         with active_ranks(model, ranks):
-            model(example_input(inputs, model))
+            model(probe_batch(inputs, model))
     finally:
         for h in handles:
             h.remove()
@@ -119,11 +127,11 @@ def probe_forward(
 
 
 def count_flops(model: nn.Module, inputs: Inputs, ranks: Mapping[str, int] | None = None) -> dict[str, int]:
-    """FLOPs of one forward pass per module path (inclusive of children; ``""`` is the whole model)."""
+    """FLOPs of one sample's forward pass per module path (inclusive of children; ``""`` is the whole model)."""
     was_training = model.training
     fastpath = torch.backends.mha.get_fastpath_enabled()
     model.eval()
-    x = example_input(inputs, model)
+    x = probe_batch(inputs, model)
     try:
         # no fused attention path: it would read every LoD layer's ``.weight`` (a U Vᵀ product) to decide
         torch.backends.mha.set_fastpath_enabled(False)
@@ -137,8 +145,8 @@ def count_flops(model: nn.Module, inputs: Inputs, ranks: Mapping[str, int] | Non
         if key == "Global":
             continue
         path = key.split(".", 1)[1] if "." in key else ""  # drop the root's class name
-        out[path] = int(sum(ops.values()))
-    out.setdefault("", int(counter.get_total_flops()))
+        out[path] = int(sum(ops.values())) // len(x)  # every counted op is linear in the batch
+    out.setdefault("", int(counter.get_total_flops()) // len(x))
     return out
 
 

@@ -71,3 +71,15 @@ def test_footprint_of_extracted_model_equals_footprint_at_ranks(tiny) -> None:
 def test_bad_precision_is_rejected() -> None:
     with pytest.raises(ValueError, match="precision must be one of"):
         footprint(known_model(), (1, 5, 5)).bytes("int3")
+
+
+def test_batch_statistics_norm_after_a_global_pool_is_counted_per_sample() -> None:
+    """Static BN (batch statistics in eval mode, as width methods use) after a pool to 1×1 refuses a batch of one
+    sample; the probe feeds two and the counts stay per sample."""
+    from maestro_fl.budget import activation_count
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+                          nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten(), nn.Linear(4, 3))
+    fp = footprint(model, (1, 8, 8))
+    assert fp.macs == 4 * 9 * 64 + 12  # the conv at 64 positions and the classifier, one sample
+    assert activation_count(model, (1, 8, 8)) == 4 * 64 + 4 + 4 + 3  # conv, pool, norm and classifier outputs
