@@ -225,3 +225,33 @@ def test_protocol_tables_render_the_comparison_selection_and_standing(tmp_path: 
     assert "no matched.csv" in matched_markdown(tmp_path)
     pd.DataFrame([{"method": "fjord", "tier": 2, "difference": -0.0123}]).to_csv(tmp_path / "matched.csv", index=False)
     assert "| `fjord` | t2 -1.2 |" in matched_markdown(tmp_path)
+
+
+def test_defaults_table_gives_each_one_change_variant_its_difference_to_the_default(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from analysis.defaults_table import defaults_frame, defaults_markdown, reference_of
+
+    assert reference_of("fedlod_momentum_05", ["fedlod", "fedlod_momentum_05", "heterofl"]) == "fedlod"
+    assert reference_of("heterofl_label_mask", ["heterofl", "heterofl_label", "fedlod"]) == "heterofl_label"
+    assert reference_of("fedlod", ["fedlod", "fedlod_x"]) is None
+    rows = []
+    for method, base in [("fedlod", 0.90), ("fedlod_momentum_05", 0.80)]:
+        for seed in (0, 1):
+            for tier in (0, 1):
+                rows.append({"method": method, "seed": seed, "tier": tier, "status": "ok",
+                             "accuracy": base + 0.02 * tier + 0.01 * seed, "val_accuracy": base + 0.05})
+    rows.append({"method": "fedlod_momentum_05", "seed": 2, "tier": 0, "status": "failed",
+                 "accuracy": float("nan"), "val_accuracy": float("nan")})
+    frame = defaults_frame(pd.DataFrame(rows))
+    assert frame.at["fedlod", "test"] == pytest.approx(0.915)
+    assert frame.at["fedlod_momentum_05", "seeds"] == 2  # the failed run is not a seed
+    assert frame.at["fedlod_momentum_05", "d_val"] == pytest.approx(-0.10)
+    assert frame.at["fedlod_momentum_05", "d_tier_1"] == pytest.approx(-0.10)
+    assert pd.isna(frame.at["fedlod", "d_test"])
+    rows.append({"method": "fedlod_rank_only", "seed": 0, "tier": 1, "status": "ok", "accuracy": 0.9,
+                 "val_accuracy": 0.9})  # serves tier 1 only
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    table = defaults_markdown(tmp_path)
+    assert "| `fedlod_momentum_05` | 2 | 85.0 (-10.0) | 81.5 (-10.0) | -10.0 / -10.0 |" in table
+    assert "| `fedlod_rank_only` | 1 | 90.0 (-5.0) | 90.0 (-1.5) | – / -2.5 |" in table
