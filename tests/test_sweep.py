@@ -204,3 +204,19 @@ def test_a_protocol_file_sets_seeds_in_its_protocol_table(tmp_path: Path) -> Non
                     .replace("seeds = [0, 1]", "seeds = []"))
     with pytest.raises(ConfigError, match="seeds must be a non-empty list"):
         load_protocol(spec)
+
+
+def test_a_field_the_method_never_reads_does_not_make_its_stored_run_another_experiment() -> None:
+    """A width method ignores how LoD factors start, so a changed ``init`` default keeps its runs; FedLoD's differ."""
+    from maestro_fl.config import SimConfig, to_dict
+    from maestro_fl.methods import METHODS
+    from strategies.sweeps.sweep import differing_fields
+
+    for strategy, differs in [("heterofl", []), ("fjord", []), ("flanc", []), ("fedavg_dense", []),
+                              ("fedlod", ["init"]), ("fiarse_rank", ["init"])]:
+        stored = json.loads(json.dumps(to_dict(SimConfig(strategy=strategy, init="random"))))
+        assert differing_fields(stored, SimConfig(strategy=strategy, init="svd")) == differs, strategy
+        assert differing_fields(stored, SimConfig(strategy=strategy, init="random", lr=0.3)) == ["lr"]
+    stored = json.loads(json.dumps(to_dict(SimConfig(strategy="fedlod", init="random"))))
+    assert differing_fields(stored, SimConfig(strategy="heterofl", init="svd")) == ["init", "strategy"]
+    assert "init" not in METHODS["fedlod"].unread_fields

@@ -145,6 +145,11 @@ class LocalResult:
         return sum(e.sample_passes for e in self.epochs)
 
 
+#: the fields only the LoD methods (FedLoD and the methods built on it) read: how the factors start, and the
+#: width floor below the smallest rank prefix
+LOD_ONLY_FIELDS = frozenset({"init", "width_floor", "width_floor_rank"})
+
+
 class FederatedMethod(ABC):
     """A heterogeneous federated method: sub-model family, client trainer, server rule, cost model.
 
@@ -166,6 +171,9 @@ class FederatedMethod(ABC):
     static_batchnorm: ClassVar[bool] = False
     #: whether the client trainer may run on a GPU share (``num_gpus_per_client > 0``)
     runs_on_gpu: ClassVar[bool] = True
+    #: SimConfig fields this method never reads: stored runs that differ only in these are the same
+    #: experiment (a sweep reuses them when such a default changes)
+    unread_fields: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, cfg: SimConfig, inputs: Inputs, build: ModelAtWidth) -> None:
         self.cfg = cfg

@@ -22,13 +22,14 @@ from ..budget import BudgetCheck, Cost, DeviceCapability
 from ..data import Split
 from ..submodels import Arrays, Dense, SubModelFamily
 from ..training import WholeModel
-from .base import Assignment, FederatedMethod, LocalResult, Update, examples_weighted
+from .base import LOD_ONLY_FIELDS, Assignment, FederatedMethod, LocalResult, Update, examples_weighted
 
 
 class FedAvgDense(FederatedMethod):
     """Every client trains the full dense model; example-weighted averaging."""
 
     name = "fedavg_dense"
+    unread_fields = LOD_ONLY_FIELDS
 
     def make_family(self, generator: torch.Generator) -> SubModelFamily:
         return Dense(self.build(1.0), self.inputs)

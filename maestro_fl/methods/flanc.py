@@ -61,7 +61,7 @@ from ..submodels import (
     width_cost_table,
 )
 from ..training import WholeModel
-from .base import Assignment, FederatedMethod, LocalResult, Update
+from .base import LOD_ONLY_FIELDS, Assignment, FederatedMethod, LocalResult, Update
 
 COMPOSABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -211,6 +211,7 @@ class FLANC(FederatedMethod):
     """Shared bases averaged over all clients, per-width coefficients averaged within each width."""
 
     name = "flanc"
+    unread_fields = LOD_ONLY_FIELDS
 
     def make_family(self, generator: torch.Generator) -> SubModelFamily:
         full = self.build(1.0)

@@ -26,13 +26,14 @@ from ..budget import Cost
 from ..data import Split
 from ..submodels import Arrays, SubModelFamily, WidthCorner
 from ..width import OrderedDropout
-from .base import Assignment, FederatedMethod, LocalResult, Update, corners_weighted
+from .base import LOD_ONLY_FIELDS, Assignment, FederatedMethod, LocalResult, Update, corners_weighted
 
 
 class WidthMethod(FederatedMethod):
     """Clients hold width slices of the dense model; trained by (ordered-dropout) SGD."""
 
     static_batchnorm = True
+    unread_fields = LOD_ONLY_FIELDS
 
     def make_family(self, generator: torch.Generator) -> SubModelFamily:
         return WidthCorner(self.build(1.0), self.inputs, self.build)

@@ -44,6 +44,7 @@ from typing import Any
 import pandas as pd
 
 from maestro_fl.config import ConfigError, SimConfig, read_toml, resolve, to_dict
+from maestro_fl.methods import METHODS
 from maestro_fl.results import CHECKPOINT_FILE, CONFIG_FILE, RunDir, RunDirError
 
 from ..runners.ray_engine import object_fields, quiet_flower
@@ -185,11 +186,16 @@ def differing_fields(stored: dict[str, Any], cfg: SimConfig) -> list[str]:
     """The fields in which a stored run's config differs from ``cfg`` (where and how it ran aside).
 
     A field added after that run was made counts as its default: new fields
-    default to the old behaviour.
+    default to the old behaviour. Fields the method never reads
+    (``FederatedMethod.unread_fields``: a width method ignores how LoD factors
+    start) cannot make two of its runs differ.
     """
     wanted = json.loads(json.dumps(to_dict(cfg)))
     defaults = json.loads(json.dumps(to_dict(SimConfig())))
-    return sorted(k for k in wanted if k not in RUN_LOCATION_FIELDS and stored.get(k, defaults.get(k)) != wanted[k])
+    method = METHODS.get(cfg.strategy)
+    unread = method.unread_fields if method is not None and stored.get("strategy") == cfg.strategy else frozenset()
+    return sorted(k for k in wanted if k not in RUN_LOCATION_FIELDS and k not in unread
+                  and stored.get(k, defaults.get(k)) != wanted[k])
 
 
 def _check_existing_runs(sweep: Sweep) -> None:
