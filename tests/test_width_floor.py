@@ -39,6 +39,8 @@ def test_the_ladder_extends_below_the_rank_floor_and_is_unchanged_above_it() -> 
         rho = with_floor.method.cfg.width_floor_rank
         assert c.ranks == ranks_at_fraction(with_floor.method.family._narrow[c.fraction][1], rho)
         assert state_shapes(model)["0.out_network.weight"][0] < 8
+    for w in (0.5, 0.25):  # the floor's models stand in for the run's own (SVD) factors in shape only
+        assert state_shapes(with_floor.method.narrow_shapes(w)) == state_shapes(with_floor.method.factorized(w))
 
 
 def test_a_narrow_client_holds_corners_and_they_merge_back_where_they_came_from() -> None:

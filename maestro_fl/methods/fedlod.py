@@ -48,18 +48,24 @@ class FedLoD(FederatedMethod):
     def make_family(self, generator: torch.Generator) -> SubModelFamily:
         model = self.factorized(1.0, generator)
         if self.cfg.width_floor and self.cfg.aggregation == "ordered" and self.cfg.server_shrink_eps == 0:
-            return RankWidthPrefix(model, self.inputs, self.factorized, self.cfg.width_floor_rank)
+            return RankWidthPrefix(model, self.inputs, self.narrow_shapes, self.cfg.width_floor_rank)
         return RankPrefix(model, self.inputs)
 
-    def factorized(self, width: float, generator: torch.Generator | None = None) -> nn.Module:
+    def factorized(self, width: float, generator: torch.Generator | None = None, init: str | None = None) -> nn.Module:
         """The LoD model at hidden width ``width`` (the run's ``keep_first``/``keep_classifier``)."""
         return factorize(
             self.build(width),
-            init=self.init,  # type: ignore[arg-type]
+            init=init or self.init,  # type: ignore[arg-type]
             keep_first=self.cfg.keep_first,
             keep_classifier=self.cfg.keep_classifier,
             generator=generator,
         )
+
+    def narrow_shapes(self, width: float) -> nn.Module:
+        """The LoD model at ``width`` for the width floor's shapes and costs: its values are never used (clients
+        get corners of the global factors), so fresh factors from a private generator stand in for the SVD,
+        which takes seconds per width on a VGG-sized model."""
+        return self.factorized(width, torch.Generator().manual_seed(0), init="random")
 
     def width_of(self, cost: Cost) -> float:
         """The hidden width of a budget's sub-model (below the smallest rank prefix it narrows too)."""
