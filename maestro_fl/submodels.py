@@ -246,7 +246,7 @@ class RankWidthPrefix(RankPrefix):
     """
 
     def __init__(self, template: nn.Module, inputs: Inputs, at_width: Callable[[float], nn.Module],
-                 rank_fraction: float = 0.05) -> None:
+                 rank_fraction: float = 0.25) -> None:
         super().__init__(template, inputs)
         self.at_width, self.rank_fraction = at_width, rank_fraction
         self._narrow: dict[float, tuple[float, nn.Module]] = {}  # fraction -> (width, LoD model at that width)
