@@ -11,6 +11,7 @@ task (JSON).
 
     python benchmarks/update_norms.py                        # every method, digits and MNIST-1D, 10 rounds
     python benchmarks/update_norms.py --methods fedlod,dlrt --rounds 3
+    python benchmarks/update_norms.py --shape few --lr 0.05    # 10 clients of ~130 examples: 4x the local steps
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ from strategies.server_app import run_server  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "update_norms.json"
 TASKS = {"digits": {}, "mnist1d": {"dataset": "mnist1d", "model": "cnn1d"}}
 LARGEST_STEP = {"lr": 0.3, "local_epochs": 3}  # the protocol grid's corner: the most an honest, tuned client moves
+#: federation shapes: the default 50 clients of ~29 examples, and few clients with many examples each
+SHAPES = {"default": {}, "few": {"num_clients": 10, "clients_per_round": 10, "partition": "iid"}}
 
 
-def measure(task: str, method: str, rounds: int, work: Path) -> dict[str, Any]:
-    cfg = resolve(SimConfig, overrides={**TASKS[task], **LARGEST_STEP, "strategy": method, "rounds": rounds,
+def measure(task: str, method: str, rounds: int, work: Path, setting: dict[str, Any]) -> dict[str, Any]:
+    cfg = resolve(SimConfig, overrides={**TASKS[task], **setting, "strategy": method, "rounds": rounds,
                                         "backend": "local", "progress": False, "out_dir": str(work),
                                         "run_name": f"{task}-{method}"})
     ratios: list[float] = []
@@ -58,7 +61,7 @@ def measure(task: str, method: str, rounds: int, work: Path) -> dict[str, Any]:
     finally:
         replies.update_ratio = measured
     values = np.asarray(ratios)
-    return {"task": task, "method": method, "rounds": rounds, "replies": len(values),
+    return {"task": task, "method": method, "rounds": rounds, "replies": len(values), **setting,
             "median": float(np.median(values)), "p99": float(np.quantile(values, 0.99)),
             "max": float(values.max()), "bound": cfg.max_update_norm}
 
@@ -68,18 +71,21 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="default")
+    ap.add_argument("--lr", type=float, default=LARGEST_STEP["lr"])
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
+    setting = {**LARGEST_STEP, "lr": args.lr, **SHAPES[args.shape]}
     quiet_flower()
     work = Path(tempfile.mkdtemp(prefix="maestro-update-norms-"))
     rows = []
     for task in args.tasks.split(","):
         for method in args.methods.split(","):
-            rows.append(measure(task, method, args.rounds, work))
+            rows.append(measure(task, method, args.rounds, work, setting))
             print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"setting": LARGEST_STEP, "rows": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"setting": setting, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

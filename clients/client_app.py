@@ -55,6 +55,12 @@ def config_of(msg: Message) -> SimConfig:
     return _config(str(msg.content[P.CONFIG][P.RUN_CONFIG]))
 
 
+def warm(run_config: str) -> None:
+    """Build the run's federation in this process (``protocol.CLIENT_WARMUP_REF``): an actor does it when it
+    starts, so that no message's timeout pays for loading the data and building the model."""
+    federation(_config(run_config))
+
+
 def handle_query(msg: Message, context: Context) -> Message:
     cfg = config_of(msg)
     pid = int(context.node_config["partition-id"])

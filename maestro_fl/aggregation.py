@@ -85,7 +85,10 @@ def add_scaled(out: np.ndarray, block: np.ndarray, weight: float) -> None:
     """
     with warnings.catch_warnings():  # reply arrays are read-only views of the received bytes; torch only reads them
         warnings.simplefilter("ignore", UserWarning)
-        src = torch.from_numpy(np.asarray(block))
+        block = np.asarray(block)
+        if not block.dtype.isnative:  # torch reads native byte order only (a reply is checked, a caller may not be)
+            block = block.astype(block.dtype.newbyteorder("="))
+        src = torch.from_numpy(block)
     if out.flags.writeable and out.flags.c_contiguous and src.is_contiguous():
         torch.from_numpy(out).add_(src, alpha=float(weight))
     else:
@@ -147,6 +150,10 @@ def aggregate_heterofl(
             counted.append((arrays, index, 1.0))
             continue
         rows = np.asarray(labels, dtype=np.int64)
+        width = min((arrays[n].shape[0] for n in classifier if n in arrays), default=0)
+        if rows.min() < 0 or rows.max() >= width:  # not class indices of this classifier: count all its rows
+            counted.append((arrays, index, 1.0))
+            continue
         arrays, index = dict(arrays), dict(index)
         for name in classifier:
             if name in arrays:  # keep only the rows of the client's classes, where they sit in the global array
@@ -365,18 +372,28 @@ def aggregate_svd(
         u_name = vt_name.replace("in_network", "out_network")
         g_vt, g_u = global_arrays[vt_name], global_arrays[u_name]
         rank, fan_out = g_vt.shape[0], g_u.shape[0]
-        total, weight = 0.0, 0.0
+        shape = (fan_out, *g_vt.shape[1:])  # W's shape: (out, in) or (out, in, *kernel)
+        total, weight = np.zeros(shape), np.zeros(shape)
         for arrays, w in updates:
             if vt_name not in arrays:
                 continue
             vt, u = arrays[vt_name], arrays[u_name]
-            r = vt.shape[0]
-            total = total + w * (u.reshape(fan_out, r).astype(np.float64) @ vt.reshape(r, -1).astype(np.float64))
-            weight += w
-        if weight == 0:
+            r, fo = vt.shape[0], u.shape[0]
+            # a narrower client (the width floor) holds W's leading corner: each element is averaged over its holders
+            product = (u.reshape(fo, r).astype(np.float64) @ vt.reshape(r, -1).astype(np.float64)).reshape(
+                fo, *vt.shape[1:])
+            corner = tuple(slice(0, d) for d in product.shape)
+            total[corner] += w * product
+            weight[corner] += w
+        if not weight.any():
             out[vt_name], out[u_name] = g_vt, g_u
             continue
-        p, s, qt = np.linalg.svd(total / weight, full_matrices=False)
+        held = weight > 0
+        mean = total / np.where(held, weight, 1.0)
+        if not held.all():  # elements no client held keep the global product
+            kept = (g_u.reshape(fan_out, rank).astype(np.float64) @ g_vt.reshape(rank, -1).astype(np.float64))
+            mean = np.where(held, mean, kept.reshape(shape))
+        p, s, qt = np.linalg.svd(mean.reshape(fan_out, -1), full_matrices=False)
         k = min(rank, len(s))
         root = np.sqrt(s[:k])
         u_new = np.zeros((fan_out, rank))

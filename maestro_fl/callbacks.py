@@ -156,11 +156,12 @@ class RoundTables(RoundCallback):
 class Checkpointing(RoundCallback):
     """Writes the global model after every round (atomically), after the tables: they never run behind it."""
 
-    def __init__(self, run: RunDir) -> None:
+    def __init__(self, run: RunDir, fingerprint: dict[str, Any] | None = None) -> None:
         self.run = run
+        self.fingerprint = dict(fingerprint or {})  # what resume checks (maestro_fl.federated.run_fingerprint)
 
     def after_round(self, result: RoundResult) -> bool:
-        self.run.save_checkpoint(Checkpoint(result.round, result.arrays))
+        self.run.save_checkpoint(Checkpoint(result.round, result.arrays, self.fingerprint))
         return False
 
 

@@ -28,7 +28,7 @@ from .data import Split, batches, load_dataset
 from .dlrt import KLSIntegrator, dlrt_factorize, dlrt_layers, dlrt_to_lod, dlrt_train_epoch
 from .footprint import footprint
 from .models import InputSpec, build_model
-from .results import EPOCHS, LADDER, RANKS, RunDir, format_table, new_run_dir, timestamp
+from .results import EPOCHS, LADDER, RANKS, RunDir, format_table, new_run_dir, safe_name, timestamp
 from .training import evaluate, make_sampler, seed_everything, shrink, train_epoch
 
 
@@ -90,7 +90,7 @@ def run_train(cfg: TrainConfig) -> Path:
     gen = seed_everything(cfg.seed)
     data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, samples=cfg.dataset_samples,
                         label_column=cfg.label_column, input_column=cfg.input_column)
-    name = cfg.run_name or f"train-{cfg.dataset}-{cfg.model}-s{cfg.seed}-{timestamp()}"
+    name = cfg.run_name or safe_name(f"train-{cfg.dataset}-{cfg.model}-s{cfg.seed}-{timestamp()}")
     run_dir = new_run_dir(cfg.out_dir, name)
     RunDir(run_dir).save_config(cfgmod.to_dict(cfg))
 

@@ -104,6 +104,7 @@ class TrainConfig:
         check_non_negative("lambda_gl", self.lambda_gl)
         check_non_negative("shrink_eps", self.shrink_eps)
         check_non_negative("keep_first", self.keep_first)
+        check_run_name(self.run_name)
         return self
 
 
@@ -144,6 +145,17 @@ def check_reference(field: str, reference: str) -> object:
     except UnresolvedReference as err:
         raise ConfigError(str(err)) from None
 
+
+
+def check_run_name(name: str) -> None:
+    """``run_name`` names one folder inside ``out_dir`` (never a path that escapes it)."""
+    from .results import check_name
+
+    if name:
+        try:
+            check_name("run_name", name)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def check_one_of(name: str, value: object, allowed: Sequence[object]) -> None:
@@ -386,9 +398,10 @@ class SimConfig:
     # per nested rank level, the holders' mean U Vᵀ re-factored (no cross-term); 'svd': average U Vᵀ and re-factor;
     # 'zero_pad': pad factors with zeros to the global rank, average over all clients
     server_shrink_eps: float = 0.0  # server-side progressive shrinking of the aggregate; 0 = off
-    max_update_norm: float = 10.0  # reject a reply that moved its sub-model by > this x its norm: honest clients at the
-    # protocol's largest step (lr 0.3, 3 epochs) moved at most 1.17x (medians 0.12-0.89x), every method, first 3 rounds
-    # of digits and MNIST-1D (benchmarks/update_norms.py); 0 = off
+    max_update_norm: float = 3.0  # reject a reply that moved its sub-model by > this x its norm: 2.6x the most an
+    # honest client moved, 1.17x (every method, digits and MNIST-1D, first 3 rounds, at the protocol's largest step lr 0.3
+    # x 3 epochs with 50 clients, and at 10 clients of ~130 examples with lr 0.05 and 0.15: benchmarks/update_norms.py,
+    # results/update_norms*.json); a client sending 9x its model (update 8x) is refused; 0 = off
     robust_merge: str = "none"  # 'median' or 'trimmed_mean' per element over holders (Flower's FedMedian/FedTrimmedAvg)
     trim_fraction: float = 0.2  # trimmed mean: the share cut at each end (Flower's FedTrimmedAvg default beta)
     # -- engine --
@@ -479,8 +492,15 @@ class SimConfig:
             )
         if self.resume and not (Path(self.resume) / "config.json").is_file():
             raise ConfigError(f"resume: {self.resume!r} is not a run directory (no config.json)")
+        check_run_name(self.run_name)
         parse_faults(self.fault_injection)
         return self
+
+
+#: what a resumed run may change: how and where it executes, and how long it goes on. Every other field
+#: defines the run: it is in the checkpoint's fingerprint, and resume refuses to change it.
+RESUMABLE = ("rounds", "progress", "backend", "num_cpus_per_client", "num_gpus_per_client", "ray_address",
+             "round_timeout_s", "resume", "out_dir", "run_name")
 
 
 #: the project's own fault injection (``fault_injection = "partition:kind[@round],..."``), what each does

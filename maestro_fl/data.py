@@ -161,7 +161,8 @@ def save_shared(data: TaskData, folder: str | Path, key: str) -> Path:
         np.save(folder / f"{name}.npy", tensor.detach().cpu().numpy())
     if data.groups is not None:
         np.save(folder / "groups.npy", np.asarray(data.groups), allow_pickle=False)
-    meta = {"key": key, "name": data.name, "augment": data.augment, "spec": dataclasses.asdict(data.spec)}
+    spec = {k: v for k, v in dataclasses.asdict(data.spec).items() if k != "sample"}  # the sample is rebuilt
+    meta = {"key": key, "name": data.name, "augment": data.augment, "spec": spec}
     (folder / _SHARED_META).write_text(json.dumps(meta))  # written last: its presence means complete
     return folder
 

@@ -8,19 +8,22 @@ reuses it for every client it runs.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+import logging
+from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache, partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigError, SimConfig, resolve, to_dict
+from .config import RESUMABLE, ConfigError, SimConfig, resolve, to_dict
 from .convert import lod_layers, ranks_at_fraction
 from .data import DataError, DatasetNotFoundError, Split, TaskData, load_dataset, load_shared, save_shared
 from .footprint import footprint
@@ -28,8 +31,11 @@ from .methods import METHODS, FederatedMethod
 from .models import MODELS, InputSpec, build_model
 from .partition import PartitionError, partition_indices, train_val_split
 from .references import UnresolvedReference
-from .results import RunDir
+from .results import DEVICES, ROUNDS, CheckpointError, RunDir, complete_lines
 from .training import evaluate
+
+
+LOG = logging.getLogger("maestro_fl")
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,7 +134,7 @@ def _federation_of(cfg: SimConfig) -> Federation:
 @lru_cache(maxsize=2)
 def _federation(key: str) -> Federation:
     cfg = SimConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(key).items()})
-    data = load_task(cfg)
+    data = with_sample(load_task(cfg))
     parts = partition_indices(
         data.train.y.numpy(),
         cfg.num_clients,
@@ -141,6 +147,34 @@ def _federation(key: str) -> Federation:
     )
     splits = tuple(train_val_split(p, cfg.val_fraction, cfg.seed + i) for i, p in enumerate(parts))
     return Federation(data, splits, make_method(cfg, data.spec))
+
+
+PROBE_SAMPLES = 2  # real inputs the footprints are probed with (two: batch norm in eval mode needs two)
+
+
+def with_sample(data: TaskData) -> TaskData:
+    """The task with its first training inputs in its spec, so that footprints are probed with real data."""
+    if data.spec.sample is not None or not len(data.train):
+        return data
+    return replace(data, spec=replace(data.spec, sample=data.train.x[:PROBE_SAMPLES].clone()))
+
+
+def probe_disagreement(model: nn.Module, data: TaskData, tolerance: float = 0.01) -> str | None:
+    """Whether the model's counted MACs depend on its input: a warning when two batches of real data
+    (or real data and zeros) give counts more than ``tolerance`` apart, else ``None``."""
+    from .footprint import count_flops
+
+    n = PROBE_SAMPLES
+    probes = {"the first training inputs": data.train.x[:n], "zeros": torch.zeros_like(data.train.x[:n])}
+    if len(data.train) >= 2 * n:
+        probes["the next ones"] = data.train.x[n:2 * n]
+    counts = {name: count_flops(model, x)[""] for name, x in probes.items()}
+    low, high = min(counts.values()), max(counts.values())
+    if high and (high - low) / high > tolerance:
+        shown = ", ".join(f"{c // 2:,} with {name}" for name, c in counts.items())
+        return (f"footprint: the model's MACs per sample depend on its input ({shown}); the tables count them on "
+                f"the first training inputs of {data.name!r}")
+    return None
 
 
 def check_task(cfg: SimConfig) -> Federation:
@@ -176,6 +210,8 @@ def check_task(cfg: SimConfig) -> Federation:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"model {cfg.model!r} must map a batch of {len(x)} inputs to ({len(x)}, {classes}) logits "
                           f"({classes} classes in dataset {cfg.dataset!r}); it returned {got}")
+    if (warning := probe_disagreement(model, fed.data)) is not None:
+        LOG.warning("%s", warning)
     try:
         fed.method.cost_table()  # every sub-model a budget can pick: a width method builds the model at each width
     except (ValueError, TypeError, RuntimeError) as err:
@@ -193,6 +229,92 @@ def fed_shape(cfg: SimConfig) -> tuple[int, ...] | str:
 def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0][:300] if text else ""
+
+
+# -- what defines a run, so that resume continues the same one -----------------------------------
+def run_fingerprint(cfg: SimConfig, fed: Federation) -> dict[str, Any]:
+    """Every field that defines the run, the model's array shapes and the data's identity.
+
+    Stored in every checkpoint; :func:`check_resume` compares it with the run
+    directory's ``config.json`` and the federation that config builds.
+    """
+    labels = np.ascontiguousarray(fed.data.train.y.numpy())
+    data = hashlib.sha256(labels.tobytes() + repr((len(fed.data.train), len(fed.data.test),
+                                                   tuple(fed.data.spec.shape))).encode()).hexdigest()
+    parts = hashlib.sha256(b"".join(np.ascontiguousarray(t, dtype=np.int64).tobytes() + b"|"
+                                    for pair in fed.partitions for t in pair)).hexdigest()
+    return {
+        "config": {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k not in RESUMABLE},
+        "model": {k: list(v.shape) for k, v in fed.template.state_dict().items()},
+        "data": data,
+        "partitions": parts,
+    }
+
+
+def check_resume(run: RunDir, cfg: SimConfig, fed: Federation) -> int:
+    """Verify a run directory before anything of it is changed; returns the checkpoint's round (0: none yet).
+
+    The checkpoint must be this run's (its fingerprint equals the one the
+    config builds: no field of ``config.json`` edited, the same model shapes,
+    data and partitions), its arrays must fit the model, and the tables must
+    be trimmable. Anything else is one :class:`CheckpointError` line naming
+    what differs, and nothing has been trimmed.
+    """
+    checkpoint = run.checkpoint()
+    if checkpoint is not None:
+        want, got = run_fingerprint(cfg, fed), checkpoint.fingerprint
+        ckpt = run / "checkpoint.pt"
+        changed = sorted(k for k in set(want["config"]) | set(got.get("config", {}))
+                         if want["config"].get(k) != got.get("config", {}).get(k))
+        if changed:
+            shown = ", ".join(f"{k} = {want['config'].get(k)!r} in config.json, {got.get('config', {}).get(k)!r} "
+                              "in the checkpoint" for k in changed[:4])
+            raise CheckpointError(f"{ckpt}: written by a run with other settings ({shown}); config.json was edited, "
+                                  "or the checkpoint is another run's. Restore the run's config.json, or start a new run")
+        for what in ("model", "data", "partitions"):
+            if want[what] != got.get(what):
+                raise CheckpointError(f"{ckpt}: written for other {what} than config.json builds now "
+                                      f"(strategy {cfg.strategy!r}, model {cfg.model!r}, dataset {cfg.dataset!r}); "
+                                      "it cannot be resumed here")
+        problem = arrays_problem(checkpoint.arrays, fed)
+        if problem:
+            raise CheckpointError(f"{ckpt}: {problem}; it cannot be resumed")
+    problems = run.round_table_problems()
+    done = checkpoint.round if checkpoint is not None else 0
+    if not problems and done and run.has(ROUNDS):
+        rows = complete_lines(run / ROUNDS.file)[1:]
+        last = max((int(r.split(",", 1)[0]) for r in rows if r.split(",", 1)[0].isdigit()), default=0)
+        if last < done:
+            problems.append(f"{run / ROUNDS.file}: holds rounds up to {last}, the checkpoint is at round {done}")
+    if not problems and run.has(DEVICES):
+        rows = complete_lines(run / DEVICES.file)[1:]
+        if len(rows) != len(fed.partitions):
+            problems.append(f"{run / DEVICES.file}: {len(rows)} clients registered, the run has "
+                            f"num_clients = {len(fed.partitions)}")
+    if problems:
+        raise CheckpointError(f"{problems[0]}; the run directory cannot be resumed as it is (nothing was changed)")
+    return done
+
+
+def arrays_problem(arrays: Mapping[str, np.ndarray], fed: Federation) -> str | None:
+    """Why ``arrays`` cannot be the federation's global model, or ``None``."""
+    template = fed.template.state_dict()
+    missing, extra = sorted(set(template) - set(arrays)), sorted(set(arrays) - set(template))
+    if missing or extra:
+        return f"its arrays differ from the model's: missing {missing[:3]}, unexpected {extra[:3]}"
+    for name, ref in template.items():
+        got = arrays[name]
+        if got.ndim != ref.dim() or any(g > r for g, r in zip(got.shape, ref.shape)):
+            return f"{name} has shape {tuple(got.shape)}, the model's is {tuple(ref.shape)}"
+        if got.dtype != ref.detach().numpy().dtype:
+            return f"{name} is {got.dtype}, the model's is {ref.dtype}"
+        if got.dtype.kind == "f" and not np.isfinite(got).all():
+            return f"{name} holds NaN or Inf"
+    try:
+        fed.method.family.global_model(dict(arrays))
+    except Exception as err:  # noqa: BLE001 - whatever the family raises, the checkpoint does not fit
+        return f"its arrays do not build the model ({type(err).__name__}: {first_line(err)})"
+    return None
 
 
 # -- a finished run's global model, deployed after the fact ------------------------------------

@@ -8,9 +8,12 @@ train and validation parts. The same seed always gives the same partition.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
+import stat
 import tempfile
 import warnings
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -73,29 +76,82 @@ def partition_indices(
         + (np.ascontiguousarray(groups).tobytes() if scheme == "natural" and groups is not None else b"")
         + repr((CACHE_FORMAT, num_partitions, scheme, alpha, classes_per_client, min_partition_size, seed)).encode()
     ).hexdigest()
-    cache = Path(tempfile.gettempdir()) / "maestro-fl-partitions" / f"{key[:24]}.npz"
-    cached = _read_cache(cache, key, len(labels), num_partitions)
-    if cached is not None:
+    folder = cache_folder()
+    cache = folder / f"{key[:24]}.npz" if folder is not None else None
+    cached = _read_cache(cache, key, len(labels), num_partitions) if cache is not None else None
+    if cached is not None and _plausible(cached, scheme, min_partition_size):
         return cached
     try:
         out = _partition(labels, num_partitions, scheme, alpha, classes_per_client, min_partition_size, seed, groups)
     except ValueError as err:  # flwr-datasets: "the max number of attempts (10) was reached", and others
         raise PartitionError(_what_would_work(labels, num_partitions, scheme, alpha, classes_per_client,
                                               min_partition_size, seed, err)) from None
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".{os.getpid()}.npz")
-    indices = np.concatenate(out)
-    np.savez(tmp, indices=indices, sizes=np.array([len(o) for o in out]), key=np.array(key),
-             digest=np.array(_digest(indices)))
-    os.replace(tmp, cache)
+    if cache is not None:
+        _write_cache(cache, key, out)
     return out
 
 
-CACHE_FORMAT = 2  # bump when what a cache file holds changes
+CACHE_FORMAT = 3  # bump when what a cache file holds changes (3: a keyed digest)
+#: environment variable naming the partition cache's folder (default: a private one in the temp folder)
+CACHE_ENV = "MAESTRO_FL_CACHE"
 
 
-def _digest(indices: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()
+def cache_folder() -> Path | None:
+    """This user's private partition cache (created 0700), or ``None`` when it is not safe to use.
+
+    It lives in the temp folder that the Ray actors of this machine share with
+    the driver, under a name with the user id. A folder that someone else owns,
+    or that others may write, is refused (and nothing is cached): a file
+    planted there would decide which examples each client trains on.
+    """
+    root = Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / f"maestro-fl-{os.getuid()}")
+    folder = root / "partitions"
+    try:
+        for path in (root, folder):
+            path.mkdir(mode=0o700, exist_ok=True)
+            info = path.lstat()
+            if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+                _warn_cache(path)
+                return None
+    except OSError:
+        return None
+    return folder
+
+
+@lru_cache(maxsize=4)
+def _warn_cache(path: Path) -> None:
+    warnings.warn(f"partition cache {path} is not private to this user (another owner, a link, or writable by "
+                  "others): partitions are recomputed, never read from it", stacklevel=3)
+
+
+def _write_cache(cache: Path, key: str, out: list[np.ndarray]) -> None:
+    """Write atomically through an unpredictable temp name in the private folder (never through a planted link)."""
+    indices = np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+    tmp: Path | None = None
+    try:
+        with tempfile.NamedTemporaryFile(dir=cache.parent, prefix=".part-", suffix=".npz", delete=False) as fh:
+            tmp = Path(fh.name)
+            np.savez(fh, indices=indices, sizes=np.array([len(o) for o in out]), key=np.array(key),
+                     digest=np.array(_digest(indices, key)))
+        os.replace(tmp, cache)
+    except OSError:  # a full or read-only temp folder: the partition is still right, only not cached
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def _digest(indices: np.ndarray, key: str) -> str:
+    """HMAC-SHA256 of the partition, keyed by everything it was made from."""
+    return hmac.new(key.encode(), np.ascontiguousarray(indices, dtype=np.int64).tobytes(), hashlib.sha256).hexdigest()
+
+
+def _plausible(parts: list[np.ndarray], scheme: str, min_partition_size: int) -> bool:
+    """A cached partition re-checked against what its scheme guarantees."""
+    sizes = np.array([len(p) for p in parts])
+    if scheme == "dirichlet" and (sizes < min_partition_size).any():
+        return False
+    if scheme == "iid" and sizes.max(initial=0) - sizes.min(initial=0) > 1:
+        return False
+    return True
 
 
 def _read_cache(path: Path, key: str, num_examples: int, num_partitions: int) -> list[np.ndarray] | None:
@@ -112,7 +168,7 @@ def _read_cache(path: Path, key: str, num_examples: int, num_partitions: int) ->
             if str(z["key"]) != key:
                 return None
             indices, sizes = z["indices"].astype(np.int64), z["sizes"].astype(np.int64)
-            if str(z["digest"]) != _digest(indices):
+            if not hmac.compare_digest(str(z["digest"]), _digest(indices, key)):
                 return None
     except Exception:  # noqa: BLE001 - any unreadable cache file is recomputed
         return None

@@ -43,15 +43,21 @@ def load_population(source: str, num_clients: int | None = None) -> tuple[Device
 @lru_cache(maxsize=8)
 def _cached_csv(path: str, num_clients: int | None) -> tuple[DeviceCapability, ...]:
     file = Path(path)
+    if not file.exists():
+        raise PopulationError(f"devices: {path!r} not found (a CSV file, or a reference 'package.module:attr')")
     if not file.is_file():
-        raise PopulationError(f"devices: {path!r} is neither a CSV file nor a reference 'package.module:attr'")
+        raise PopulationError(f"devices: {path!r} is not a file (a CSV file, or a reference 'package.module:attr')")
     try:
-        with open(file, newline="") as fh:
+        with open(file, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a byte-order mark
             reader = csv.DictReader(fh)
             fields = list(reader.fieldnames or [])
             rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as err:
         raise PopulationError(f"devices {path!r}: not a readable CSV ({err})") from None
+    for n, row in enumerate(rows, start=2):
+        if None in row:  # DictReader keeps a row's fields beyond the header under None
+            raise PopulationError(f"devices {path!r} line {n}: {len(fields) + len(row[None])} fields, the header has "
+                                  f"{len(fields)} ({', '.join(fields)})")
     return check_rows(rows, fields, f"devices {path!r}", num_clients, first_line=2)
 
 
@@ -90,8 +96,34 @@ def _number(source: str, where: str, column: str, raw: Any) -> float:
     except (TypeError, ValueError):
         value = math.nan
     if not math.isfinite(value):
-        raise PopulationError(f"{source} {where}: {column} must be a finite number, got {raw!r}")
+        raise PopulationError(f"{source}{' ' + where if where else ''}: {column} must be a finite number, got {raw!r}")
     return value
+
+
+def check_device(row: Mapping[str, Any], where: str) -> tuple[int, DeviceCapability]:
+    """One device's ``(client_id, DeviceCapability)``, checked; a :class:`PopulationError` names ``where`` and the field.
+
+    The one check of a device, whether it comes from a trace or from a client's registration:
+    ``client_id`` and ``tier`` integers >= 0; ``macs_per_s``, ``memory_bytes``, ``up_bps``,
+    ``down_bps`` finite and > 0; ``availability`` in (0, 1]; ``rank_fraction`` in [0, 1] (0 = derive).
+    """
+    values = {c: _number(where, "", c, row.get(c)) for c in TRACE_COLUMNS}
+    raw_fraction = row.get("rank_fraction")
+    fraction = _number(where, "", "rank_fraction", raw_fraction) if raw_fraction not in (None, "") else 0.0
+    for c in ("client_id", "tier"):
+        if values[c] < 0 or values[c] != int(values[c]):
+            raise PopulationError(f"{where}: {c} must be an integer >= 0, got {row[c]!r}")
+    for c in ("macs_per_s", "memory_bytes", "up_bps", "down_bps"):
+        if values[c] <= 0:
+            raise PopulationError(f"{where}: {c} must be > 0, got {row[c]!r}")
+    if not 0 < values["availability"] <= 1:
+        raise PopulationError(f"{where}: availability must be in (0, 1], got {row['availability']!r}")
+    if not 0 <= fraction <= 1:
+        raise PopulationError(f"{where}: rank_fraction must be in [0, 1] (0 = derive from the device), "
+                              f"got {raw_fraction!r}")
+    cap = DeviceCapability(int(values["tier"]), values["macs_per_s"], values["memory_bytes"], values["up_bps"],
+                           values["down_bps"], values["availability"], fraction)
+    return int(values["client_id"]), cap
 
 
 def check_rows(
@@ -109,26 +141,14 @@ def check_rows(
     if missing:
         raise PopulationError(f"{source} lacks columns {missing}; required: {list(TRACE_COLUMNS)}, "
                               f"optional: {list(OPTIONAL_COLUMNS)}")
+    unknown = [c for c in fields if c not in TRACE_COLUMNS and c not in OPTIONAL_COLUMNS]
+    if unknown:
+        raise PopulationError(f"{source} has unknown columns {unknown}; allowed: {list(TRACE_COLUMNS)}, "
+                              f"and optionally {list(OPTIONAL_COLUMNS)}")
     out: list[tuple[int, DeviceCapability]] = []
     for n, row in enumerate(rows, start=first_line):
         where = f"line {n}" if first_line else f"row {n}"
-        values = {c: _number(source, where, c, row.get(c)) for c in TRACE_COLUMNS}
-        raw_fraction = row.get("rank_fraction")
-        fraction = _number(source, where, "rank_fraction", raw_fraction) if raw_fraction not in (None, "") else 0.0
-        for c in ("client_id", "tier"):
-            if values[c] < 0 or values[c] != int(values[c]):
-                raise PopulationError(f"{source} {where}: {c} must be an integer >= 0, got {row[c]!r}")
-        for c in ("macs_per_s", "memory_bytes", "up_bps", "down_bps"):
-            if values[c] <= 0:
-                raise PopulationError(f"{source} {where}: {c} must be > 0, got {row[c]!r}")
-        if not 0 < values["availability"] <= 1:
-            raise PopulationError(f"{source} {where}: availability must be in (0, 1], got {row['availability']!r}")
-        if not 0 <= fraction <= 1:
-            raise PopulationError(f"{source} {where}: rank_fraction must be in [0, 1] (0 = derive from the device), "
-                                  f"got {raw_fraction!r}")
-        cap = DeviceCapability(int(values["tier"]), values["macs_per_s"], values["memory_bytes"], values["up_bps"],
-                               values["down_bps"], values["availability"], fraction)
-        out.append((int(values["client_id"]), cap))
+        out.append(check_device(row, f"{source} {where}"))
     ids = sorted(i for i, _ in out)
     if ids != list(range(len(out))):
         raise PopulationError(f"{source}: client_id must run 0..{len(out) - 1} once each")

@@ -16,6 +16,8 @@ METRICS = "metrics"  # MetricRecord: what the client reports back
 # simulation runner loads the ClientApp by this reference rather than importing it.
 SERVERAPP_REF = "strategies.server_app:app"
 CLIENTAPP_REF = "clients.client_app:app"
+# called with the RUN_CONFIG JSON when a Ray actor starts: it builds the data and model before any message
+CLIENT_WARMUP_REF = "clients.client_app:warm"
 
 # ConfigRecord keys (server -> client)
 RUN_CONFIG = "run-config"  # the SimConfig as JSON: clients build data, model and method from it

@@ -136,6 +136,7 @@ def check_reply(
     sent: Mapping[str, np.ndarray] | None = None,
     max_update_norm: float = 0.0,
     sent_squared_norm: float | None = None,
+    num_classes: int | None = None,
 ) -> str | None:
     """Why the reply cannot be merged, or ``None`` when it can.
 
@@ -154,9 +155,13 @@ def check_reply(
         update ``‖reply − sent‖`` may be at most ``max_update_norm·‖sent‖``.
     sent_squared_norm : float, optional
         ``‖sent‖²``, when known (saves recomputing it for every client of a tier).
+    num_classes : int, optional
+        The task's classes: reported labels must be class indices below it.
     """
     if facts.problems:
         return "metrics incomplete: " + "; ".join(facts.problems)[:250]
+    if num_classes is not None and facts.labels and max(facts.labels) >= num_classes:
+        return f"'{P.LABELS}' must be class indices in [0, {num_classes}), got {max(facts.labels)}"
     if facts.num_examples <= 0:
         return f"{P.NUM_EXAMPLES} must be > 0, got {facts.num_examples}"
     if registered_examples is not None and facts.num_examples != registered_examples:
@@ -176,8 +181,8 @@ def check_reply(
                 g == e for i, (g, e) in enumerate(zip(got, shape)) if i != axis
             )
             return f"{name}: wrong {'rank' if only_rank else 'shape'}, got {got}, sent {tuple(shape)}"
-        if value.dtype.name != task.dtypes[name]:
-            return f"{name}: wrong dtype, got {value.dtype}, sent {task.dtypes[name]}"
+        if value.dtype != np.dtype(task.dtypes[name]):  # also a foreign byte order: '>f4' is not float32 here
+            return f"{name}: wrong dtype, got {value.dtype.str} ({value.dtype}), sent {task.dtypes[name]}"
     bounded = sent is not None and max_update_norm > 0
     # a NaN or Inf anywhere makes the update norm non-finite: one pass over the reply serves both checks
     ratio = update_ratio(arrays, sent, sent_squared_norm) if bounded else math.nan  # type: ignore[arg-type]

@@ -12,13 +12,15 @@ finished; a resumed run is first trimmed to its checkpoint
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
 import json
 import os
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -151,7 +153,8 @@ TABLES = {t.file: t for t in (ROUNDS, TIERS, CLIENTS, DEVICES, EPOCHS, RANKS, LA
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_FORMAT = 2  # bump when the layout below changes
+CHECKPOINT_FORMAT = 3  # bump when the layout below changes (3: the run's fingerprint)
+LOCK_FILE = ".lock"  # held (flock) by the one process that writes the run directory
 
 
 @dataclass
@@ -203,27 +206,46 @@ class Checkpoint:
 
     round: int
     arrays: dict[str, np.ndarray]
+    #: what defines the run (:func:`maestro_fl.federated.run_fingerprint`): resume compares it before it trims
+    fingerprint: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def global_ranks(self) -> dict[str, int]:
-        return {n.rsplit(".", 2)[0]: int(v.shape[0]) for n, v in self.arrays.items() if n.endswith("in_network.weight")}
+
+class DiskFullError(RunDirError):
+    """A run directory's file could not be written (a full disk, a quota, a read-only folder)."""
+
+
+def disk_error(path: Path, err: BaseException) -> DiskFullError:
+    """One line naming the file that could not be written, and how to go on."""
+    reason = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else first_line(err)
+    return DiskFullError(f"{path}: could not be written ({reason}); the run directory is consistent up to its "
+                         f"last checkpoint: free some space, then continue with resume={path.parent}")
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
 
 
 def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> None:
-    """Write ``checkpoint.pt`` atomically (a crash leaves the previous one)."""
+    """Write ``checkpoint.pt`` atomically (a crash leaves the previous one; a failed write leaves no ``.tmp``)."""
     import torch
 
     run_dir = Path(run_dir)
     tmp = run_dir / (CHECKPOINT_FILE + ".tmp")
-    torch.save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "round": int(checkpoint.round),
-            "arrays": {k: torch.from_numpy(np.array(v)) for k, v in checkpoint.arrays.items()},
-        },
-        tmp,
-    )
-    os.replace(tmp, run_dir / CHECKPOINT_FILE)
+    try:
+        torch.save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "round": int(checkpoint.round),
+                "fingerprint": json.dumps(checkpoint.fingerprint, sort_keys=True),
+                "arrays": {k: torch.from_numpy(np.array(v)) for k, v in checkpoint.arrays.items()},
+            },
+            tmp,
+        )
+        os.replace(tmp, run_dir / CHECKPOINT_FILE)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError ("enforce fail ... write")
+        tmp.unlink(missing_ok=True)
+        raise disk_error(run_dir / CHECKPOINT_FILE, err) from None
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -240,7 +262,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: not a maestro-fl checkpoint of format {CHECKPOINT_FORMAT}")
     try:
         arrays = {str(k): v.numpy() for k, v in raw["arrays"].items()}
-        return Checkpoint(int(raw["round"]), arrays)
+        fingerprint = json.loads(raw["fingerprint"])
+        if not isinstance(fingerprint, dict):
+            raise TypeError("its fingerprint is not a mapping")
+        return Checkpoint(int(raw["round"]), arrays, fingerprint)
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: damaged checkpoint ({err})") from None
 
@@ -270,13 +295,70 @@ class TableWriter:
                 if missing or extra:
                     raise ValueError(f"{self.table.file}: row is missing {missing} and has unknown {extra}")
         new_file = not self.path.exists() or self.path.stat().st_size == 0
-        with open(self.path, "a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=self.table.names)
-            if new_file:
-                writer.writeheader()
-            for row in rows:
-                writer.writerow({k: _cell(row[k]) for k in self.table.names})
-            fh.flush()
+        try:
+            with open(self.path, "a", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=self.table.names)
+                if new_file:
+                    writer.writeheader()
+                for row in rows:
+                    writer.writerow({k: _cell(row[k]) for k in self.table.names})
+                fh.flush()
+        except OSError as err:  # a partial row may be left: resume's trim drops it
+            raise disk_error(self.path, err) from None
+
+
+def complete_lines(path: Path, text: str | None = None) -> list[str]:
+    """The file's lines with their newlines; a last line without one (a write cut short) is left out.
+
+    A CSV row holds no newline here (no cell is multi-line), so a line is a row.
+    """
+    text = path.read_text() if text is None else text
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    return lines
+
+
+class RunDirBusy(RunDirError):
+    """Another process is writing the run directory."""
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``LOCK_FILE`` inside a run directory, held for the run's life.
+
+    The kernel drops the lock when its holder exits, however it exits, so a
+    stale lock file (a killed run) is simply taken over. The holder's PID is
+    written into the file to name it to a second writer.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fh: BinaryIO | None = None
+
+    def __enter__(self) -> RunLock:
+        fh = open(self.path, "a+b")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            fh.seek(0)
+            holder = fh.read(32).decode(errors="replace").strip() or "another process"
+            fh.close()
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                raise RunDirBusy(f"{self.path.parent} is in use by PID {holder}: one process writes a run directory "
+                                 "at a time; wait for it to end (or stop it) and try again") from None
+            raise
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()).encode())
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
 
 
 def _cell(value: Any) -> Any:
@@ -340,19 +422,43 @@ class RunDir:
             raise RunDirError(f"{path}: {'no rows' if df.empty else f'missing columns {missing}'}")
         return df
 
-    def trim(self, last_round: int) -> None:
-        """Drop every row of the round tables after ``last_round`` (written, then interrupted before the checkpoint)."""
-        import pandas as pd
-
+    def round_table_problems(self) -> list[str]:
+        """Why the round tables cannot be trimmed safely (a foreign header, a round that is not a number), or []."""
+        problems = []
         for table in ROUND_TABLES:
             path = self.path / table.file
-            if path.exists() and path.stat().st_size > 0:
-                df = pd.read_csv(path, dtype=str, keep_default_na=False)
-                kept = df[df["round"].astype(int) <= last_round]
-                if len(kept) < len(df):
-                    tmp = path.with_suffix(".csv.tmp")
-                    kept.to_csv(tmp, index=False)
-                    os.replace(tmp, path)
+            if not (path.is_file() and path.stat().st_size > 0):
+                continue
+            lines = complete_lines(path)
+            header = next(csv.reader(lines[:1]), [])
+            if header != table.names:
+                problems.append(f"{path}: columns {header[:4]}... are not those of {table.file}")
+                continue
+            bad = [row[0] for row in csv.reader(lines[1:]) if not (row and row[0].isdigit())]
+            if bad:
+                problems.append(f"{path}: round {bad[0]!r} is not a round number")
+        return problems
+
+    def trim(self, last_round: int) -> None:
+        """Drop every row of the round tables after ``last_round`` (written, then interrupted before the checkpoint),
+        and an incomplete last line (a write cut short). Call :meth:`round_table_problems` first."""
+        for table in ROUND_TABLES:
+            path = self.path / table.file
+            if not (path.exists() and path.stat().st_size > 0):
+                continue
+            text = path.read_text()
+            lines = complete_lines(path, text)
+            kept = lines[:1] + [ln for ln, row in zip(lines[1:], csv.reader(lines[1:]))
+                                if row and row[0].isdigit() and int(row[0]) <= last_round]
+            if "".join(kept) != text:  # rows dropped, or a partial last line
+                tmp = path.with_suffix(".csv.tmp")
+                tmp.write_text("".join(kept))
+                os.replace(tmp, path)
+
+    # -- one writer --------------------------------------------------------------------------
+    def lock(self) -> RunLock:
+        """The run directory's writer lock (a context manager); a second writer gets :class:`RunDirBusy`."""
+        return RunLock(self.path)
 
     # -- checkpoint --------------------------------------------------------------------------
     def checkpoint(self, required: bool = False) -> Checkpoint | None:
@@ -414,8 +520,11 @@ def schema_markdown() -> str:
              "the round's tables, so a resumed run trims the tables to it and repeats nothing.", "",
              "| file | what it holds |", "|---|---|",
              f"| `{CONFIG_FILE}` | the resolved config (every key; `maestro-fl COMMAND --help` explains them) |",
-             f"| `{CHECKPOINT_FILE}` | the global model after the last finished round: its arrays and the round "
-             f"(format {CHECKPOINT_FORMAT}) |",
+             f"| `{CHECKPOINT_FILE}` | the global model after the last finished round: its arrays, the round and the "
+             f"run's fingerprint (every field that defines the run, the model's shapes, the data's and partitions' "
+             f"digests), which resume checks before it changes anything (format {CHECKPOINT_FORMAT}) |",
+             f"| `{LOCK_FILE}` | the PID of the one process writing the run; locked (`flock`) while it runs, so a "
+             "second writer is refused; the kernel releases it when that process ends |",
              "| `model.pt` | `maestro-fl train`: the trained LoD model (`maestro_fl.centralized.load_model`) |"]
     lines += [f"| `{t.file}` | one row per {t.row} |" for t in TABLES.values()]
     for t in TABLES.values():
@@ -424,15 +533,42 @@ def schema_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the longest run (or sweep) name: a file name is at most 255 bytes, and a suffix and a table name go after it
+MAX_NAME_LENGTH = 120
+
+
+def check_name(field_name: str, name: str) -> None:
+    """A run or sweep name is a relative folder inside ``out_dir``: folders joined by '/', none empty, '.' or
+    '..', none starting with '-', each at most :data:`MAX_NAME_LENGTH` bytes; never absolute."""
+    parts = name.split("/")
+    if (not name or "\\" in name or "\0" in name or len(name.encode()) > 2 * MAX_NAME_LENGTH
+            or any(p in ("", ".", "..") or p.startswith("-") or len(p.encode()) > MAX_NAME_LENGTH for p in parts)):
+        raise ValueError(f"{field_name} must be a relative folder inside out_dir: no '..', not absolute, no folder "
+                         f"starting with '-', at most {MAX_NAME_LENGTH} bytes a folder; got "
+                         f"{name[:60]!r}{'...' if len(name) > 60 else ''}")
+
+
+def safe_name(text: str) -> str:
+    """``text`` as a folder name: characters other than letters, digits, '.', '_' and '-' become '_', bounded."""
+    import re
+
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip("-.") or "run"
+    return cleaned[:MAX_NAME_LENGTH - 8]  # room for new_run_dir's suffix
+
+
 def new_run_dir(out_dir: str | Path, name: str) -> Path:
-    """``out_dir/name``, created; a name already taken gets a numeric suffix."""
+    """``out_dir/name``, created; a name already taken gets a numeric suffix. ``name`` is one folder (:func:`check_name`)."""
+    check_name("run_name", name)
     base = Path(out_dir) / name
+    base.parent.mkdir(parents=True, exist_ok=True)
     path, i = base, 1
-    while path.exists():
-        i += 1
-        path = base.with_name(f"{base.name}-{i}")
-    path.mkdir(parents=True)
-    return path
+    while True:
+        try:
+            path.mkdir()  # atomic: of two runs given one name at once, each gets its own folder
+            return path
+        except FileExistsError:
+            i += 1
+            path = base.with_name(f"{base.name}-{i}")
 
 
 def timestamp() -> str:

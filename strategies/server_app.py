@@ -27,7 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from maestro_fl.callbacks import CentralEvaluation, Checkpointing, Progress, RoundCallback, RoundResult, RoundTables
 from maestro_fl.config import SimConfig, parse_faults, resolve, to_dict
-from maestro_fl.federated import federation
+from maestro_fl.federated import check_resume, federation, run_fingerprint
 from maestro_fl.results import DEVICES, FINAL_COLUMNS, TIERS, RunDir, format_table, new_run_dir, timestamp
 
 from .runners.ray_grid import RoundInterrupted
@@ -35,7 +35,14 @@ from .submodel import SubModelStrategy, to_numpy, to_record
 
 
 class RunInterrupted(RuntimeError):
-    """The run stopped at a user's request; its run directory holds every round before the stop."""
+    """The run stopped at a user's request; its run directory holds every round before the stop.
+
+    ``exit_code`` is the shell's convention, 128 + the signal: 130 after SIGINT (Ctrl-C), 143 after SIGTERM.
+    """
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + (signum or signal.SIGINT)
 
 
 class StopRequest:
@@ -48,6 +55,7 @@ class StopRequest:
     def __init__(self) -> None:
         self._event = threading.Event()
         self._previous: dict[int, Any] = {}
+        self.signum: int | None = None  # the signal that asked to stop
 
     def requested(self) -> bool:
         return self._event.is_set()
@@ -56,14 +64,21 @@ class StopRequest:
         if self._event.is_set():  # the second signal: abort now
             self._restore()
             raise KeyboardInterrupt
+        self.signum = signum
         self._event.set()
         print(f"\n{signal.Signals(signum).name}: stopping after abandoning the round under way "
               "(again to abort at once)", flush=True)
 
-    def __enter__(self) -> StopRequest:
+    def install(self) -> None:
+        """(Re)take SIGINT and SIGTERM. ``ray.init`` installs a SIGTERM handler of its own that exits at once,
+        so the Ray backend calls this again after starting Ray."""
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
+                previous = signal.signal(sig, self._handle)
+                self._previous.setdefault(sig, previous)
+
+    def __enter__(self) -> StopRequest:
+        self.install()
         return self
 
     def _restore(self) -> None:
@@ -76,12 +91,12 @@ class StopRequest:
 
 
 def default_callbacks(cfg: SimConfig, run: RunDir, strategy: SubModelStrategy, test, inputs,  # type: ignore[no-untyped-def]
-                      validation=None) -> list[RoundCallback]:
+                      validation=None, fingerprint: dict[str, Any] | None = None) -> list[RoundCallback]:
     """Evaluation, then the tables, then the checkpoint (never ahead of the tables), then progress."""
     callbacks: list[RoundCallback] = [
         CentralEvaluation(strategy.method, test, inputs, validation),
         RoundTables(run, cfg.round_deadline_s),
-        Checkpointing(run),
+        Checkpointing(run, fingerprint),
     ]
     if cfg.progress:
         callbacks.append(Progress(cfg.rounds, lines=LOG.isEnabledFor(logging.DEBUG)))
@@ -141,7 +156,8 @@ def run_server(
     LOG.info("building the data and the model: %s, %s, %s clients (%s partition)", cfg.dataset, cfg.model,
              cfg.num_clients, cfg.partition)
     fed = federation(cfg)
-    strategy = SubModelStrategy(fed.method, cfg)
+    done = check_resume(run, cfg, fed)  # before anything in the run directory changes: refuse, naming what differs
+    strategy = SubModelStrategy(fed.method, cfg, partition_sizes=[len(train) for train, _ in fed.partitions])
 
     # registration: every node reports its device
     LOG.info("registering %s clients", cfg.num_clients)
@@ -163,11 +179,12 @@ def run_server(
 
     arrays = {k: v.detach().numpy().copy() for k, v in fed.template.state_dict().items()}
     start = 1
-    if (checkpoint := run.checkpoint()) is not None:
+    if done and (checkpoint := run.checkpoint()) is not None:
         start, arrays = checkpoint.round + 1, checkpoint.arrays
         LOG.info("resuming %s after round %s", run_dir, checkpoint.round)
     run.trim(start - 1)  # rows written after the checkpoint (or before any) are redone, never duplicated
-    callbacks = [*default_callbacks(cfg, run, strategy, fed.data.test, fed.data.spec, fed.validation), *extra_callbacks]
+    callbacks = [*default_callbacks(cfg, run, strategy, fed.data.test, fed.data.spec, fed.validation,
+                                    fingerprint=run_fingerprint(cfg, fed)), *extra_callbacks]
     for cb in callbacks:
         cb.on_run_start(start, cfg.rounds)
     done_round = start - 1
@@ -204,7 +221,7 @@ def run_server(
     except RoundInterrupted:
         raise RunInterrupted(
             f"interrupted: rounds 1-{done_round} of {cfg.rounds} are in {run_dir} (tables and checkpoint); "
-            f"continue with: maestro-fl simulate resume={run_dir}"
+            f"continue with: maestro-fl simulate resume={run_dir}", stop.signum if stop is not None else None
         ) from None
     finally:
         for cb in callbacks:
@@ -240,6 +257,8 @@ def main(grid: Grid, context: Context) -> None:
     """Read the SimConfig from the run config (hyphens or underscores), run, print the table."""
     cfg = resolve(SimConfig, overrides={k.replace("-", "_"): v for k, v in context.run_config.items()})
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.out_dir, cfg.run_name or f"sim-{timestamp()}")
-    RunDir(run_dir).save_config(to_dict(cfg))
-    wait_for_nodes(grid, cfg.num_clients, cfg.round_timeout_s)
-    print_final(run_server(grid, cfg, run_dir))
+    with RunDir(run_dir).lock():
+        if not cfg.resume:
+            RunDir(run_dir).save_config(to_dict(cfg))
+        wait_for_nodes(grid, cfg.num_clients, cfg.round_timeout_s)
+        print_final(run_server(grid, cfg, run_dir))

@@ -22,9 +22,10 @@ per sampled client (``benchmarks/server_round.py``).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from logging import DEBUG, INFO
+from logging import DEBUG, ERROR, INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ from maestro_fl.budget import Cost, DeviceCapability
 from maestro_fl.config import SimConfig, to_dict
 from maestro_fl.convert import lod_layers
 from maestro_fl.footprint import footprint
+from maestro_fl.population import PopulationError, check_device, load_population
 from maestro_fl.methods import Assignment, ClientTask, FederatedMethod, Update
 from maestro_fl.replies import check_reply, read_metrics, squared_norm
 from maestro_fl.results import ClientRound
@@ -62,6 +64,17 @@ class _BudgetParts:
 def named_part(name: str, index: tuple[object, ...]) -> tuple[str, tuple[object, ...]]:
     """A hashable name for the part ``index`` of array ``name``: equal parts, equal keys."""
     return name, part_key(index)  # type: ignore[arg-type]
+
+
+def _whole_number(value: Any) -> int | None:
+    """``value`` as an int when it is a finite whole number (never raises: Inf, NaN, text and bools are ``None``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    try:
+        x = float(value)
+    except (OverflowError, ValueError):
+        return None
+    return int(x) if math.isfinite(x) and x == int(x) else None
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -87,9 +100,12 @@ class SubModelStrategy(Strategy):
         The run's settings; sent to the clients with every message.
     """
 
-    def __init__(self, method: FederatedMethod, cfg: SimConfig) -> None:
+    def __init__(self, method: FederatedMethod, cfg: SimConfig, partition_sizes: Sequence[int] | None = None) -> None:
         self.method = method
         self.cfg = cfg
+        #: each partition's training examples, as the server partitioned the data (a registration must agree)
+        self.partition_sizes = None if partition_sizes is None else [int(n) for n in partition_sizes]
+        self.excluded: list[tuple[int, str]] = []  # (node, why its registration was refused)
         self.layer_names = tuple(lod_layers(method.template))
         self.devices: dict[int, DeviceCapability] = {}
         self.partition_of: dict[int, int] = {}
@@ -116,27 +132,62 @@ class SubModelStrategy(Strategy):
         ]
 
     def register(self, replies: Iterable[Message]) -> None:
-        for msg in replies:
+        """Take every registration that passes the checks a devices file gets; exclude the others with a reason.
+
+        Never raises on a reply: a bad one costs its client the run, not the federation.
+        """
+        claimed: dict[int, int] = {}  # partition -> node
+        for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
             node = msg.metadata.src_node_id
-            if msg.has_error():
-                log(INFO, "registration failed on node %s: %s", node, msg.error.reason)
+            reason, partition, examples, device = self._check_registration(msg, claimed)
+            if reason is not None:
+                self.excluded.append((node, reason))
+                log(WARNING, "node %s is excluded from the run: %s", node, reason)
                 continue
-            try:
-                m = msg.content[P.METRICS]
-                self.partition_of[node] = int(m[P.PARTITION_ID])
-                self.examples_of[node] = int(m[P.NUM_EXAMPLES])
-                self.devices[node] = DeviceCapability(
-                    tier=int(m[P.DEVICE_TIER]),
-                    macs_per_s=float(m[P.DEVICE_MACS_PER_S]),
-                    memory_bytes=float(m[P.DEVICE_MEMORY]),
-                    up_bps=float(m[P.DEVICE_UP_BPS]),
-                    down_bps=float(m[P.DEVICE_DOWN_BPS]),
-                    availability=float(m[P.DEVICE_AVAILABILITY]),
-                    rank_fraction=float(m[P.DEVICE_RANK_FRACTION]),
-                )
-            except (KeyError, TypeError, ValueError) as err:
-                log(INFO, "registration reply of node %s unusable: %s", node, err)
+            claimed[partition] = node
+            self.partition_of[node], self.examples_of[node], self.devices[node] = partition, examples, device
         self.set_population()
+
+    def _check_registration(self, msg: Message, claimed: Mapping[int, int]) -> tuple[str | None, int, int, Any]:
+        """``(why not, partition, examples, device)`` of one registration reply; never raises."""
+        if msg.has_error():
+            return f"registration failed: {str(msg.error.reason)[:200]}", -1, 0, None
+        try:
+            m = dict(msg.content[P.METRICS])
+            row = {"client_id": m[P.PARTITION_ID], "tier": m[P.DEVICE_TIER], "macs_per_s": m[P.DEVICE_MACS_PER_S],
+                   "memory_bytes": m[P.DEVICE_MEMORY], "up_bps": m[P.DEVICE_UP_BPS], "down_bps": m[P.DEVICE_DOWN_BPS],
+                   "availability": m[P.DEVICE_AVAILABILITY], "rank_fraction": m[P.DEVICE_RANK_FRACTION]}
+            raw_examples = m[P.NUM_EXAMPLES]
+        except Exception as err:  # noqa: BLE001 - any unreadable reply is a refused registration
+            return f"registration unreadable ({type(err).__name__}: {str(err)[:100]})", -1, 0, None
+        try:
+            partition, device = check_device(row, "registration")
+        except PopulationError as err:
+            return str(err), -1, 0, None
+        if partition >= self.cfg.num_clients:
+            return f"registration: partition id {partition} is not in [0, {self.cfg.num_clients})", -1, 0, None
+        if partition in claimed:
+            return f"registration: partition {partition} is already registered by node {claimed[partition]}", -1, 0, None
+        tiers = self.tiers_allowed()
+        if tiers is not None and device.tier not in tiers:
+            return f"registration: tier {device.tier} is not one of the population's tiers {sorted(tiers)}", -1, 0, None
+        examples = _whole_number(raw_examples)
+        known = self.partition_sizes[partition] if self.partition_sizes is not None else None
+        if examples is None or examples <= 0:
+            return f"registration: {P.NUM_EXAMPLES} must be an integer > 0, got {str(raw_examples)[:40]!r}", -1, 0, None
+        if known is not None and examples != known:
+            return (f"registration: {P.NUM_EXAMPLES} = {examples}, but partition {partition} holds {known} training "
+                    "examples"), -1, 0, None
+        return None, partition, examples, device
+
+    def tiers_allowed(self) -> set[int] | None:
+        """The tiers the run's population has (``None``: not known to the server)."""
+        if self.cfg.devices:
+            try:
+                return {d.tier for d in load_population(self.cfg.devices, self.cfg.num_clients)}
+            except Exception:  # noqa: BLE001 - checked before the run; a population only the clients can load
+                return None
+        return set(range(len(self.cfg.tier_shares)))
 
     def set_population(self) -> None:
         """Derive what every round needs from the registered devices (once, not per round)."""
@@ -327,7 +378,7 @@ class SubModelStrategy(Strategy):
             if reason is None:
                 sent, sent_norm = self.sent(task)
                 reason = check_reply(arrays, facts, task, self.examples_of.get(node), sent, self.cfg.max_update_norm,
-                                     sent_norm)
+                                     sent_norm, num_classes=getattr(self.method.inputs, "num_classes", None))
             if reason is not None:
                 row.status, row.reason = "malformed", reason
             elif self.cfg.round_deadline_s > 0 and row.round_seconds > self.cfg.round_deadline_s:
@@ -345,7 +396,15 @@ class SubModelStrategy(Strategy):
         self.client_rounds.sort(key=lambda r: r.partition_id)
         if not updates:
             return None, None
-        merged = self.method.merge_updates(self.current, updates, server_round)
+        try:
+            merged = self.method.merge_updates(self.current, updates, server_round)
+        except Exception as err:  # noqa: BLE001 - a server rule that fails costs this round, never the run
+            reason = f"the server rule failed on this round's replies: {type(err).__name__}: {str(err)[:200]}"
+            log(ERROR, "round %s: %s; the global model is unchanged", server_round, reason)
+            for row in self.client_rounds:
+                if row.status == "ok":
+                    row.status, row.reason = "failed", reason
+            return None, None
         ok = [r for r in self.client_rounds if r.status == "ok"]
         total = sum(r.num_examples for r in ok)
         metrics = MetricRecord(

@@ -258,7 +258,7 @@ def test_a_replaced_partition_cache_file_is_not_trusted(tmp_path: Path, monkeypa
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
     labels = np.repeat(np.arange(5), 20)
     first = partition.partition_indices(labels, 4, "iid", seed=0)
-    (cache,) = (tmp_path / "maestro-fl-partitions").glob("*.npz")
+    (cache,) = tmp_path.glob("maestro-fl-*/partitions/*.npz")
     np.savez(cache, indices=np.array([0, 1, 2] * 4), sizes=np.array([3, 3, 3, 3]))  # the same 3 examples each
     again = partition.partition_indices(labels, 4, "iid", seed=0)
     assert all(np.array_equal(a, b) for a, b in zip(first, again))

@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from dataclasses import dataclass
 
 from maestro_fl.config import ConfigError, SimConfig, TrainConfig, describe, resolve
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunInterrupted as err:
         print(f"maestro-fl {command}: {err}", file=sys.stderr)
-        return 130
+        return err.exit_code
 
 
 def _train(file: str | None, overrides: list[str]) -> int:
@@ -219,8 +220,21 @@ def _sweep(file: str | None, overrides: list[str]) -> int:
 
     if is_protocol(file):
         print(f"comparison: {run_protocol(file) / 'comparison.csv'}")
-    else:
-        print(f"results: {run_sweep(file) / 'results.csv'}")
+        return 0
+    root = run_sweep(file)
+    print(f"results: {root / 'results.csv'}")
+    return _report_failures("sweep", root)
+
+
+def _report_failures(command: str, root: Path) -> int:
+    """Exit 1, naming them, when any run of a sweep or comparison failed (its table holds the others)."""
+    from ..sweeps.sweep import failed_runs
+
+    failed = failed_runs(root)
+    if failed:
+        print(f"maestro-fl {command}: {len(failed)} run(s) failed: {', '.join(failed[:10])}"
+              f"{' ...' if len(failed) > 10 else ''}; each has an error.txt in {root}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -229,8 +243,8 @@ def _compare(file: str | None, overrides: list[str]) -> int:
 
     if file is not None:
         raise ConfigError("compare takes key=value overrides only")
-    run_compare(overrides)
-    return 0
+    root = run_compare(overrides)
+    return _report_failures("compare", root)
 
 
 def _flwr_run(file: str | None, overrides: list[str]) -> int:

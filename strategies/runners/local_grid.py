@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from flwr.app import Message
 from flwr.clientapp import ClientApp
 
-from .ray_grid import NodeGrid, RoundInterrupted, run_client_app
+from .ray_grid import NodeGrid, RoundInterrupted, check_sender, run_client_app
 
 
 class LocalGrid(NodeGrid):
@@ -38,7 +38,7 @@ class LocalGrid(NodeGrid):
             if self.should_stop():
                 raise RoundInterrupted("stop requested")
             started = time.perf_counter()
-            reply = run_client_app(self.client_app, msg, self.contexts[msg.metadata.dst_node_id])
+            reply = check_sender(msg, run_client_app(self.client_app, msg, self.contexts[msg.metadata.dst_node_id]))
             if timeout is None or time.perf_counter() - started <= timeout:
                 replies.append(reply)
         return replies

@@ -17,6 +17,7 @@ user's machine and the network.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -24,12 +25,13 @@ import tempfile
 from pathlib import Path
 
 from maestro_fl import protocol as P
-from maestro_fl.config import ConfigError, SimConfig, resolve, to_dict
+from maestro_fl.config import RESUMABLE, ConfigError, SimConfig, resolve, to_dict
 from maestro_fl.federated import check_task, share_task
 from maestro_fl.references import OBJECT_PREFIX
-from maestro_fl.results import RunDir, new_run_dir, timestamp
+from maestro_fl.results import RunDir, new_run_dir, safe_name, timestamp
 
 from ..server_app import StopRequest, print_final, run_server, wait_for_nodes
+from .process_reaper import reaped
 
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -55,11 +57,6 @@ def load_ref(ref: str):  # type: ignore[no-untyped-def]
     return getattr(importlib.import_module(module), attr)
 
 
-#: what a resumed run may change: how and where it executes, and how long it goes on
-RESUMABLE = ("rounds", "progress", "backend", "num_cpus_per_client", "num_gpus_per_client", "ray_address",
-             "round_timeout_s", "resume", "out_dir", "run_name")
-
-
 def prepare_run_dir(cfg: SimConfig) -> tuple[SimConfig, Path]:
     """A new run directory, or the one to resume with its saved config.
 
@@ -80,7 +77,7 @@ def prepare_run_dir(cfg: SimConfig) -> tuple[SimConfig, Path]:
                               f"Allowed with resume: {', '.join(RESUMABLE[:-3])}")
         saved.update({k: given[k] for k in RESUMABLE if given[k] != defaults[k]} | {"resume": str(run_dir)})
         return resolve(SimConfig, overrides=saved), run_dir
-    name = cfg.run_name or f"sim-{cfg.dataset}-{cfg.model}-s{cfg.seed}-{timestamp()}"
+    name = cfg.run_name or safe_name(f"sim-{cfg.dataset}-{cfg.model}-s{cfg.seed}-{timestamp()}")
     run_dir = new_run_dir(cfg.out_dir, name)
     RunDir(run_dir).save_config(to_dict(cfg))
     return cfg, run_dir
@@ -108,7 +105,7 @@ def run_simulation(cfg: SimConfig) -> Path:
         check_task(cfg)  # data, partition and model, before a run directory exists
     cfg, run_dir = prepare_run_dir(cfg)
     quiet_flower()
-    with StopRequest() as stop:
+    with RunDir(run_dir).lock(), StopRequest() as stop:
         if cfg.backend == "local":
             from .local_grid import LocalGrid
 
@@ -141,6 +138,15 @@ def ray_init_args(cfg_address: str) -> dict[str, object]:
 def _run_on_ray_grid(cfg: SimConfig, run_dir: Path, stop: StopRequest) -> list[dict[str, object]]:
     import ray
 
+    if ray.is_initialized() or cfg.ray_address:  # a Ray someone else started: its processes are not ours to end
+        return _run_on_ray(cfg, run_dir, stop)
+    with reaped():  # every process of the Ray started here ends with the run, SIGKILL of this one included
+        return _run_on_ray(cfg, run_dir, stop)
+
+
+def _run_on_ray(cfg: SimConfig, run_dir: Path, stop: StopRequest) -> list[dict[str, object]]:
+    import ray
+
     from .ray_grid import RayGrid, export_objects
 
     started_here = not ray.is_initialized()
@@ -148,6 +154,7 @@ def _run_on_ray_grid(cfg: SimConfig, run_dir: Path, stop: StopRequest) -> list[d
         LOG.info("starting Ray (%s)", f"attaching to {cfg.ray_address}" if cfg.ray_address else
                  f"a local instance, {os.cpu_count()} CPUs")
         ray.init(**ray_init_args(cfg.ray_address))
+    stop.install()  # ray.init replaced the SIGTERM handler with one that exits at once
     grid = None
     shared = Path(tempfile.mkdtemp(prefix="maestro-fl-data-"))
     try:
@@ -160,7 +167,8 @@ def _run_on_ray_grid(cfg: SimConfig, run_dir: Path, stop: StopRequest) -> list[d
         LOG.info("starting %s client actor(s) of %g CPU(s) each", actors, cfg.num_cpus_per_client)
         grid = RayGrid(P.CLIENTAPP_REF, cfg.num_clients, num_actors=actors,
                        actor_options={"num_cpus": cfg.num_cpus_per_client, "num_gpus": cfg.num_gpus_per_client},
-                       env=env, should_stop=stop.requested, objects=export_objects(*object_fields(cfg)))
+                       env=env, should_stop=stop.requested, objects=export_objects(*object_fields(cfg)),
+                       warmup=(P.CLIENT_WARMUP_REF, json.dumps(to_dict(cfg))))
         placed = grid.placement(cfg.round_timeout_s)
         LOG.info("%s client actor(s) started on %s Ray node(s)%s", sum(placed.values()), len(placed),
                  "" if sum(placed.values()) == actors else f"; {actors - sum(placed.values())} not (yet)")
@@ -198,13 +206,14 @@ def _run_on_flower_engine(cfg: SimConfig, run_dir: Path) -> list[dict[str, objec
         "init_args": ray_init_args(cfg.ray_address),
     }
     try:
-        flower_run_simulation(
-            server_app=server_app,
-            client_app=load_ref(P.CLIENTAPP_REF),
-            num_supernodes=cfg.num_clients,
-            backend_name="ray",
-            backend_config=backend_config,
-        )
+        with reaped():
+            flower_run_simulation(
+                server_app=server_app,
+                client_app=load_ref(P.CLIENTAPP_REF),
+                num_supernodes=cfg.num_clients,
+                backend_name="ray",
+                backend_config=backend_config,
+            )
     finally:
         if ray.is_initialized():  # Flower shuts Ray down on success; make sure of it on failure too
             ray.shutdown()

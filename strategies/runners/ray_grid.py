@@ -39,7 +39,10 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 #: Error codes of replies the grid makes itself
-CLIENT_EXCEPTION, PROCESS_DIED = 0, 1
+CLIENT_EXCEPTION, PROCESS_DIED, WRONG_SENDER = 0, 1, 2
+#: seconds without any message starting or finishing after which a round is abandoned: only an engine that
+#: cannot start its actors at all gets there (a message's own timeout starts when the message starts)
+STALL_SECONDS = 900.0
 
 
 class RoundInterrupted(RuntimeError):
@@ -97,6 +100,24 @@ def run_client_app(app: Any, msg: Message, context: Context) -> Message:
         return Message(Error(code=CLIENT_EXCEPTION, reason=f"{type(err).__name__}: {err}"[-1000:]), reply_to=msg)
 
 
+def check_sender(msg: Message, reply: Any) -> Message:
+    """``reply`` if it answers ``msg`` from ``msg``'s node; otherwise an error reply in its place.
+
+    The grid knows which message each reply answers, so a ClientApp cannot
+    answer as another node (its reply would count for that node's client).
+    """
+    if not isinstance(reply, Message):
+        reason = f"the ClientApp returned a {type(reply).__name__}, not a Message"
+    elif reply.metadata.src_node_id != msg.metadata.dst_node_id:
+        reason = (f"reply claims to come from node {reply.metadata.src_node_id}, but answers the message sent to "
+                  f"node {msg.metadata.dst_node_id}")
+    elif reply.metadata.message_type != msg.metadata.message_type:
+        reason = f"reply is a {reply.metadata.message_type!r} message, the message was {msg.metadata.message_type!r}"
+    else:
+        return reply
+    return Message(Error(code=WRONG_SENDER, reason=reason), reply_to=msg)
+
+
 class NodeGrid(Grid):
     """A Grid over nodes ``1..num_nodes`` (partition ids ``0..num_nodes-1``) that only does
     ``send_and_receive``: what :class:`RayGrid` and ``LocalGrid`` share."""
@@ -134,7 +155,7 @@ class ClientWorker:
     """
 
     def __init__(self, client_app_ref: str, env: dict[str, str], threads: int, sys_path: list[str],
-                 objects: bytes = b"") -> None:
+                 objects: bytes = b"", warmup: tuple[str, str] | None = None) -> None:
         os.environ.update(env)
         use_driver_path(sys_path)
         install_objects(objects)
@@ -145,6 +166,9 @@ class ClientWorker:
         from .ray_engine import load_ref
 
         self.app = load_ref(client_app_ref)
+        if warmup is not None:  # build what every message needs (data, model) before the first message starts
+            ref, arg = warmup
+            load_ref(ref)(arg)
         self.cancelled: set[tuple[int, int]] = set()  # (dispatch, message index)
         self.lock = threading.Lock()
 
@@ -183,6 +207,8 @@ class _Running:
     dispatch: int
     batch: list[int]
     started: set[int] = field(default_factory=set)
+    current: int | None = None  # the message it is working on, and since when (driver's monotonic clock)
+    since: float = 0.0
 
 
 class RayGrid(NodeGrid):
@@ -206,6 +232,9 @@ class RayGrid(NodeGrid):
         Polled while waiting; when it returns True the round is abandoned.
     objects : bytes, optional
         The Python API's objects the run refers to (:func:`export_objects`), registered in every actor.
+    warmup : (str, str), optional
+        ``(reference, argument)``: a function every actor calls with the argument when it starts, before
+        it takes a message (the ClientApp's data and model), so that no message's timeout pays for it.
     """
 
     def __init__(
@@ -219,6 +248,7 @@ class RayGrid(NodeGrid):
         batch_size: int | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         objects: bytes = b"",
+        warmup: tuple[str, str] | None = None,
     ) -> None:
         import ray
 
@@ -232,6 +262,7 @@ class RayGrid(NodeGrid):
         self.batch_size = batch_size
         self.should_stop = should_stop
         self.objects = ray.put(objects)  # once in the object store, however many actors are (re)started
+        self.warmup = warmup
         self._remote = ray.remote(ClientWorker)
         self.actors = [self._new_actor() for _ in range(max(1, num_actors))]
         self.restarts = 0  # actors replaced after a death or a hang
@@ -253,7 +284,7 @@ class RayGrid(NodeGrid):
 
     def _new_actor(self):  # type: ignore[no-untyped-def]
         return self._remote.options(max_concurrency=2, **self.actor_options).remote(
-            self.client_app_ref, self.env, self.threads, self.sys_path, self.objects)
+            self.client_app_ref, self.env, self.threads, self.sys_path, self.objects, self.warmup)
 
     def _replace(self, slot: int) -> None:
         self._ray.kill(self.actors[slot], no_restart=True)
@@ -262,20 +293,26 @@ class RayGrid(NodeGrid):
 
     # -- Grid API -----------------------------------------------------------------------------
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Every message through the ClientApp of its node; the replies that came within ``timeout``.
+        """Every message through the ClientApp of its node; the replies that came within ``timeout`` of their start.
 
-        A client whose process dies gets an error reply; one still running at
-        ``timeout`` gets none (the server records it as timed out).
+        A message's ``timeout`` starts when its ClientApp starts on an actor
+        (started, warm actors: never while it waits in the queue or for an actor
+        to start), so a loaded machine makes a round slower, never different. A
+        client whose process dies gets an error reply; one still running
+        ``timeout`` seconds after it started gets none (the server records it as
+        timed out), and only its actor is replaced.
         """
         ray = self._ray
         messages = list(messages)
-        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        limit = math.inf if timeout is None else timeout
+        last_event = time.monotonic()
         batch = self.batch_size or max(1, math.ceil(len(messages) / (4 * len(self.actors))))
         queue: deque[list[int]] = deque(
             list(range(i, min(i + batch, len(messages)))) for i in range(0, len(messages), batch)
         )
         replies: dict[int, Message] = {}
         running: dict[int, _Running] = {}
+        abandoned: set[int] = set()  # timed out: never retried, never answered
         while queue or running:
             for slot in range(len(self.actors)):  # hand out work to idle actors
                 if slot not in running:
@@ -293,19 +330,30 @@ class RayGrid(NodeGrid):
                 for slot in list(running):
                     self._replace(slot)
                 raise RoundInterrupted("stop requested")
-            wait = min(0.2, max(0.0, deadline - time.monotonic()))
             gens = [r.gen for r in running.values()]
             # as soon as any item is ready (waiting for all would leave a finished actor idle up to 0.2 s),
             # then every item ready by now
-            ready, _ = ray.wait(gens, num_returns=1, timeout=wait)
+            ready, _ = ray.wait(gens, num_returns=1, timeout=0.2)
             if ready and len(gens) > 1:
                 ready, _ = ray.wait(gens, num_returns=len(gens), timeout=0)
             ready_ids = {id(g) for g in ready}
             for slot, job in list(running.items()):
                 if id(job.gen) in ready_ids:
                     self._advance(slot, job, running, queue, messages, replies)
-            if time.monotonic() >= deadline:
-                for slot in list(running):  # abandon whatever is still running (hung or slow clients)
+                    last_event = time.monotonic()
+            now = time.monotonic()
+            for slot, job in list(running.items()):  # a client running past its own timeout: abandon it alone
+                if job.current is not None and job.current not in replies and now - job.since > limit:
+                    abandoned.add(job.current)
+                    del running[slot]
+                    self._replace(slot)
+                    rest = [i for i in job.batch if i not in replies and i not in abandoned]
+                    if rest:  # the batch's messages it had not finished go to the other actors
+                        queue.appendleft(rest)
+                    queue = deque(ids for ids in ([i for i in b if i not in abandoned] for b in queue) if ids)
+            working = any(job.current is not None for job in running.values())
+            if not working and now - last_event > STALL_SECONDS:
+                for slot in list(running):  # no message started or finished for that long: no actor can start
                     self._replace(slot)
                 break
         return [replies[i] for i in sorted(replies)]
@@ -341,10 +389,13 @@ class RayGrid(NodeGrid):
             return
         if item[0] == "start":
             job.started.add(item[1])
+            job.current, job.since = item[1], time.monotonic()
         else:
             _, i, reply, context = item
+            if job.current == i:
+                job.current = None
             if i not in replies:  # a message moved to another actor may come back twice: the first counts
-                replies[i] = reply
+                replies[i] = check_sender(messages[i], reply)
                 self.contexts[messages[i].metadata.dst_node_id] = context
 
     def _steal(self, queue: deque[list[int]], running: dict[int, _Running], replies: dict[int, Message]) -> None:

@@ -45,7 +45,7 @@ import pandas as pd
 
 from maestro_fl.config import ConfigError, SimConfig, read_toml, resolve, to_dict
 from maestro_fl.methods import METHODS
-from maestro_fl.results import CHECKPOINT_FILE, CONFIG_FILE, RunDir, RunDirError
+from maestro_fl.results import CHECKPOINT_FILE, CONFIG_FILE, RunDir, RunDirError, check_name, safe_name
 
 from ..runners.ray_engine import object_fields, quiet_flower
 from ..runners.ray_grid import export_objects
@@ -71,7 +71,23 @@ class Sweep:
 
 def _run_name(values: dict[str, Any]) -> str:
     text = ",".join(f"{k}={'-'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in values.items())
-    return re.sub(r"[^A-Za-z0-9=,._-]", "_", text)
+    name = re.sub(r"[^A-Za-z0-9=,._-]", "_", text)
+    if len(name) > 100:  # a file name has 255 bytes: a long grid point keeps its start and a digest of the rest
+        import hashlib
+
+        name = f"{name[:90]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
+
+
+def failed_runs(root: str | Path) -> list[str]:
+    """The runs of a sweep directory's ``results.csv`` that failed (each has an ``error.txt``)."""
+    path = Path(root) / "results.csv"
+    if not path.is_file():
+        return []
+    table = pd.read_csv(path, keep_default_na=False)
+    if "status" not in table or "run" not in table:
+        return []
+    return sorted(set(table.loc[table["status"] != "ok", "run"].astype(str)))
 
 
 def load_sweep(path: str | Path, base: dict[str, Any] | None = None) -> Sweep:
@@ -115,6 +131,15 @@ def build_sweep(
             raise ConfigError(f"[grid]: unknown config key {key!r}; allowed keys: {sorted(names)}")
         if not isinstance(values, list) or not values:
             raise ConfigError(f"[grid].{key} must be a non-empty list of values, got {values!r}")
+    for where, table in (("[base]", base), ("[grid]", grid), *((f"[methods.{m}]", v) for m, v in methods.items())):
+        placed = sorted(set(table) & {"resume", "run_name"})
+        if placed:
+            raise ConfigError(f"{where}: {placed[0]} cannot be set in a sweep: every run gets its own run directory "
+                              "(out_dir/name/RUN), and running the sweep again resumes its unfinished runs")
+    try:
+        check_name("[sweep].name", str(head.get("name", default_name)))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     runs = []
     for method, combo in itertools.product(methods, itertools.product(*grid.values())):
         values = ({"method": method} if method else {}) | dict(zip(grid, combo))
