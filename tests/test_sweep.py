@@ -37,7 +37,7 @@ def test_grid_runs_skips_finished_and_records_failures(tmp_path: Path, capsys: p
     empty = tmp_path / "empty"  # passes the config check (the folder exists), holds no MNIST: fails at run time
     empty.mkdir()
     spec = write(tmp_path, f'seed = [0, 1]\nalpha = [0.5, 1.0]\ndataset = ["digits", "mnist"]\ndata_root = ["{empty}"]')
-    assert main(["sweep", str(spec)]) == 0
+    assert main(["sweep", str(spec)]) == 1  # failed runs: exit 1, naming them
     results = pd.read_csv(tmp_path / "out" / "t" / "results.csv")
     runs = results.drop_duplicates("run")
     assert len(runs) == 8
@@ -47,11 +47,13 @@ def test_grid_runs_skips_finished_and_records_failures(tmp_path: Path, capsys: p
     assert set(ok["tier"]) == {0, 1} and ok["accuracy"].between(0, 1).all()
     for run in failed["run"]:
         assert (tmp_path / "out" / "t" / run / "error.txt").read_text().strip()
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "[8/8 done, 0 running, 4 failed]" in out and "FAILED" in out  # runs done, running, failed
+    assert "4 run(s) failed: " in captured.err and "dataset=mnist" in captured.err
 
     # again: the four finished runs are skipped, the four failed ones are tried again
-    assert main(["sweep", str(spec)]) == 0
+    assert main(["sweep", str(spec)]) == 1
     out = capsys.readouterr().out
     assert "4 finished already" in out and "[4/4 done, 0 running, 4 failed]" in out
     again = pd.read_csv(tmp_path / "out" / "t" / "results.csv")
