@@ -46,7 +46,7 @@ class ReplyFacts:
     problems: tuple[str, ...] = ()
 
 
-def _number(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
     """A finite real number from a metric value, or ``None``."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         return None
@@ -65,7 +65,7 @@ def read_metrics(metrics: Mapping[str, Any]) -> ReplyFacts:
         if key not in metrics:
             problems.append(f"'{key}' missing")
             continue
-        x = _number(metrics[key])
+        x = finite_number(metrics[key])
         if x is None or x < 0 or (integral and x != int(x)):
             kind = "a non-negative integer" if integral else "a finite number >= 0"
             problems.append(f"'{key}' must be {kind}, got {str(metrics[key])[:40]!r}")
@@ -76,19 +76,19 @@ def read_metrics(metrics: Mapping[str, Any]) -> ReplyFacts:
         problems.append(f"'{P.TRAIN_LOSS}' missing")
     elif isinstance(loss, bool) or not isinstance(loss, (int, float, np.integer, np.floating)):
         problems.append(f"'{P.TRAIN_LOSS}' must be a number, got {str(loss)[:40]!r}")  # a NaN loss is a fact, not a fault
-    wall = _number(metrics.get(P.WALL_SECONDS, 0.0))
+    wall = finite_number(metrics.get(P.WALL_SECONDS, 0.0))
     labels: tuple[int, ...] = ()
     if P.LABELS in metrics:
         raw = metrics[P.LABELS]
         items = raw if isinstance(raw, (list, tuple)) else [raw]
-        parsed = [_number(v) for v in items]
+        parsed = [finite_number(v) for v in items]
         if any(v is None or v < 0 or v != int(v) for v in parsed):
             problems.append(f"'{P.LABELS}' must be class indices, got {str(raw)[:40]!r}")
         else:
             labels = tuple(sorted({int(v) for v in parsed if v is not None}))
     return ReplyFacts(
         num_examples=int(values.get(P.NUM_EXAMPLES, 0)),
-        train_loss=float(loss) if _number(loss) is not None else float("nan"),
+        train_loss=float(loss) if finite_number(loss) is not None else float("nan"),
         macs=values.get(P.MACS, 0.0),
         compute_s=values.get(P.COMPUTE_SECONDS, 0.0),
         download_s=values.get(P.DOWNLOAD_SECONDS, 0.0),

@@ -22,7 +22,6 @@ per sampled client (``benchmarks/server_round.py``).
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from logging import DEBUG, ERROR, INFO, WARNING
@@ -43,7 +42,7 @@ from maestro_fl.convert import lod_layers
 from maestro_fl.footprint import footprint
 from maestro_fl.population import PopulationError, check_device, load_population
 from maestro_fl.methods import Assignment, ClientTask, FederatedMethod, Update
-from maestro_fl.replies import check_reply, read_metrics, squared_norm
+from maestro_fl.replies import check_reply, finite_number, read_metrics, squared_norm
 from maestro_fl.results import ClientRound
 from maestro_fl.submodels import Index, index_shape, take
 
@@ -68,13 +67,8 @@ def named_part(name: str, index: tuple[object, ...]) -> tuple[str, tuple[object,
 
 def _whole_number(value: Any) -> int | None:
     """``value`` as an int when it is a finite whole number (never raises: Inf, NaN, text and bools are ``None``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        return None
-    try:
-        x = float(value)
-    except (OverflowError, ValueError):
-        return None
-    return int(x) if math.isfinite(x) and x == int(x) else None
+    x = finite_number(value)
+    return int(x) if x is not None and x == int(x) else None
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

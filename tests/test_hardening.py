@@ -305,6 +305,7 @@ def test_a_corrupt_checkpoint_is_one_clear_line(tmp_path: Path, capsys: pytest.C
 
     RunDir(run).save_config(to_dict(cfg))
     (run / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:100])  # truncated
+    capsys.readouterr()  # the run's own phase lines
     assert main(["simulate", f"resume={run}", "rounds=2", "backend=local"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "checkpoint.pt: not a readable checkpoint" in err[0]

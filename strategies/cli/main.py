@@ -144,11 +144,27 @@ def _split(args: list[str]) -> tuple[str | None, list[str]]:
     return file, overrides
 
 
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler that writes to whatever ``sys.stderr`` is when it emits (not the one it was made with, which a
+    caller such as a notebook or a test may have replaced and closed since)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self):  # type: ignore[no-untyped-def]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+
 def configure_output(level: int) -> None:
     """Phase lines and warnings of ``maestro_fl`` to standard error, plain, at ``level``."""
     logger = logging.getLogger("maestro_fl")
     logger.handlers.clear()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)
