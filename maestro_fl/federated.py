@@ -31,7 +31,7 @@ from .methods import METHODS, FederatedMethod
 from .models import MODELS, InputSpec, build_model
 from .partition import PartitionError, partition_indices, train_val_split
 from .references import UnresolvedReference
-from .results import DEVICES, ROUNDS, CheckpointError, RunDir, complete_lines
+from .results import CHECKPOINT_FILE, DEVICES, ROUNDS, Checkpoint, CheckpointError, RunDir, complete_lines
 from .training import evaluate
 
 
@@ -251,8 +251,10 @@ def run_fingerprint(cfg: SimConfig, fed: Federation) -> dict[str, Any]:
     }
 
 
-def check_resume(run: RunDir, cfg: SimConfig, fed: Federation) -> int:
-    """Verify a run directory before anything of it is changed; returns the checkpoint's round (0: none yet).
+def check_resume(run: RunDir, cfg: SimConfig, fed: Federation, fingerprint: dict[str, Any]) -> Checkpoint | None:
+    """Verify a run directory before anything of it is changed; returns its checkpoint (``None``: none yet).
+
+    ``fingerprint`` is :func:`run_fingerprint` of ``cfg`` and ``fed``.
 
     The checkpoint must be this run's (its fingerprint equals the one the
     config builds: no field of ``config.json`` edited, the same model shapes,
@@ -262,8 +264,8 @@ def check_resume(run: RunDir, cfg: SimConfig, fed: Federation) -> int:
     """
     checkpoint = run.checkpoint()
     if checkpoint is not None:
-        want, got = run_fingerprint(cfg, fed), checkpoint.fingerprint
-        ckpt = run / "checkpoint.pt"
+        want, got = fingerprint, checkpoint.fingerprint
+        ckpt = run / CHECKPOINT_FILE
         changed = sorted(k for k in set(want["config"]) | set(got.get("config", {}))
                          if want["config"].get(k) != got.get("config", {}).get(k))
         if changed:
@@ -293,7 +295,7 @@ def check_resume(run: RunDir, cfg: SimConfig, fed: Federation) -> int:
                             f"num_clients = {len(fed.partitions)}")
     if problems:
         raise CheckpointError(f"{problems[0]}; the run directory cannot be resumed as it is (nothing was changed)")
-    return done
+    return checkpoint
 
 
 def arrays_problem(arrays: Mapping[str, np.ndarray], fed: Federation) -> str | None:

@@ -156,7 +156,9 @@ def run_server(
     LOG.info("building the data and the model: %s, %s, %s clients (%s partition)", cfg.dataset, cfg.model,
              cfg.num_clients, cfg.partition)
     fed = federation(cfg)
-    done = check_resume(run, cfg, fed)  # before anything in the run directory changes: refuse, naming what differs
+    fingerprint = run_fingerprint(cfg, fed)
+    # before anything in the run directory changes: refuse, naming what differs
+    checkpoint = check_resume(run, cfg, fed, fingerprint)
     strategy = SubModelStrategy(fed.method, cfg, partition_sizes=[len(train) for train, _ in fed.partitions])
 
     # registration: every node reports its device
@@ -179,12 +181,12 @@ def run_server(
 
     arrays = {k: v.detach().numpy().copy() for k, v in fed.template.state_dict().items()}
     start = 1
-    if done and (checkpoint := run.checkpoint()) is not None:
+    if checkpoint is not None:
         start, arrays = checkpoint.round + 1, checkpoint.arrays
         LOG.info("resuming %s after round %s", run_dir, checkpoint.round)
     run.trim(start - 1)  # rows written after the checkpoint (or before any) are redone, never duplicated
     callbacks = [*default_callbacks(cfg, run, strategy, fed.data.test, fed.data.spec, fed.validation,
-                                    fingerprint=run_fingerprint(cfg, fed)), *extra_callbacks]
+                                    fingerprint=fingerprint), *extra_callbacks]
     for cb in callbacks:
         cb.on_run_start(start, cfg.rounds)
     done_round = start - 1
