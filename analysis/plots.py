@@ -140,12 +140,30 @@ def footprint_points(run_dir: str | Path, x: str = "params") -> pd.DataFrame:
     return out
 
 
-def is_dense_reference(run_dir: str | Path) -> bool:
-    """A dense FedAvg run (``strategy = fedavg_dense``): every tier holds the full model; a reference line."""
+#: how each kind of reference run is drawn: one model for every tier, so a horizontal line, not a curve
+REFERENCE_LINES = {
+    "dense": ("dense, every device (reference)", "--", "0.45"),
+    "exclusive": ("dense, only the devices that afford it (reference)", "-.", "0.6"),
+    "homogeneous": ("every device at full size: the homogeneous bound (reference)", ":", "0.15"),
+}
+
+
+def reference_kind(run_dir: str | Path) -> str:
+    """Which reference a run is (a key of :data:`REFERENCE_LINES`), or ``''`` for a method's own run.
+
+    Dense FedAvg ignores budgets, ``fedavg_exclusive`` trains only where the full
+    model fits, and ``ignore_budgets`` gives any method its homogeneous bound:
+    each deploys one model at every tier.
+    """
     try:
-        return RunDir(run_dir).config().get("strategy") == "fedavg_dense"
+        config = RunDir(run_dir).config()
     except RunDirError:
-        return False
+        return ""
+    if config.get("strategy") == "fedavg_dense":
+        return "dense"
+    if config.get("strategy") == "fedavg_exclusive":
+        return "exclusive"
+    return "homogeneous" if config.get("ignore_budgets") else ""
 
 
 def keep_accuracy_span(ax: plt.Axes, span: float = MIN_ACCURACY_SPAN) -> None:
@@ -176,28 +194,29 @@ def accuracy_vs_footprint(
 
     Runs sharing a label (seeds) are averaged, with their standard deviation as
     error bars; a label with one run shows the spread of its last rounds
-    (:data:`LAST_ROUNDS`). Dense FedAvg, which ignores budgets, is a reference
-    line with its spread as a band, not a curve.
+    (:data:`LAST_ROUNDS`). A reference run (:func:`reference_kind`: dense FedAvg, FedAvg over the
+    devices that afford the full model, a homogeneous bound) is a line with its spread as a band, not a curve.
     """
     labels = list(labels) if labels is not None else [Path(r).name for r in run_dirs]
-    frames = [footprint_points(r, x).assign(method=m, run=str(r), dense=is_dense_reference(r))
+    frames = [footprint_points(r, x).assign(method=m, run=str(r), reference=reference_kind(r))
               for r, m in zip(run_dirs, labels)]
     data = pd.concat(frames)
     methods = list(dict.fromkeys(data["method"]))
     many = len(methods) > 5  # a legend beside the axes, and 20 distinct colours past the default 10
     fig, ax = plt.subplots(figsize=(8.5, 4.5) if many else (6.5, 4))
     cmap = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
-    grays = {7} if cmap.N == 10 else {14, 15}  # gray is the dense reference line's
+    grays = {7} if cmap.N == 10 else {14, 15}  # grays are the reference lines'
     palette = [cmap(k) for k in range(cmap.N) if k not in grays]
     for i, (method, group) in enumerate(data.groupby("method", sort=False)):
         seeds = group["run"].nunique()
-        if group["dense"].all():  # the reference: one model for every tier
+        kind = group["reference"].iloc[0]
+        if kind:  # a reference: one model for every tier, a line with its spread as a band
             finals = group.groupby("run")["accuracy"].mean()
             mean = 100 * finals.mean()
             sd = 100 * (finals.std() if seeds > 1 else group["spread"].mean())
-            ax.axhline(mean, color="gray", linestyle="--", linewidth=1.2,
-                       label=f"{method}: dense, every tier (reference)")
-            ax.axhspan(mean - sd, mean + sd, color="gray", alpha=0.12, linewidth=0)
+            what, style, shade = REFERENCE_LINES[kind]
+            ax.axhline(mean, color=shade, linestyle=style, linewidth=1.2, label=f"{method}: {what}")
+            ax.axhspan(mean - sd, mean + sd, color=shade, alpha=0.10, linewidth=0)
             continue
         stats = group.groupby("tier").agg(x=("x", "mean"), acc=("accuracy", "mean"), sd=("accuracy", "std"),
                                           spread=("spread", "mean"), label=("label", "first"))

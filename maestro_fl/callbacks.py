@@ -43,6 +43,7 @@ class RoundResult:
     train_wall_seconds: float  # configure + clients + aggregate
     server_seconds: float  # configure_train + aggregate_train only
     started: float  # perf_counter at the round's start
+    before: dict[str, np.ndarray] | None = None  # the global model the round started from (None: unknown)
     tiers: list[dict[str, Any]] = field(default_factory=list)  # filled by CentralEvaluation
     row: dict[str, Any] = field(default_factory=dict)  # the rounds.csv row, filled by RoundTables
 

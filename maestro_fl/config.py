@@ -375,6 +375,8 @@ class SimConfig:
     weight_decay: float = 1e-4  # the authors' value
     sampler: str = "tiers"  # FjORD's rule on ranks (a tier's ranks per step): 'nested' loses 0.6 pp of validation on
     # digits and 1.8 on MNIST-1D (defaults check)
+    level_top_share: float = 0.0  # sampler 'tiers': the share of steps at the client's own level, the rest
+    # uniform over the lower levels; 0 = uniform over all its levels (FjORD's rule)
     clip_grad_norm: float = 2.0  # products of factors spike the gradient: unclipped, FedLoD diverges at the protocol's
     # lr (validation 11% on digits, 20% on MNIST-1D in the defaults check)
     lambda_gl: float = 0.0  # group lasso off: budgets, not learned ranks, set the federated footprint
@@ -393,6 +395,8 @@ class SimConfig:
     compute_budget_s: float = 15.0  # per-round compute a device may spend: tiers land at rank 0.15/0.25/0.4/0.7/1 on
     # digits and 0.25/0.4/0.7/1/1 on MNIST-1D (the protocol's runs): five and four distinct sub-models
     round_deadline_s: float = 0.0  # drop clients whose simulated round time exceeds this; 0 = no deadline
+    ignore_budgets: bool = False  # a reference run: every device trains the largest sub-model, as if all afforded it
+    # (the homogeneous bound: what the method's model reaches when no device is weak); tiers keep their labels
     # -- server --
     aggregation: str = "ordered"  # FedLoD's rule. 'ordered': per-component prefix averaging; 'ordered_products':
     # per nested rank level, the holders' mean U Vᵀ re-factored (no cross-term); 'svd': average U Vᵀ and re-factor;
@@ -420,6 +424,8 @@ class SimConfig:
     run_name: str = ""  # '' = sim-dataset-model-seed-timestamp
     resume: str = ""  # a run directory to continue from its last checkpoint
     progress: bool = True  # one line per round
+    diagnostics_every: int = 0  # LoD runs: components.csv every round, the whole rank ladder and per-layer cuts
+    # (ladder_rounds.csv, truncation.csv) every N rounds and at the last; 0 = off: ~13 + tiers x layers evaluations
     fault_injection: str = ""  # robustness testing: 'partition:kind[@round],...' (kinds: config.FAULT_KINDS)
 
     def validate(self) -> SimConfig:
@@ -448,6 +454,8 @@ class SimConfig:
         check_positive("dlrt_lr", self.dlrt_lr)
         check_fraction("flanc_basis", self.flanc_basis)
         check_fraction("width_floor_rank", self.width_floor_rank)
+        if not 0.0 <= self.level_top_share <= 1.0:
+            raise ConfigError(f"level_top_share must be in [0, 1], got {self.level_top_share!r}")
         check_non_negative("flanc_orthogonality", self.flanc_orthogonality)
         for name in ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "classes_per_client",
                      "client_threads"):
@@ -460,7 +468,7 @@ class SimConfig:
             check_positive(name, getattr(self, name))
         for name in ("momentum", "weight_decay", "lambda_gl", "compute_budget_s", "round_deadline_s"):
             check_non_negative(name, getattr(self, name))
-        for name in ("server_shrink_eps", "num_gpus_per_client", "max_update_norm"):
+        for name in ("server_shrink_eps", "num_gpus_per_client", "max_update_norm", "diagnostics_every"):
             check_non_negative(name, getattr(self, name))
         check_one_of("robust_merge", self.robust_merge, ("none", "median", "trimmed_mean"))
         if not 0.0 <= self.trim_fraction < 0.5:

@@ -147,9 +147,34 @@ LADDER = Table("ladder.csv", "rank fraction (maestro-fl train)", _cols(
     ("params_ratio", "params / dense_params"),
     ("macs_ratio", "macs / dense_macs"),
 ))
+COMPONENTS = Table("components.csv", "round, LoD layer and rank component (diagnostics_every > 0)", _cols(
+    ("round", "server round"),
+    ("layer", "LoD layer name"),
+    ("component", "rank component, from 1 (the ordered factors' column/row index + 1)"),
+    ("holders", "accepted clients that held the component this round (narrowed clients count: they hold a corner)"),
+    ("update_norm", "norm of the round's change of the component, sqrt(|dU[:, j]|^2 + |dV[j]|^2)"),
+    ("update_share", "its squared norm's share of the whole LoD model's squared update this round"),
+))
+LADDER_ROUNDS = Table("ladder_rounds.csv", "diagnosed round and rank fraction (diagnostics_every > 0)", _cols(
+    ("round", "server round (every diagnostics_every-th, and the last)"),
+    ("fraction", "the fraction every LoD layer's rank is cut to"),
+    ("accuracy", "test accuracy of the global model at that rank prefix"),
+    ("val_accuracy", "accuracy of the same on every client's validation split together"),
+    ("params", "parameters of that sub-model"),
+))
+TRUNCATION = Table("truncation.csv", "diagnosed round, tier and LoD layer (diagnostics_every > 0)", _cols(
+    ("round", "server round (every diagnostics_every-th, and the last)"),
+    ("tier", "device tier"),
+    ("layer", "LoD layer name"),
+    ("rank", "the tier's rank in the layer"),
+    ("max_rank", "the global model's rank in the layer"),
+    ("accuracy", "test accuracy of the global model with only this layer cut to the tier's rank"),
+    ("drop", "full-rank accuracy minus that: the part of the tier's loss this layer's cut causes alone"),
+))
 #: the tables a federated run writes round by round (trimmed together on resume)
-ROUND_TABLES = (ROUNDS, TIERS, CLIENTS)
-TABLES = {t.file: t for t in (ROUNDS, TIERS, CLIENTS, DEVICES, EPOCHS, RANKS, LADDER)}
+ROUND_TABLES = (ROUNDS, TIERS, CLIENTS, COMPONENTS, LADDER_ROUNDS, TRUNCATION)
+TABLES = {t.file: t for t in (ROUNDS, TIERS, CLIENTS, DEVICES, EPOCHS, RANKS, LADDER, COMPONENTS, LADDER_ROUNDS,
+                              TRUNCATION)}
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"

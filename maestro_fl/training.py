@@ -125,16 +125,24 @@ class TierLevelSampler(RankSampler):
     fractions of the client's *own* ranks, which no weaker tier deploys.
     """
 
-    def __init__(self, max_ranks: Mapping[str, int], generator: torch.Generator, levels: Sequence[Ranks]) -> None:
+    def __init__(self, max_ranks: Mapping[str, int], generator: torch.Generator, levels: Sequence[Ranks],
+                 top_share: float = 0.0) -> None:
         super().__init__(max_ranks, generator)
         for level in levels:
             over = {n: r for n, r in level.items() if r > max_ranks.get(n, 0)}
             if over:
                 raise ValueError(f"rank level {dict(level)} exceeds the model's ranks at {over}")
         self.levels = list(levels) or [dict(max_ranks)]
+        self.top_share = top_share  # P(the last level, the client's own); 0 = uniform over the levels (FjORD)
 
     def __call__(self) -> Ranks | None:
-        return dict(self.levels[int(torch.randint(len(self.levels), (1,), generator=self.generator))])
+        n = len(self.levels)
+        if self.top_share > 0 and n > 1:
+            # own level with probability top_share, else one of the lower levels uniformly
+            u = float(torch.rand((), generator=self.generator))
+            pick = n - 1 if u < self.top_share else int(torch.randint(n - 1, (1,), generator=self.generator))
+            return dict(self.levels[pick])
+        return dict(self.levels[int(torch.randint(n, (1,), generator=self.generator))])
 
 
 class FullRankSampler(RankSampler):
@@ -150,6 +158,7 @@ def make_sampler(
     generator: torch.Generator,
     fraction: float = 0.25,
     levels: Sequence[Ranks] = (),
+    top_share: float = 0.0,
 ) -> RankSampler:
     """The sampler ``name`` over ``model``'s ranks; ``levels`` are the rank levels of ``tiers``."""
     ranks = model_ranks(model)
@@ -164,7 +173,7 @@ def make_sampler(
     if name == "none":
         return FullRankSampler(ranks, generator)
     if name == "tiers":
-        return TierLevelSampler(ranks, generator, levels)
+        return TierLevelSampler(ranks, generator, levels, top_share)
     raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {name!r}")
 
 

@@ -26,6 +26,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from maestro_fl.callbacks import CentralEvaluation, Checkpointing, Progress, RoundCallback, RoundResult, RoundTables
+from maestro_fl.diagnostics import LoDDiagnostics
 from maestro_fl.config import SimConfig, parse_faults, resolve, to_dict
 from maestro_fl.federated import check_resume, federation, run_fingerprint
 from maestro_fl.results import DEVICES, FINAL_COLUMNS, TIERS, RunDir, format_table, new_run_dir, timestamp
@@ -98,6 +99,9 @@ def default_callbacks(cfg: SimConfig, run: RunDir, strategy: SubModelStrategy, t
         RoundTables(run, cfg.round_deadline_s),
         Checkpointing(run, fingerprint),
     ]
+    if cfg.diagnostics_every > 0:  # before the checkpoint: its rows are then never behind it
+        callbacks.insert(2, LoDDiagnostics(strategy.method, run, test, validation, inputs, cfg.diagnostics_every,
+                                           cfg.rounds))
     if cfg.progress:
         callbacks.append(Progress(cfg.rounds, lines=LOG.isEnabledFor(logging.DEBUG)))
     return callbacks
@@ -204,6 +208,7 @@ def run_server(
             received = time.perf_counter()
             # 3. aggregate the good replies
             merged, _ = strategy.aggregate_train(server_round, replies)
+            before = arrays
             if merged is not None:
                 arrays = to_numpy(merged)
             done = time.perf_counter()
@@ -211,6 +216,7 @@ def run_server(
             result = RoundResult(
                 round=server_round,
                 arrays=arrays,
+                before=before,
                 clients=strategy.client_rounds,
                 tier_costs=strategy.tier_costs(),
                 train_wall_seconds=done - started,

@@ -147,7 +147,7 @@ class LocalResult:
 
 #: the fields only the LoD methods (FedLoD and the methods built on it) read: how the factors start, and the
 #: width floor below the smallest rank prefix
-LOD_ONLY_FIELDS = frozenset({"init", "width_floor", "width_floor_rank"})
+LOD_ONLY_FIELDS = frozenset({"init", "width_floor", "width_floor_rank", "level_top_share"})
 
 
 class FederatedMethod(ABC):
@@ -214,12 +214,20 @@ class FederatedMethod(ABC):
         return self._tables[id(table)]
 
     def budget(self, table: Sequence[Cost], device: DeviceCapability, samples: int) -> Cost | None:
-        """The sub-model a device trains this round, or ``None`` when it affords none."""
+        """The sub-model a device trains this round, or ``None`` when it affords none.
+
+        With ``ignore_budgets`` (the homogeneous bound) every device trains the largest one.
+        """
+        if self.cfg.ignore_budgets:
+            return table[0]
         return affordable(table, device, **self._budget_terms(samples))
 
     def explain_budget(self, table: Sequence[Cost], device: DeviceCapability, samples: int) -> BudgetCheck:
         """:meth:`budget`'s choice and the constraint that sets it (``maestro-fl plan``)."""
-        return explain_budget(table, device, **self._budget_terms(samples))
+        check = explain_budget(table, device, **self._budget_terms(samples))
+        if self.cfg.ignore_budgets:
+            return dataclasses.replace(check, chosen=table[0], binding="ignored")
+        return check
 
     def _budget_terms(self, samples: int) -> dict[str, Any]:
         return {"batch_size": self.cfg.batch_size, "samples": samples, "epochs": self.cfg.local_epochs,

@@ -112,7 +112,8 @@ class FedLoD(FederatedMethod):
         augment: bool = False,
         device: torch.device | str = "cpu",
     ) -> LocalResult:
-        sampler = make_sampler(self.sampler, model, generator, levels=assignment.level_ranks)
+        sampler = make_sampler(self.sampler, model, generator, levels=assignment.level_ranks,
+                               top_share=self.cfg.level_top_share)
         lam = self.cfg.lambda_gl
         stats = self.epochs(
             model, data, RankDraw(model, sampler), self.sgd(model, lr), epochs=epochs, generator=generator,

@@ -46,7 +46,19 @@ METHODS: dict[str, dict[str, Any]] = {
     "flanc": {"strategy": "flanc"},
     "fedavg_dense": {"strategy": "fedavg_dense"},
     "fedavg_exclusive": {"strategy": "fedavg_exclusive"},
+    "fedlod_homogeneous": {"ignore_budgets": True},
 }
+
+#: the reference rows: what no heterogeneous method is, but each is judged against. Dense FedAvg (budgets
+#: ignored), FedAvg over the devices that afford the full model ("is including the weak devices worth it at
+#: all?"), and the homogeneous bound (the same federation with every device at FedLoD's full rank)
+REFERENCES = ("fedavg_dense", "fedavg_exclusive", "fedlod_homogeneous")
+
+
+def is_reference_method(values: dict[str, Any]) -> bool:
+    """Whether a method's SimConfig values make it a reference row (one model at every tier), not a method."""
+    ignored = str(values.get("ignore_budgets", False)).lower() in ("true", "1", "yes")
+    return values.get("strategy") in ("fedavg_dense", "fedavg_exclusive") or ignored
 
 COLUMNS = [
     ("method", "method", ""),

@@ -43,7 +43,7 @@ import pandas as pd
 from maestro_fl.config import ConfigError, read_toml
 from maestro_fl.results import CONFIG_FILE, RunDir, format_table
 
-from .compare import MATCHED_COLUMNS, matched_footprint, summarize
+from .compare import MATCHED_COLUMNS, is_reference_method, matched_footprint, summarize
 from .sweep import RESULT_FILE, Sweep, build_sweep, differing_fields, run_sweep
 
 PROTOCOL_KEYS = {"tune_seed", "seeds"}
@@ -136,7 +136,7 @@ def run_protocol(path: str | Path) -> Path:
         table[key] = [chosen[m][key] for m in table["method"]]
     table.to_csv(root / "comparison.csv", index=False)
     print("\n" + format_table(table.to_dict("records"), COLUMNS), flush=True)
-    others = [m for m in methods if m != "fedlod" and m != "fedavg_dense"]
+    others = [m for m in methods if m != "fedlod" and not is_reference_method(methods[m])]
     if "fedlod" in methods and others:  # FedLoD's one model cut at each other method's tier footprint
         matched = matched_footprint(final_root, results, against=others)
         matched.to_csv(root / "matched.csv", index=False)
