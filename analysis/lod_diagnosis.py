@@ -64,13 +64,13 @@ def ladder(run_dir: str | Path, out: str | Path | None = None) -> Figure:
         ax.plot(rows["fraction"], 100 * rows["accuracy"], marker=".", color=cmap(i / max(1, len(rounds) - 1)),
                 label=f"round {r}")
     last = tiers[tiers["round"] == tiers["round"].max()]
-    for _, t in last.iterrows():
-        ax.axvline(t["fraction"], color="0.6", linestyle=":", linewidth=1)
-        ax.annotate(f"t{int(t['tier'])}", (t["fraction"], ax.get_ylim()[0]), textcoords="offset points",
+    ax.set_ylim(0, 100)  # the whole scale: the ladder's shape, not a zoomed slope
+    for fraction, group in last.groupby("fraction"):  # tiers sharing a fraction share one label
+        ax.axvline(fraction, color="0.6", linestyle=":", linewidth=1)
+        ax.annotate(",".join(f"t{int(t)}" for t in group["tier"]), (fraction, 0), textcoords="offset points",
                     xytext=(2, 4), fontsize=7, color="0.4")
     ax.set_xlabel("rank fraction every LoD layer is cut to")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 100)  # the whole scale: the ladder's shape, not a zoomed slope
     ax.set_title(f"The global model along the rank ladder ({Path(run_dir).name}); dotted: the tiers' fractions",
                  fontsize=9)
     ax.legend(fontsize=7, ncol=2)

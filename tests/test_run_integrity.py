@@ -383,16 +383,14 @@ def test_a_reply_claiming_another_node_is_replaced_by_an_error() -> None:
 # -- 17. the fault tests' federation learns -----------------------------------------------------------
 def test_the_fault_tests_healthy_baseline_learns(tmp_path: Path) -> None:
     """Defect 17: backend=local, 10 clients x ~130 examples, IID, stayed at chance (0.10) with the defaults,
-    so a fault test could not tell a poisoned model from a healthy one. The fault tests run at FAULT_LR."""
+    so a fault test could not tell a poisoned model from a healthy one. The defaults now learn there (issue 21)."""
     from tests.test_simulation import always_online_population
 
     trace = always_online_population(tmp_path / "population.csv", 10)
     cfg = resolve(SimConfig, overrides={"model": "mlp", "num_clients": 10, "clients_per_round": 10, "rounds": 3,
                                         "local_epochs": 1, "partition": "iid", "progress": False, "backend": "local",
-                                        "devices": str(trace), "lr": FAULT_LR, "out_dir": str(tmp_path)})
+                                        "devices": str(trace), "out_dir": str(tmp_path)})
     local(cfg, tmp_path / "run")
     last = pd.read_csv(tmp_path / "run" / "tiers.csv").groupby("round")["accuracy"].max()
     assert last.iloc[-1] >= 0.6, last.tolist()
 
-
-FAULT_LR = 0.05  # a step that learns at 10 clients of ~130 examples (the defaults' lr 0.15 does not: issue 21)
