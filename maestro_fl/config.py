@@ -378,6 +378,9 @@ class SimConfig:
     weight_decay: float = 1e-4  # the authors' value
     sampler: str = "tiers"  # FjORD's rule on ranks (a tier's ranks per step): 'nested' loses 0.6 pp of validation on
     # digits and 1.8 on MNIST-1D (defaults check)
+    rank_allocation: str = "uniform"  # FedLoD: 'uniform' = every layer at the budget's fraction of its rank;
+    # 'importance' = per-layer ranks spending the same factor parameters on the components of highest
+    # |u_j|·|v_j| per parameter in the current global model (Maestro's layer granularity), re-chosen every round
     level_top_share: float = 0.0  # sampler 'tiers': the share of steps at the client's own level, the rest
     # uniform over the lower levels; 0 = uniform over all its levels (FjORD's rule)
     clip_grad_norm: float = 2.0  # products of factors spike the gradient: unclipped, FedLoD diverges at the protocol's
@@ -443,6 +446,7 @@ class SimConfig:
             raise ConfigError("partition='natural' and partition_by=COLUMN go together (one client per value of the column)")
         check_positive("min_partition_size", self.min_partition_size)
         check_one_of("sampler", self.sampler, SAMPLERS)
+        check_one_of("rank_allocation", self.rank_allocation, ("uniform", "importance"))
         check_one_of("tier_mode", self.tier_mode, ("fixed", "dynamic"))
         check_non_negative("keep_first", self.keep_first)
         check_one_of("backend", self.backend, ("ray", "flower", "local"))

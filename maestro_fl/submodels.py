@@ -31,6 +31,7 @@ from torch import nn
 
 from .budget import FRACTION_GRID, Cost, activation_count
 from .convert import Ranks, model_ranks, ranks_at_fraction, truncate
+from .layers import ceil_rank
 from .footprint import Inputs, footprint
 
 Arrays = dict[str, np.ndarray]
@@ -115,6 +116,66 @@ def rank_cost_table(
     return table
 
 
+def importance_ranks(arrays: Mapping[str, np.ndarray], unit_cost: Mapping[str, float],
+                     fractions: Sequence[float] = FRACTION_GRID) -> dict[float, Ranks]:
+    """Per-layer ranks for each budget, chosen by importance per unit of cost (Maestro's layer granularity).
+
+    Maestro (Horváth et al., ICML 2024, arXiv 2308.14929) selects ranks layer by
+    layer; a uniform fraction ``p`` gives every layer ``⌈p·r_i⌉``. Here the
+    budget of fraction ``p`` is what that uniform choice costs (``unit_cost``
+    per component of each layer: its share of the model's parameters plus its
+    share of the MACs, so neither memory nor compute is overspent), spent
+    instead on the components of highest importance ``‖U[:, j]‖·‖V[j]‖`` (of the
+    current global factors) per unit of cost. No layer goes below half its
+    uniform rank: a near-empty layer cuts the whole network's signal, which a
+    component's own importance cannot see. Components are added in one greedy
+    order, each layer's in rank order (the ordered factors' prefixes), so a
+    larger budget's ranks contain every smaller one's: the ordered rule and the
+    tiers sampler need no change.
+    """
+    import heapq
+
+    layers = sorted({layer_of(n) for n in arrays if n.endswith("in_network.weight")})
+    vt = {n: arrays[f"{n}.in_network.weight"].reshape(arrays[f"{n}.in_network.weight"].shape[0], -1) for n in layers}
+    u = {n: np.moveaxis(arrays[f"{n}.out_network.weight"], 1, 0).reshape(vt[n].shape[0], -1) for n in layers}
+    value = {n: np.linalg.norm(vt[n], axis=1) * np.linalg.norm(u[n], axis=1) / unit_cost[n] for n in layers}
+    out: dict[float, Ranks] = {}
+    for p in sorted(fractions):
+        uniform = {n: ceil_rank(p, len(value[n])) for n in layers}
+        chosen = {n: max(1, ceil_rank(p / 2, len(value[n]))) for n in layers}
+        if out:  # nested: never below a smaller budget's ranks
+            smaller = out[max(out)]
+            chosen = {n: max(chosen[n], smaller[n]) for n in layers}
+        budget = sum(uniform[n] * unit_cost[n] for n in layers)
+        spent = sum(chosen[n] * unit_cost[n] for n in layers)
+        heap = [(-float(value[n][chosen[n]]), n) for n in layers if chosen[n] < len(value[n])]
+        heapq.heapify(heap)
+        while heap:
+            _, n = heapq.heappop(heap)
+            if spent + unit_cost[n] > budget + 1e-12:
+                continue  # this layer's next component does not fit; a cheaper layer's may
+            chosen[n] += 1
+            spent += unit_cost[n]
+            if chosen[n] < len(value[n]):
+                heapq.heappush(heap, (-float(value[n][chosen[n]]), n))
+        out[p] = chosen
+    return out
+
+
+def component_unit_costs(model: nn.Module, inputs: Inputs) -> dict[str, float]:
+    """Per LoD layer, one rank component's share of the full model's factor parameters plus its share of the MACs."""
+    full_ranks = model_ranks(model)
+    full = footprint(model, inputs, full_ranks, as_deployed=False)
+    out = {}
+    for name, r in full_ranks.items():
+        if r < 2:
+            out[name] = float("inf")
+            continue
+        fewer = footprint(model, inputs, {**full_ranks, name: r - 1}, as_deployed=False)
+        out[name] = (full.params - fewer.params) / full.params + (full.macs - fewer.macs) / full.macs
+    return out
+
+
 def width_cost_table(
     build: ModelAtWidth, inputs: Inputs, fractions: Sequence[float] = FRACTION_GRID
 ) -> list[Cost]:
@@ -177,15 +238,42 @@ class SubModelFamily(ABC):
 
 
 class RankPrefix(SubModelFamily):
-    """The first ``⌈p·r_i⌉`` rank components of every LoD layer, plus every dense parameter."""
+    """The first ``⌈p·r_i⌉`` rank components of every LoD layer, plus every dense parameter.
+
+    With ``allocation="importance"`` a budget's ranks are chosen per layer from the current global
+    factors instead (:func:`importance_ranks`), re-chosen whenever the server asks with new arrays.
+    """
+
+    def __init__(self, template: nn.Module, inputs: Inputs, allocation: str = "uniform") -> None:
+        super().__init__(template, inputs)
+        self.allocation = allocation
 
     def cost_table(self, global_arrays: Mapping[str, np.ndarray] | None = None) -> list[Cost]:
         ranks = ranks_of(global_arrays) if global_arrays is not None else model_ranks(self.template)
-        key = tuple(sorted(ranks.items()))
         cache = self.__dict__.setdefault("_tables", {})
+        if self.allocation == "importance" and global_arrays is not None:
+            if "_unit_costs" not in self.__dict__:
+                self.__dict__["_unit_costs"] = component_unit_costs(truncate(self.template, ranks), self.inputs)
+            chosen = importance_ranks(global_arrays, self.__dict__["_unit_costs"])
+            key = tuple(tuple(sorted(r.items())) for r in chosen.values())
+            if key not in cache:
+                model = truncate(self.template, ranks)
+                cache[key] = [self._cost(model, p, chosen[p]) for p in sorted(chosen, reverse=True)]
+            return cache[key]
+        key = (tuple(sorted(ranks.items())),)
         if key not in cache:
             cache[key] = rank_cost_table(truncate(self.template, ranks), self.inputs)
         return cache[key]
+
+    def _cost(self, model: nn.Module, fraction: float, ranks: Ranks) -> Cost:
+        """One sub-model's training cost, measured once per distinct ranks."""
+        costs = self.__dict__.setdefault("_costs", {})
+        key = tuple(sorted(ranks.items()))
+        if key not in costs:
+            fp = footprint(model, self.inputs, ranks, as_deployed=False)
+            costs[key] = (fp.params, fp.macs, activation_count(model, self.inputs, ranks))
+        params, macs, activations = costs[key]
+        return Cost(fraction, dict(ranks), params, macs, activations)
 
     def index(self, cost: Cost, server_round: int) -> Index:
         out: Index = {}
@@ -246,8 +334,8 @@ class RankWidthPrefix(RankPrefix):
     """
 
     def __init__(self, template: nn.Module, inputs: Inputs, at_width: Callable[[float], nn.Module],
-                 rank_fraction: float = 0.25) -> None:
-        super().__init__(template, inputs)
+                 rank_fraction: float = 0.25, allocation: str = "uniform") -> None:
+        super().__init__(template, inputs, allocation)
         self.at_width, self.rank_fraction = at_width, rank_fraction
         self._narrow: dict[float, tuple[float, nn.Module]] = {}  # fraction -> (width, LoD model at that width)
 
@@ -255,7 +343,12 @@ class RankWidthPrefix(RankPrefix):
         table = super().cost_table(global_arrays)
         cache = self.__dict__.setdefault("_full_tables", {})
         if id(table) not in cache:
-            cache[id(table)] = table + self._narrow_costs(min(table, key=lambda c: c.fraction))
+            # the narrow entries follow the uniform ladder's smallest prefix, which a client rebuilds without
+            # the global arrays: server and client then agree on every narrow sub-model
+            uniform = RankPrefix.cost_table(self, None) if self.allocation != "uniform" else table
+            narrow = self._narrow_costs(min(uniform, key=lambda c: c.fraction))
+            smallest = min(table, key=lambda c: c.fraction)
+            cache[id(table)] = table + [c for c in narrow if c.params < smallest.params and c.macs < smallest.macs]
         return cache[id(table)]
 
     def _narrow_costs(self, smallest: Cost) -> list[Cost]:

@@ -143,3 +143,53 @@ def test_the_own_level_share_of_the_tiers_sampler(share: float) -> None:
     assert own == pytest.approx(expected, abs=0.03)
     lower = [d for d in draws if d != 4]
     assert lower.count(1) / len(lower) == pytest.approx(0.5, abs=0.04)  # the lower levels stay uniform
+
+
+# -- per-layer ranks by importance (Maestro's layer granularity) ----------------------------------------------
+def _factors(ranks: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, r in ranks.items():
+        v_key, u_key = factor_keys(name)
+        scale = np.linspace(2.0, 0.1, r)[:, None]  # importance falls along the ranks, as after an SVD
+        out[v_key] = (rng.normal(size=(r, 6)) * scale).astype(np.float32)
+        out[u_key] = (rng.normal(size=(5, r)) * scale.T).astype(np.float32)
+    return out
+
+
+def test_importance_ranks_are_nested_within_budget_and_never_starve_a_layer() -> None:
+    from maestro_fl.submodels import importance_ranks
+
+    arrays = _factors({"a": 8, "b": 16})
+    cost = {"a": 1.0, "b": 3.0}
+    table = importance_ranks(arrays, cost, fractions=(0.25, 0.5, 0.75, 1.0))
+    previous = {"a": 0, "b": 0}
+    for p in sorted(table):
+        ranks = table[p]
+        uniform = {"a": int(np.ceil(p * 8)), "b": int(np.ceil(p * 16))}
+        assert all(ranks[n] >= previous[n] for n in ranks)  # a larger budget holds every smaller one's ranks
+        assert sum(ranks[n] * cost[n] for n in ranks) <= sum(uniform[n] * cost[n] for n in uniform) + 1e-9
+        assert ranks["a"] >= int(np.ceil(p / 2 * 8)) and ranks["b"] >= int(np.ceil(p / 2 * 16))
+        previous = ranks
+    assert table[1.0] == {"a": 8, "b": 16}
+
+
+def test_importance_ranks_spend_the_budget_where_components_matter() -> None:
+    from maestro_fl.submodels import importance_ranks
+
+    arrays = _factors({"a": 8, "b": 8})
+    v_key, u_key = factor_keys("b")
+    arrays[v_key] *= 0.01  # layer b's components hardly matter
+    table = importance_ranks(arrays, {"a": 1.0, "b": 1.0}, fractions=(0.5,))
+    assert table[0.5] == {"a": 6, "b": 2}  # b keeps half its uniform rank (2 of 4); a takes the rest of b's share
+
+
+def test_importance_allocation_runs_a_federation_with_per_layer_ranks(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    local(small(tmp_path, backend="local", rounds=2, rank_allocation="importance", model="cnn", devices="",
+                tier_shares=(0.5, 0.5), compute_budget_s=4.0), run)
+    tiers = pd.read_csv(run / "tiers.csv")
+    ranks = [tuple(int(r) for r in str(v).split()) for v in tiers["ranks"]]
+    assert any(len(set(np.array(r) / np.array(ranks[-1]))) > 1 for r in ranks)  # not one fraction for every layer
+    clients = pd.read_csv(run / "clients.csv")
+    assert (clients["status"] == "ok").all()

@@ -47,9 +47,10 @@ class FedLoD(FederatedMethod):
 
     def make_family(self, generator: torch.Generator) -> SubModelFamily:
         model = self.factorized(1.0, generator)
+        allocation = self.cfg.rank_allocation
         if self.cfg.width_floor and self.cfg.aggregation == "ordered" and self.cfg.server_shrink_eps == 0:
-            return RankWidthPrefix(model, self.inputs, self.narrow_shapes, self.cfg.width_floor_rank)
-        return RankPrefix(model, self.inputs)
+            return RankWidthPrefix(model, self.inputs, self.narrow_shapes, self.cfg.width_floor_rank, allocation)
+        return RankPrefix(model, self.inputs, allocation)
 
     def factorized(self, width: float, generator: torch.Generator | None = None, init: str | None = None) -> nn.Module:
         """The LoD model at hidden width ``width`` (the run's ``keep_first``/``keep_classifier``)."""
