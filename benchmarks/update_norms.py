@@ -37,7 +37,7 @@ from strategies.server_app import run_server  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "update_norms.json"
 TASKS = {"digits": {}, "mnist1d": {"dataset": "mnist1d", "model": "cnn1d"}}
-LARGEST_STEP = {"lr": 0.3, "local_epochs": 3}  # the protocol grid's corner: the most an honest, tuned client moves
+LARGEST_STEP = {"lr": 0.3, "local_epochs": 3, "momentum": 0.9}  # the protocol grid's corner: the most a tuned client moves
 #: federation shapes: the default 50 clients of ~29 examples, and few clients with many examples each
 SHAPES = {"default": {}, "few": {"num_clients": 10, "clients_per_round": 10, "partition": "iid"}}
 
