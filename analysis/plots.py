@@ -223,10 +223,11 @@ def accuracy_vs_footprint(
         err = stats["sd"].fillna(0.0) if seeds > 1 else stats["spread"]
         how = f"{seeds} seeds" if seeds > 1 else f"last {LAST_ROUNDS} rounds"
         ax.errorbar(stats["x"], 100 * stats["acc"], yerr=100 * err, marker="o", capsize=3,
-                    label=f"{method} (± over {how})", color=palette[i % len(palette)])
+                    label=f"{method} (± std over {how})", color=palette[i % len(palette)])
         if len(methods) <= 4:  # more curves than that: the labels would cover the points
-            for _, row in stats.iterrows():
-                ax.annotate(row["label"], (row["x"], 100 * row["acc"]), textcoords="offset points",
+            # tiers that deploy the same sub-model share a point, and one label ("t3,t4")
+            for (px, acc), same in stats.groupby(["x", "acc"], sort=False):
+                ax.annotate(",".join(same["label"]), (px, 100 * acc), textcoords="offset points",
                             xytext=(3, -10), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel(X_LABELS[x] + " (log scale)")
@@ -236,6 +237,8 @@ def accuracy_vs_footprint(
     if many:
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
+    elif (data["reference"] != "").any():  # reference lines cross the whole axes: the legend goes below them
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     else:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")

@@ -82,7 +82,7 @@ def test_federated_figures_have_their_axes_and_series(fl_run: Path, tmp_path: Pa
     fig = plots.accuracy_vs_footprint([fl_run], ["FedLoD"], x="params", out=tmp_path / "pareto")
     (series,) = fig.axes[0].containers  # one error-bar series per method
     assert len(series.lines[0].get_xdata()) == 2 and fig.axes[0].get_xscale() == "log"
-    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["FedLoD (± over last 5 rounds)"]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["FedLoD (± std over last 5 rounds)"]
     low, high = fig.axes[0].get_ylim()
     assert high - low >= plots.MIN_ACCURACY_SPAN  # noise is not magnified
     bars = series.lines[2][0].get_segments()  # a single run's spread over its last rounds, as error bars
@@ -173,7 +173,7 @@ def test_sweep_figures_average_seeds_per_method(small_sweep: Path, tmp_path: Pat
     assert sorted(labels) == ["dense", "dense", "fedlod", "fedlod"]
     fig = plots.accuracy_vs_footprint(runs, labels, x="params")
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert legend == ["dense: dense, every tier (reference)", "fedlod (± over 2 seeds)"]
+    assert legend == ["dense: dense, every device (reference)", "fedlod (± std over 2 seeds)"]
     assert len(fig.axes[0].containers) == 1  # one error-bar series for fedlod, seeds averaged
     (reference,) = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == "--"]
     assert len(set(reference.get_ydata())) == 1  # dense FedAvg: a horizontal reference line
