@@ -378,9 +378,11 @@ class SimConfig:
     weight_decay: float = 1e-4  # the authors' value
     sampler: str = "tiers"  # FjORD's rule on ranks (a tier's ranks per step): 'nested' loses 0.6 pp of validation on
     # digits and 1.8 on MNIST-1D (defaults check)
-    rank_allocation: str = "uniform"  # FedLoD: 'uniform' = every layer at the budget's fraction of its rank;
-    # 'importance' = per-layer ranks spending the same factor parameters on the components of highest
-    # |u_j|·|v_j| per parameter in the current global model (Maestro's layer granularity), re-chosen every round
+    rank_allocation: str = "uniform"  # FedLoD: every layer at the budget's fraction of its rank; 'importance' =
+    # per-layer ranks spending the budget's parameters and MACs on the components of highest |u_j|·|v_j| per unit
+    # of cost in the current global model (Maestro's layer granularity), re-chosen every round. Importance gains
+    # 3.4 pp of validation on MNIST-1D (protocol point, 3 seeds) but loses 0.6 on digits, and 5.2 on digits at 10
+    # clients (benchmarks/results/default_shapes*.json): it does not help on both tasks
     level_top_share: float = 0.0  # sampler 'tiers': the share of steps at the client's own level, the rest
     # uniform over the lower levels; 0 = uniform over all its levels (FjORD's rule)
     clip_grad_norm: float = 2.0  # products of factors spike the gradient: unclipped, FedLoD diverges at the protocol's

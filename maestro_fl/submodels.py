@@ -135,7 +135,7 @@ def importance_ranks(arrays: Mapping[str, np.ndarray], unit_cost: Mapping[str, f
     """
     import heapq
 
-    layers = sorted({layer_of(n) for n in arrays if n.endswith("in_network.weight")})
+    layers = sorted(unit_cost)  # a layer registered under two names (tied weights) is costed under its first
     vt = {n: arrays[f"{n}.in_network.weight"].reshape(arrays[f"{n}.in_network.weight"].shape[0], -1) for n in layers}
     u = {n: np.moveaxis(arrays[f"{n}.out_network.weight"], 1, 0).reshape(vt[n].shape[0], -1) for n in layers}
     value = {n: np.linalg.norm(vt[n], axis=1) * np.linalg.norm(u[n], axis=1) / unit_cost[n] for n in layers}
@@ -251,7 +251,9 @@ class RankPrefix(SubModelFamily):
     def cost_table(self, global_arrays: Mapping[str, np.ndarray] | None = None) -> list[Cost]:
         ranks = ranks_of(global_arrays) if global_arrays is not None else model_ranks(self.template)
         cache = self.__dict__.setdefault("_tables", {})
-        if self.allocation == "importance" and global_arrays is not None:
+        if self.allocation == "importance":
+            if global_arrays is None:  # before the first round (maestro-fl plan, a client): the initial model's
+                global_arrays = {k: v.detach().cpu().numpy() for k, v in self.template.state_dict().items()}
             if "_unit_costs" not in self.__dict__:
                 self.__dict__["_unit_costs"] = component_unit_costs(truncate(self.template, ranks), self.inputs)
             chosen = importance_ranks(global_arrays, self.__dict__["_unit_costs"])
@@ -264,6 +266,10 @@ class RankPrefix(SubModelFamily):
         if key not in cache:
             cache[key] = rank_cost_table(truncate(self.template, ranks), self.inputs)
         return cache[key]
+
+    def cost_of(self, fraction: float, ranks: Ranks) -> Cost:
+        """The training cost of the rank prefix ``ranks`` (any per-layer ranks of the full-rank template)."""
+        return self._cost(self.template, fraction, ranks)
 
     def _cost(self, model: nn.Module, fraction: float, ranks: Ranks) -> Cost:
         """One sub-model's training cost, measured once per distinct ranks."""

@@ -37,8 +37,11 @@ def tiny_wide(p: float = 1.0) -> nn.Module:
 
 
 def config(n: int, **kw: object) -> SimConfig:
-    """Hand-made replies (1s, 3s) move a model far beyond the update-norm bound: it is off unless a test sets it."""
-    return resolve(SimConfig, overrides={"clients_per_round": n, "num_clients": n, "max_update_norm": 0.0} | kw)
+    """Hand-made replies (1s, 3s) move a model far beyond the update-norm bound: it is off unless a test sets it.
+    Ranks are uniform (every layer at the budget's fraction), so a test can write the ranks it expects; the
+    importance allocation has its own tests (tests/test_lod_diagnosis.py)."""
+    return resolve(SimConfig, overrides={"clients_per_round": n, "num_clients": n, "max_update_norm": 0.0,
+                                         "rank_allocation": "uniform"} | kw)
 
 
 def fake_strategy(

@@ -325,7 +325,7 @@ def test_deploy_ladder_reproduces_the_tiers_of_a_finished_run(tmp_path: Path) ->
     from maestro_fl.config import to_dict
     from maestro_fl.results import RunDir
 
-    cfg = small(tmp_path, backend="local", rounds=2, model="cnn")
+    cfg = small(tmp_path, backend="local", rounds=2, model="cnn", rank_allocation="uniform")  # the ladder's cuts
     local(cfg, tmp_path / "run")
     RunDir(tmp_path / "run").save_config(to_dict(cfg))
     last = pd.read_csv(tmp_path / "run" / "tiers.csv").query("round == 2")

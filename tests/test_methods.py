@@ -11,10 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dataclasses
+
 import pandas as pd
 import pytest
 
+from maestro_fl.convert import lod_layers
 from maestro_fl.federated import federation
+from maestro_fl.submodels import RankPrefix, RankWidthPrefix
 from tests.test_simulation import local, small
 
 #: (strategy, config overrides): adding a method to every test below is one line here
@@ -64,19 +68,31 @@ def test_every_method_runs_end_to_end(finished) -> None:  # type: ignore[no-unty
     assert (tiers["accuracy"].between(0, 1)).all() and tiers["loss"].notna().all()
 
 
+def cost_of_row(method, table, row):  # type: ignore[no-untyped-def]
+    """The server's cost of the sub-model a clients.csv row trained: per-layer ranks (rank_allocation=importance)
+    are re-chosen every round, so a rank family's entry is rebuilt from the row's ranks, not its fraction."""
+    family, ranks, fraction = method.family, str(row["ranks"]).split(), float(row["fraction"])
+    narrowed = isinstance(family, RankWidthPrefix) and family.width_of(fraction) < 1.0
+    if ranks and isinstance(family, RankPrefix) and not narrowed:
+        names = list(lod_layers(method.template))
+        cost = family.cost_of(float(row["fraction"]), dict(zip(names, map(int, ranks))))
+        return dataclasses.replace(cost, passes=method.passes, live_graphs=method.live_graphs)
+    return table[[c.fraction for c in table].index(float(row["fraction"]))]
+
+
 def test_the_budgets_compute_model_and_the_clients_reported_macs_agree(finished) -> None:  # type: ignore[no-untyped-def]
     """What the server budgeted for a client's sub-model is what the client reports it spent (within 1%)."""
     cfg, run = finished
     method = federation(cfg).method
-    table = {c.fraction: c for c in method.cost_table()}
+    table = method.cost_table()
     clients = pd.read_csv(run / "clients.csv", keep_default_na=False)
     ok = clients[clients["status"] == "ok"]
     assert len(ok) > 0
     for _, row in ok.iterrows():
-        predicted = table[float(row["fraction"])].train_macs(int(row["num_examples"]), cfg.local_epochs)
+        predicted = cost_of_row(method, table, row).train_macs(int(row["num_examples"]), cfg.local_epochs)
         assert row["macs"] == pytest.approx(predicted, rel=0.01), (row["partition_id"], row["fraction"])
     passes = 2 if cfg.full_pass or cfg.strategy == "dlrt" else 1
-    assert all(c.passes == passes for c in table.values())
+    assert all(c.passes == passes for c in table)
 
 
 def test_bytes_are_what_each_tier_holds(finished) -> None:  # type: ignore[no-untyped-def]
@@ -86,8 +102,8 @@ def test_bytes_are_what_each_tier_holds(finished) -> None:  # type: ignore[no-un
     method = fed.method
     clients = pd.read_csv(run / "clients.csv", keep_default_na=False)
     ok = clients[clients["status"] == "ok"]
-    table = {c.fraction: c for c in method.cost_table()}
+    table = method.cost_table()
     for _, row in ok.iterrows():
-        model = method.client_model(method.assign(table[float(row["fraction"])], list(table.values())))
+        model = method.client_model(method.assign(cost_of_row(method, table, row), list(table)))
         held = sum(v.numel() * v.element_size() for v in model.state_dict().values())
         assert row["bytes_down"] == held

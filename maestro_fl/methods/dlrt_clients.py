@@ -34,6 +34,7 @@ class DLRTClients(FedLoD):
     """Rank prefixes trained by the KLS integrator (two passes per step), SVD re-factoring on the server."""
 
     name = "dlrt"
+    rank_allocation = "uniform"  # type: ignore[assignment]  # the paper's rule: one rank fraction for every layer (and the comparison's control)
     runs_on_gpu = False  # the KLS integrator's QR/SVD steps are not checked on a GPU here
 
     @property

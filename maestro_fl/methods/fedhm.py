@@ -24,6 +24,7 @@ class FedHM(FedLoD):
     """Truncated-SVD sub-models trained at fixed rank; rebuilt, uniformly averaged, re-factored."""
 
     name = "fedhm"
+    rank_allocation = "uniform"  # type: ignore[assignment]  # the paper's rule: one rank fraction for every layer (and the comparison's control)
 
     @property
     def init(self) -> str:

@@ -47,7 +47,7 @@ class FedLoD(FederatedMethod):
 
     def make_family(self, generator: torch.Generator) -> SubModelFamily:
         model = self.factorized(1.0, generator)
-        allocation = self.cfg.rank_allocation
+        allocation = self.rank_allocation
         if self.cfg.width_floor and self.cfg.aggregation == "ordered" and self.cfg.server_shrink_eps == 0:
             return RankWidthPrefix(model, self.inputs, self.narrow_shapes, self.cfg.width_floor_rank, allocation)
         return RankPrefix(model, self.inputs, allocation)
@@ -72,6 +72,11 @@ class FedLoD(FederatedMethod):
         """The hidden width of a budget's sub-model (below the smallest rank prefix it narrows too)."""
         family = self.family
         return family.width_of(cost.fraction) if isinstance(family, RankWidthPrefix) else 1.0
+
+    @property
+    def rank_allocation(self) -> str:
+        """How a budget's ranks are spread over the layers (``cfg.rank_allocation``; baselines keep their papers')."""
+        return self.cfg.rank_allocation
 
     @property
     def init(self) -> str:

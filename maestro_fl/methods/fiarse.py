@@ -196,6 +196,7 @@ class FIARSERank(ImportanceChoice, FedLoD):
     """FIARSE's choice on the ranks of an LoD model: the most important components, not the first ones."""
 
     name = "fiarse_rank"
+    rank_allocation = "uniform"  # type: ignore[assignment]  # the paper's rule: one rank fraction for every layer (and the comparison's control)
 
     def make_family(self, generator: torch.Generator) -> SubModelFamily:
         prefix = super().make_family(generator)

@@ -33,6 +33,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "fedlod_nested_sampler": {"sampler": "nested"},
     "fedlod_svd_aggregation": {"aggregation": "svd"},
     "fedlod_zero_pad_aggregation": {"aggregation": "zero_pad"},
+    "fedlod_importance_ranks": {"rank_allocation": "importance"},
     "dlrt_clients": {"strategy": "dlrt"},
     "heterofl": {"strategy": "heterofl"},
     "heterofl_masked": {"strategy": "heterofl", "heterofl_label_mask": True},
