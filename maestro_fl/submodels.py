@@ -116,6 +116,13 @@ def rank_cost_table(
     return table
 
 
+def component_importance(u: np.ndarray, vt: np.ndarray) -> np.ndarray:
+    """``‖u_i‖·‖v_i‖`` of every rank component (``u``: ``out_network.weight``, rank on axis 1; ``vt``: rank on axis 0)."""
+    v = np.sqrt((vt.reshape(vt.shape[0], -1).astype(np.float64) ** 2).sum(1))
+    uu = np.sqrt((np.moveaxis(u, 1, 0).reshape(u.shape[1], -1).astype(np.float64) ** 2).sum(1))
+    return uu * v
+
+
 def importance_ranks(arrays: Mapping[str, np.ndarray], unit_cost: Mapping[str, float],
                      fractions: Sequence[float] = FRACTION_GRID) -> dict[float, Ranks]:
     """Per-layer ranks for each budget, chosen by importance per unit of cost (Maestro's layer granularity).
@@ -136,9 +143,8 @@ def importance_ranks(arrays: Mapping[str, np.ndarray], unit_cost: Mapping[str, f
     import heapq
 
     layers = sorted(unit_cost)  # a layer registered under two names (tied weights) is costed under its first
-    vt = {n: arrays[f"{n}.in_network.weight"].reshape(arrays[f"{n}.in_network.weight"].shape[0], -1) for n in layers}
-    u = {n: np.moveaxis(arrays[f"{n}.out_network.weight"], 1, 0).reshape(vt[n].shape[0], -1) for n in layers}
-    value = {n: np.linalg.norm(vt[n], axis=1) * np.linalg.norm(u[n], axis=1) / unit_cost[n] for n in layers}
+    value = {n: component_importance(arrays[f"{n}.out_network.weight"], arrays[f"{n}.in_network.weight"])
+             / unit_cost[n] for n in layers}
     out: dict[float, Ranks] = {}
     for p in sorted(fractions):
         uniform = {n: ceil_rank(p, len(value[n])) for n in layers}

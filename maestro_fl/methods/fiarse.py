@@ -47,6 +47,7 @@ from ..submodels import (
     DimIndex,
     Index,
     RankPrefix,
+    component_importance,
     SubModelFamily,
     WidthCorner,
     layer_of,
@@ -64,13 +65,6 @@ def top_components(scores: np.ndarray, keep: int) -> np.ndarray:
     """Positions of the ``keep`` largest scores, in increasing order (ties to the earlier position)."""
     order = np.argsort(-scores, kind="stable")[:keep]
     return np.sort(order)
-
-
-def component_importance(u: np.ndarray, vt: np.ndarray) -> np.ndarray:
-    """``‖u_i‖·‖v_i‖`` of every rank component (``u``: ``out_network.weight``, rank on axis 1; ``vt``: rank on axis 0)."""
-    v = np.sqrt((vt.reshape(vt.shape[0], -1).astype(np.float64) ** 2).sum(1))
-    uu = np.sqrt((np.moveaxis(u, 1, 0).reshape(u.shape[1], -1).astype(np.float64) ** 2).sum(1))
-    return uu * v
 
 
 class RankImportance(RankPrefix):
