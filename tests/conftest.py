@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -66,3 +66,42 @@ def flwr_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
     home = str(tmp_path_factory.mktemp("flwr_home"))
     monkeypatch.setenv("FLWR_HOME", home)
     return home
+
+
+@pytest.fixture(scope="session")
+def _ray_of_the_session() -> Iterator[None]:
+    """Shuts down, at the end of the test run, the Ray that :func:`shared_ray` started (if it still runs)."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shared_ray(_ray_of_the_session: None) -> None:
+    """One local Ray for every test that does not need its own, started when a test first needs it.
+
+    A Ray takes ~4 s to start on an idle 2-core machine and far longer on a loaded one; runs and sweeps
+    given a running Ray use it (and leave it running), so the tests pay for it once. Only speed depends on
+    it: a test that finds no Ray (an ``own_ray`` test shut it down) starts one of its own, as a user's run would.
+    """
+    import ray
+
+    from strategies.runners.ray_engine import quiet_flower, ray_init_args
+
+    if not ray.is_initialized():
+        quiet_flower()  # Flower's and Ray's settings (worker niceness among them) before Ray starts
+        ray.init(**ray_init_args(""))
+
+
+@pytest.fixture
+def own_ray() -> Iterator[None]:
+    """No Ray in this process before or after the test: for tests that start (or must find) a Ray of their own."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    if ray.is_initialized():
+        ray.shutdown()

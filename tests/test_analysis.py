@@ -151,7 +151,7 @@ def test_report_writes_every_figure_and_a_summary(fl_run: Path, dlrt_runs: list[
 
 
 @pytest.fixture(scope="module")
-def small_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def small_sweep(shared_ray: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two methods x two seeds on a local Ray (the sweep machinery itself is tested in test_sweep.py)."""
     from strategies.sweeps.sweep import build_sweep, run_sweep
     from tests.test_simulation import SMALL

@@ -216,7 +216,7 @@ def load():
 
 
 @pytest.mark.slow
-def test_a_simulation_on_ray_takes_model_and_dataset_as_references(tmp_path: Path, flwr_home: str,
+def test_a_simulation_on_ray_takes_model_and_dataset_as_references(shared_ray: None, tmp_path: Path, flwr_home: str,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """``module:attr`` of a module the test writes (not shipped in maestro-fl), resolved in the Ray actors."""
     (tmp_path / "my_task_mod.py").write_text(textwrap.dedent(USER_MODULE))
@@ -231,7 +231,7 @@ def test_a_simulation_on_ray_takes_model_and_dataset_as_references(tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_in_memory_objects_reach_the_ray_actors(tmp_path: Path, flwr_home: str) -> None:
+def test_in_memory_objects_reach_the_ray_actors(shared_ray: None, tmp_path: Path, flwr_home: str) -> None:
     """An nn.Module builder defined here and arrays: shipped to the actors with the run."""
     builder, spec = ARCHITECTURES["zoo_mlp"]
     x, y = inputs(spec, 120).numpy(), np.arange(120) % 10
@@ -356,7 +356,7 @@ def test_train_through_the_python_api_takes_objects(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sweep_and_compare_through_the_python_api_ship_objects_to_ray_tasks(tmp_path: Path) -> None:
+def test_sweep_and_compare_through_the_python_api_ship_objects_to_ray_tasks(shared_ray: None, tmp_path: Path) -> None:
     from strategies.api import compare, sweep
 
     builder, spec = ARCHITECTURES["zoo_mlp"]

@@ -29,7 +29,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
     """The address of a three-node cluster: a head without CPUs and two worker nodes of one CPU each."""
+    import ray
     from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():  # this process connects to the cluster, not to the test run's local Ray
+        ray.shutdown()
 
     small_store = 100 * 1024**2  # each node's object store: a few messages at a time, not 30% of the RAM
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": small_store,

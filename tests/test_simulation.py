@@ -41,8 +41,10 @@ def small(tmp_path: Path, **kw: object) -> SimConfig:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["ray", "flower"])
-def test_ray_engine_smoke(tmp_path: Path, flwr_home: str, backend: str) -> None:
+def test_ray_engine_smoke(tmp_path: Path, flwr_home: str, backend: str, request: pytest.FixtureRequest) -> None:
     """A real simulation on Ray, on our grid and on Flower's engine: 6 clients, 2 rounds, one raising, one NaN."""
+    # Flower's engine starts (and shuts down) a Ray of its own; our grid uses the test run's
+    request.getfixturevalue("own_ray" if backend == "flower" else "shared_ray")
     run = run_simulation(small(tmp_path, backend=backend, run_name=backend, fault_injection="1:raise,4:nan"))
     rounds = pd.read_csv(run / "rounds.csv")
     assert rounds["round"].tolist() == [1, 2]

@@ -33,7 +33,7 @@ def write(tmp_path: Path, grid: str, extra: str = "", name: str = "s.toml") -> P
 
 
 @pytest.mark.slow
-def test_grid_runs_skips_finished_and_records_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_grid_runs_skips_finished_and_records_failures(shared_ray: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     empty = tmp_path / "empty"  # passes the config check (the folder exists), holds no MNIST: fails at run time
     empty.mkdir()
     spec = write(tmp_path, f'seed = [0, 1]\nalpha = [0.5, 1.0]\ndataset = ["digits", "mnist"]\ndata_root = ["{empty}"]')
@@ -94,7 +94,7 @@ def test_methods_cross_the_grid_and_bad_methods_fail(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_compare_runs_every_method_on_the_same_seeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_compare_runs_every_method_on_the_same_seeds(shared_ray: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from strategies.sweeps.compare import METHODS, run_compare
 
     overrides = [line.replace(" ", "").replace('"', "") for line in BASE.strip().splitlines()[1:]]
@@ -114,7 +114,7 @@ def test_compare_runs_every_method_on_the_same_seeds(tmp_path: Path, capsys: pyt
 
 
 @pytest.mark.slow
-def test_compare_takes_a_subset_of_methods_and_seeds(tmp_path: Path) -> None:
+def test_compare_takes_a_subset_of_methods_and_seeds(shared_ray: None, tmp_path: Path) -> None:
     from maestro_fl.config import ConfigError
     from strategies.sweeps.compare import run_compare
 
@@ -148,7 +148,7 @@ strategy = "fjord"
 
 
 @pytest.mark.slow
-def test_the_protocol_tunes_on_validation_selects_per_method_and_reuses_the_tuning_run(
+def test_the_protocol_tunes_on_validation_selects_per_method_and_reuses_the_tuning_run(shared_ray: None, 
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     spec = write(tmp_path, "lr = [0.01, 0.3]", extra=TWO_METHODS, name="p.toml")

@@ -23,7 +23,7 @@ import psutil
 
 from maestro_fl.config import SimConfig, resolve
 
-from .ray_engine import FLOWER_ENV
+from .ray_engine import FLOWER_ENV, RAY_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,7 +99,7 @@ def flwr_run(overrides: list[str]) -> int:
     cfg = resolve(SimConfig, overrides=[o for o in overrides])  # fail on a bad key before starting anything
     home = Path(tempfile.mkdtemp(prefix="maestro-fl-flwr-home-"))
     (home / "config.toml").write_text(flower_config())
-    env = os.environ | FLOWER_ENV | {
+    env = RAY_ENV | os.environ | FLOWER_ENV | {
         "FLWR_HOME": str(home),
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),

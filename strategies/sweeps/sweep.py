@@ -267,8 +267,15 @@ def run_sweep(path_or_sweep: str | Path | Sweep) -> Path:
     print(f"sweep {sweep.name}: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} finished already", flush=True)
     if todo:
         quiet_flower()  # Flower's and Ray's environment settings, before Ray starts
-        ray.init(address=sweep.ray_address or "local", include_dashboard=False, logging_level="error",
-                 **({} if sweep.ray_address else {"num_cpus": os.cpu_count() or 1}))
+        # a Ray this process already runs (a notebook's, a test session's) is used as it is and left running;
+        # a sweep that names a cluster gets that cluster
+        started_here = bool(sweep.ray_address) or not ray.is_initialized()
+        if started_here:
+            if ray.is_initialized():
+                raise ConfigError(f"sweep {sweep.name}: ray_address = {sweep.ray_address!r}, but this process is "
+                                  "already connected to a Ray; call ray.shutdown() first, or drop ray_address")
+            ray.init(address=sweep.ray_address or "local", include_dashboard=False, logging_level="error",
+                     **({} if sweep.ray_address else {"num_cpus": os.cpu_count() or 1}))
         try:
             task = ray.remote(num_cpus=sweep.cpus_per_run, num_gpus=sweep.gpus_per_run)(run_one)
             sys_path = [os.path.abspath(p or os.getcwd()) for p in sys.path]
@@ -294,7 +301,8 @@ def run_sweep(path_or_sweep: str | Path | Sweep) -> Path:
                 print(f"[{done}/{len(todo)} done, {running} running, {failed} failed] {name}: {status}", flush=True)
                 _write_results(sweep, rows)
         finally:
-            ray.shutdown()
+            if started_here:
+                ray.shutdown()
     _write_results(sweep, rows)
     return sweep.root
 
