@@ -147,9 +147,11 @@ def _digest(indices: np.ndarray, key: str) -> str:
 def _plausible(parts: list[np.ndarray], scheme: str, min_partition_size: int) -> bool:
     """A cached partition re-checked against what its scheme guarantees."""
     sizes = np.array([len(p) for p in parts])
+    if not len(sizes):
+        return False
     if scheme == "dirichlet" and (sizes < min_partition_size).any():
         return False
-    if scheme == "iid" and sizes.max(initial=0) - sizes.min(initial=0) > 1:
+    if scheme == "iid" and sizes.max() - sizes.min() > 1:  # (min(initial=0) would be 0: every IID file refused)
         return False
     return True
 

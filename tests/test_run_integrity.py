@@ -156,6 +156,24 @@ def test_a_forged_cache_file_with_a_recomputed_digest_is_not_trusted(tmp_path: P
     assert not list((tmp_path / "cache" / "partitions").glob(f"*.{os.getpid()}.npz"))
 
 
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "pathological"])
+def test_a_cached_partition_is_read_back_without_recomputing_it(tmp_path: Path, monkeypatch, scheme: str) -> None:  # type: ignore[no-untyped-def]
+    """The checks of a cached file must let an honest one through: an IID file was always refused
+    (``sizes.min(initial=0)`` is 0), so every Ray actor imported ``datasets`` (~3.5 s) to recompute it."""
+    from maestro_fl import partition
+
+    monkeypatch.setenv(partition.CACHE_ENV, str(tmp_path / "cache"))
+    labels = np.repeat(np.arange(5), 40)
+    first = partition.partition_indices(labels, 4, scheme, min_partition_size=10, seed=0)
+
+    def recompute(*args: object) -> None:
+        raise AssertionError("the cached partition was recomputed")
+
+    monkeypatch.setattr(partition, "_partition", recompute)
+    again = partition.partition_indices(labels, 4, scheme, min_partition_size=10, seed=0)
+    assert [p.tolist() for p in again] == [p.tolist() for p in first]
+
+
 def test_a_cache_folder_others_may_write_is_not_used(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Defect 5: the cache sat in a shared, predictable folder anyone could write."""
     from maestro_fl import partition
