@@ -425,6 +425,9 @@ class SimConfig:
     num_gpus_per_client: float = 0.0  # fractional GPUs per ClientApp when Ray sees GPUs
     client_threads: int = 1  # torch threads of a client's local training: 1 gives the same tables on every
     # backend and machine (matmul results depend on the thread count); more only helps large models
+    server_threads: int = 1  # torch threads of the server's evaluation and footprints: 1 gives the same tables
+    # on every machine, and more spin-wait against the clients' actors and a notebook's kernel (the
+    # bring-your-own notebook: 23 s at 2 threads, 6.8 s at 1, on an idle 2-core machine, 2026-12-02)
     ray_address: str = ""  # attach to an existing Ray cluster ('auto' or host:port); '' = start a local one
     round_timeout_s: float = 300.0  # wall seconds the server waits for replies; later ones count as timeouts
     # -- run --
@@ -468,7 +471,7 @@ class SimConfig:
             raise ConfigError(f"level_top_share must be in [0, 1], got {self.level_top_share!r}")
         check_non_negative("flanc_orthogonality", self.flanc_orthogonality)
         for name in ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "classes_per_client",
-                     "client_threads"):
+                     "client_threads", "server_threads"):
             check_positive(name, getattr(self, name))
         if self.clients_per_round > self.num_clients:
             raise ConfigError(

@@ -25,11 +25,27 @@ from typing import Any
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from maestro_fl.callbacks import CentralEvaluation, Checkpointing, Progress, RoundCallback, RoundResult, RoundTables
-from maestro_fl.diagnostics import LoDDiagnostics
+from maestro_fl.callbacks import (
+    CentralEvaluation,
+    Checkpointing,
+    Progress,
+    RoundCallback,
+    RoundResult,
+    RoundTables,
+)
 from maestro_fl.config import SimConfig, parse_faults, resolve, to_dict
+from maestro_fl.diagnostics import LoDDiagnostics
 from maestro_fl.federated import check_resume, federation, run_fingerprint
-from maestro_fl.results import DEVICES, FINAL_COLUMNS, TIERS, RunDir, format_table, new_run_dir, timestamp
+from maestro_fl.results import (
+    DEVICES,
+    FINAL_COLUMNS,
+    TIERS,
+    RunDir,
+    format_table,
+    new_run_dir,
+    timestamp,
+)
+from maestro_fl.training import torch_threads
 
 from .runners.ray_grid import RoundInterrupted
 from .submodel import SubModelStrategy, to_numpy, to_record
@@ -156,6 +172,13 @@ def run_server(
         ``stop`` was requested: the round under way is abandoned (nothing of it
         is written), so the tables and the checkpoint end at the same round.
     """
+    with torch_threads(cfg.server_threads):  # evaluation and footprints: see SimConfig.server_threads
+        return _run_server(grid, cfg, run_dir, extra_callbacks, stop)
+
+
+def _run_server(
+    grid: Grid, cfg: SimConfig, run_dir: Path, extra_callbacks: Sequence[RoundCallback], stop: StopRequest | None
+) -> list[dict[str, Any]]:
     run = RunDir(run_dir)
     LOG.info("building the data and the model: %s, %s, %s clients (%s partition)", cfg.dataset, cfg.model,
              cfg.num_clients, cfg.partition)

@@ -120,10 +120,10 @@ def test_dead_and_hung_clients_cost_one_client_round_each_on_ray(shared_ray: Non
     """Process exits, a segfault and a hang are recorded; the run ends; later rounds are untouched."""
     faults = ("1:exit@1,2:segfault@2,3:hang@2,4:raise,5:huge,6:duplicate,7:exit@3,8:nan,9:shape,10:dtype,"
               "11:examples,12:rank")  # a straggler ('timeout') is a hang that ends: the local tests have it
-    # a replaced actor's start-up is not part of any message's timeout, so 10 s only has to fit one client's
+    # a replaced actor's start-up is not part of any message's timeout, so 5 s only has to fit one client's
     # local epoch; the 'timeout' status below shows the hang was ended by it, not by the stall guard
     run = run_simulation(config(tmp_path, backend="ray", run_name="faults", fault_injection=faults, num_clients=15,
-                                clients_per_round=15, round_timeout_s=10.0))
+                                clients_per_round=15, round_timeout_s=5.0))
     clients = pd.read_csv(run / "clients.csv", keep_default_na=False)
     status = {(r.partition_id, r.round): (r.status, r.reason) for r in clients.itertuples()}
     assert status[(1, 1)][0] == "failed" and "process died" in status[(1, 1)][1]
@@ -208,7 +208,9 @@ def signal_args(trace: Path, out_dir: Path) -> list[str]:
     """The interrupted run's settings: round 2 waits on a hung client, so a signal finds it mid-round."""
     return ["model=mlp", "num_clients=10", "clients_per_round=10", "rounds=3", "local_epochs=1", "partition=iid",
             "progress=false", f"devices={trace}", f"out_dir={out_dir}", "fault_injection=3:hang@2",
-            "round_timeout_s=10", "backend=ray"]  # the timeout starts when a message starts: load cannot fire it
+            # the timeout starts when a message starts, so it only has to fit one client's local epoch (~0.05 s
+            # idle, under 1 s beside two busy processes): a loaded machine cannot fire it
+            "round_timeout_s=5", "backend=ray"]
 
 
 @pytest.fixture(scope="module")

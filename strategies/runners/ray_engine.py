@@ -29,6 +29,7 @@ from maestro_fl.config import RESUMABLE, ConfigError, SimConfig, resolve, to_dic
 from maestro_fl.federated import check_task, share_task
 from maestro_fl.references import OBJECT_PREFIX
 from maestro_fl.results import RunDir, new_run_dir, safe_name, timestamp
+from maestro_fl.training import torch_threads
 
 from ..server_app import StopRequest, print_final, run_server, wait_for_nodes
 from .process_reaper import reaped
@@ -109,7 +110,8 @@ def run_simulation(cfg: SimConfig) -> Path:
         raise ConfigError("backend='flower' cannot ship the Python API's objects to its workers; use backend='ray' "
                           "or 'local', or name them by a 'package.module:attr' reference")
     if not cfg.resume:
-        check_task(cfg)  # data, partition and model, before a run directory exists
+        with torch_threads(cfg.server_threads):
+            check_task(cfg)  # data, partition and model, before a run directory exists
     cfg, run_dir = prepare_run_dir(cfg)
     quiet_flower()
     with RunDir(run_dir).lock(), StopRequest() as stop:
