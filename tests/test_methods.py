@@ -38,6 +38,9 @@ METHOD_TABLE: list[tuple[str, dict[str, object]]] = [
     ("fedhm", {}),
     ("fedrolex", {}),
     ("fedrolex_rank", {}),
+    ("fiarse", {}),
+    ("fiarse_rank", {}),
+    ("flanc", {}),
 ]
 IDS = [s + "".join(f"-{k}={v}" for k, v in extra.items()) for s, extra in METHOD_TABLE]
 
@@ -107,3 +110,10 @@ def test_bytes_are_what_each_tier_holds(finished) -> None:  # type: ignore[no-un
         model = method.client_model(method.assign(cost_of_row(method, table, row), list(table)))
         held = sum(v.numel() * v.element_size() for v in model.state_dict().values())
         assert row["bytes_down"] == held
+
+
+def test_the_table_runs_every_registered_method() -> None:
+    """A method added to maestro_fl.methods.METHODS is in this table, so it runs every test here."""
+    from maestro_fl.methods import METHODS
+
+    assert set(METHODS) <= {strategy for strategy, _ in METHOD_TABLE}
