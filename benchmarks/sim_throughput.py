@@ -55,7 +55,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flwr.app import Message, MessageType  # noqa: E402
+import numpy as np  # noqa: E402
+from flwr.app import MessageType  # noqa: E402
 
 from maestro_fl import protocol as P  # noqa: E402
 from maestro_fl import wire  # noqa: E402
@@ -66,8 +67,6 @@ from maestro_fl.training import torch_threads  # noqa: E402
 from strategies.runners.local_grid import LocalGrid  # noqa: E402
 from strategies.runners.ray_engine import load_ref, quiet_flower, run_simulation  # noqa: E402
 from strategies.server_app import run_server  # noqa: E402
-
-import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "sim_throughput.json"

@@ -8,7 +8,6 @@ of the wrong type or range fail before anything runs, naming the field.
 from __future__ import annotations
 
 import dataclasses
-import json
 import tomllib
 import typing
 from collections.abc import Mapping, Sequence
@@ -21,8 +20,6 @@ from .models import MODELS, NORMS
 from .references import UnresolvedReference, is_reference
 from .references import resolve as resolve_reference
 from .training import SAMPLERS
-
-
 
 
 def strategies() -> tuple[str, ...]:

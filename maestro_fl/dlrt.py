@@ -25,10 +25,9 @@ plain SGD step with the S-step's gradients.
 
 from __future__ import annotations
 
-from abc import ABCMeta, abstractmethod
-
 import copy
 import math
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable
 
 import torch

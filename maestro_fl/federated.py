@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
-import logging
 from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache, partial
 from pathlib import Path
@@ -33,7 +33,6 @@ from .partition import PartitionError, partition_indices, train_val_split
 from .references import UnresolvedReference
 from .results import CHECKPOINT_FILE, DEVICES, ROUNDS, Checkpoint, CheckpointError, RunDir, complete_lines
 from .training import evaluate
-
 
 LOG = logging.getLogger("maestro_fl")
 

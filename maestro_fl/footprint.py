@@ -171,7 +171,7 @@ def count_flops(model: nn.Module, inputs: Inputs, ranks: Mapping[str, int] | Non
     steps: dict[str, int] = {}
     names = {id(m): path for path, m in model.named_modules()}
     handles = [m.register_forward_pre_hook(
-        lambda mod, args, path=names[id(m)]: steps.__setitem__(path, steps.get(path, 0) + _steps(mod, args)))
+        lambda mod, args, path=names[id(m)]: steps.__setitem__(path, steps.get(path, 0) + _steps(mod, args)))  # noqa: B008 - binds each module's path now
         for m in model.modules() if isinstance(m, nn.RNNBase)]
     try:
         # no fused attention path: it would read every LoD layer's ``.weight`` (a U Vᵀ product) to decide

@@ -18,9 +18,8 @@ relies on that.
 
 from __future__ import annotations
 
-from abc import ABCMeta, abstractmethod
-
 import math
+from abc import ABCMeta, abstractmethod
 from typing import Literal
 
 import torch

@@ -31,8 +31,8 @@ from torch import nn
 
 from .budget import FRACTION_GRID, Cost, activation_count
 from .convert import Ranks, model_ranks, ranks_at_fraction, truncate
-from .layers import ceil_rank
 from .footprint import Inputs, footprint
+from .layers import ceil_rank
 
 Arrays = dict[str, np.ndarray]
 DimIndex = slice | np.ndarray

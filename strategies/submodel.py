@@ -40,8 +40,8 @@ from maestro_fl.budget import Cost, DeviceCapability
 from maestro_fl.config import SimConfig, to_dict
 from maestro_fl.convert import lod_layers
 from maestro_fl.footprint import footprint
-from maestro_fl.population import PopulationError, check_device, load_population
 from maestro_fl.methods import Assignment, ClientTask, FederatedMethod, Update
+from maestro_fl.population import PopulationError, check_device, load_population
 from maestro_fl.replies import check_reply, finite_number, read_metrics, squared_norm
 from maestro_fl.results import ClientRound
 from maestro_fl.submodels import Index, index_shape, take

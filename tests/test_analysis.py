@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-
 from pathlib import Path
 
 import pandas as pd
@@ -58,8 +57,8 @@ def fl_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from maestro_fl import protocol as P
     from maestro_fl.config import SimConfig
     from strategies.runners.local_grid import LocalGrid
-    from strategies.server_app import run_server
     from strategies.runners.ray_engine import load_ref
+    from strategies.server_app import run_server
     from tests.test_simulation import SMALL, always_online_population
 
     out = tmp_path_factory.mktemp("fl")

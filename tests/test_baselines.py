@@ -293,9 +293,9 @@ def test_baselines_reject_fedlod_only_settings() -> None:
                                             ("fjord", {}), ("fedhm", {})])
 def test_baseline_runs_end_to_end_on_the_in_process_grid(tmp_path: Path, strategy: str, extra: dict) -> None:
     """Real clients: sub-models of the right size travel, every tier is evaluated, accuracy beats chance."""
-    from tests.test_simulation import local, small
     from maestro_fl.federated import federation, model_builder
     from maestro_fl.methods import METHODS
+    from tests.test_simulation import local, small
 
     cfg = small(tmp_path, strategy=strategy, backend="local", rounds=3, model="cnn", **extra)
     run = tmp_path / strategy
@@ -319,11 +319,10 @@ def test_baseline_runs_end_to_end_on_the_in_process_grid(tmp_path: Path, strateg
 
 def test_deploy_ladder_reproduces_the_tiers_of_a_finished_run(tmp_path: Path) -> None:
     """The global model reloaded from the checkpoint, cut at a tier's fraction, gives that tier's row."""
-    from tests.test_simulation import local, small
-    from maestro_fl.federated import deploy_ladder
-
     from maestro_fl.config import to_dict
+    from maestro_fl.federated import deploy_ladder
     from maestro_fl.results import RunDir
+    from tests.test_simulation import local, small
 
     cfg = small(tmp_path, backend="local", rounds=2, model="cnn", rank_allocation="uniform")  # the ladder's cuts
     local(cfg, tmp_path / "run")

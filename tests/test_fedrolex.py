@@ -70,7 +70,7 @@ def test_bytes_per_client_are_the_windows_size() -> None:
 
 def test_a_flattened_conv_moves_by_whole_channels() -> None:
     """The digits CNN's first Linear reads 128 channels × 4 positions: its window is whole channels' features."""
-    from maestro_fl.config import resolve, SimConfig
+    from maestro_fl.config import SimConfig, resolve
     from maestro_fl.federated import make_method
     from maestro_fl.models import InputSpec
 

@@ -11,8 +11,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from maestro_fl.aggregation import aggregate_fiarse
 from maestro_fl.footprint import footprint
 from maestro_fl.methods.fiarse import top_components
-from maestro_fl.submodels import component_importance
 from maestro_fl.models import scaled
+from maestro_fl.submodels import component_importance
 from strategies.submodel import to_numpy
 from tests.fakes import fake_strategy, filled, messages, reply, sent, tiny_wide
 

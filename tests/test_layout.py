@@ -87,3 +87,78 @@ def test_the_run_directory_reference_is_generated_from_the_schema() -> None:
     from maestro_fl.results import schema_markdown
 
     assert (ROOT / "docs" / "run_directory.md").read_text() == schema_markdown()
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports, at the top or inside a function (both can close a cycle)."""
+    def name_of(path: Path) -> str:
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {name_of(p): p for pkg in ("maestro_fl", "strategies", "clients", "analysis")
+               for p in (ROOT / pkg).rglob("*.py")}
+
+    def owner(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+        deps: set[str | None] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {owner(a.name) for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package[: len(package) - node.level + 1] + [node.module or ""]) if node.level \
+                    else node.module or ""
+                deps |= {owner(f"{base.rstrip('.')}.{a.name}") for a in node.names}
+        graph[module] = {d for d in deps if d is not None and d != module}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(component)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+#: the one import cycle left: the config validates method options by importing the method registry, and the
+#: methods import the config (issue "One owner per concern": per-method parameters end it). It may only shrink.
+KNOWN_CYCLE = {"maestro_fl.config", "maestro_fl.methods", "maestro_fl.methods.base", "maestro_fl.methods.dlrt_clients",
+               "maestro_fl.methods.fedavg", "maestro_fl.methods.fedhm", "maestro_fl.methods.fedlod",
+               "maestro_fl.methods.fedrolex", "maestro_fl.methods.fiarse", "maestro_fl.methods.flanc",
+               "maestro_fl.methods.width"}
+
+
+def test_no_import_cycles_but_the_known_one_which_may_only_shrink() -> None:
+    found = cycles(import_graph())
+    assert all(c <= KNOWN_CYCLE for c in found), [sorted(c) for c in found if not c <= KNOWN_CYCLE]
+    assert found, "the config-methods cycle is gone: drop KNOWN_CYCLE and make this test forbid every cycle"

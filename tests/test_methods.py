@@ -9,8 +9,6 @@ model predicted for its sub-model (the same compute for every method).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import dataclasses
 
 import pandas as pd

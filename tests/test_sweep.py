@@ -148,7 +148,7 @@ strategy = "fjord"
 
 
 @pytest.mark.slow
-def test_the_protocol_tunes_on_validation_selects_per_method_and_reuses_the_tuning_run(shared_ray: None, 
+def test_the_protocol_tunes_on_validation_selects_per_method_and_reuses_the_tuning_run(shared_ray: None,
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     spec = write(tmp_path, "lr = [0.01, 0.3]", extra=TWO_METHODS, name="p.toml")

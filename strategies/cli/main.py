@@ -8,12 +8,11 @@ from the config dataclasses (:func:`maestro_fl.config.describe`).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 from maestro_fl.config import ConfigError, SimConfig, TrainConfig, describe, resolve
 

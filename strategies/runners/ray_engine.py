@@ -16,7 +16,6 @@ user's machine and the network.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from maestro_fl.training import torch_threads
 
 from ..server_app import StopRequest, print_final, run_server, wait_for_nodes
 from .process_reaper import reaped
+from .ray_grid import load_ref
 
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -59,10 +59,6 @@ def quiet_flower() -> None:
     os.environ.setdefault("FLWR_HOME", str(Path(tempfile.gettempdir()) / f"maestro-fl-flwr-{os.getuid()}"))
 
 
-def load_ref(ref: str):  # type: ignore[no-untyped-def]
-    """``'package.module:attr'`` → the object, as Flower resolves app components."""
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 def prepare_run_dir(cfg: SimConfig) -> tuple[SimConfig, Path]:

@@ -23,6 +23,7 @@ Messages out, one Context per node) and runs the ClientApp in actors:
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import sys
@@ -47,6 +48,12 @@ STALL_SECONDS = 900.0
 
 class RoundInterrupted(RuntimeError):
     """The round was abandoned because a stop was requested (Ctrl-C)."""
+
+
+def load_ref(ref: str):  # type: ignore[no-untyped-def]
+    """``'package.module:attr'`` → the object, as Flower resolves app components."""
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def use_driver_path(sys_path: list[str]) -> None:
@@ -163,8 +170,6 @@ class ClientWorker:
 
         torch.set_num_threads(max(1, threads))
         set_task_identity()
-        from .ray_engine import load_ref
-
         self.app = load_ref(client_app_ref)
         if warmup is not None:  # build what every message needs (data, model) before the first message starts
             ref, arg = warmup

@@ -45,7 +45,7 @@ import pandas as pd
 
 from maestro_fl.config import ConfigError, SimConfig, read_toml, resolve, to_dict
 from maestro_fl.methods import METHODS
-from maestro_fl.results import CHECKPOINT_FILE, CONFIG_FILE, RunDir, RunDirError, check_name, safe_name
+from maestro_fl.results import CHECKPOINT_FILE, CONFIG_FILE, RunDir, RunDirError, check_name
 
 from ..runners.ray_engine import object_fields, quiet_flower
 from ..runners.ray_grid import export_objects
