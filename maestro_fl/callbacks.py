@@ -44,6 +44,7 @@ class RoundResult:
     server_seconds: float  # configure_train + aggregate_train only
     started: float  # perf_counter at the round's start
     before: dict[str, np.ndarray] | None = None  # the global model the round started from (None: unknown)
+    server_state: dict[str, np.ndarray] = field(default_factory=dict)  # the server optimizer's, for the checkpoint
     tiers: list[dict[str, Any]] = field(default_factory=list)  # filled by CentralEvaluation
     row: dict[str, Any] = field(default_factory=dict)  # the rounds.csv row, filled by RoundTables
 
@@ -162,7 +163,7 @@ class Checkpointing(RoundCallback):
         self.fingerprint = dict(fingerprint or {})  # what resume checks (maestro_fl.federated.run_fingerprint)
 
     def after_round(self, result: RoundResult) -> bool:
-        self.run.save_checkpoint(Checkpoint(result.round, result.arrays, self.fingerprint))
+        self.run.save_checkpoint(Checkpoint(result.round, result.arrays, self.fingerprint, result.server_state))
         return False
 
 

@@ -408,6 +408,10 @@ class SimConfig:
     # per nested rank level, the holders' mean U Vᵀ re-factored (no cross-term); 'svd': average U Vᵀ and re-factor;
     # 'zero_pad': pad factors with zeros to the global rank, average over all clients
     server_shrink_eps: float = 0.0  # server-side progressive shrinking of the aggregate; 0 = off
+    server_momentum: float = 0.7  # FedAvgM on every method's merge (maestro_fl/server_optimizer.py): validation, mean
+    # over tiers, FedLoD / dense: 50 clients +9.2 / +5.8 pp on MNIST-1D, -0.8 / 0.0 on digits; 10 clients +6.9 / +2.0
+    # on MNIST-1D, +0.9 / 0.0 on digits; 0.5 is lower for FedLoD at 3 of those 4; 0.9 loses 5 pp on MNIST-1D at the
+    # protocol's point (benchmarks/results/default_shapes.json against default_shapes_no_server_momentum.json); 0 = FedAvg
     max_update_norm: float = 3.0  # reject a reply that moved its sub-model by > this x its norm: 2.6x the most an
     # honest client moved, 1.17x (every method, digits and MNIST-1D, first 3 rounds, at the protocol's largest step lr 0.3
     # x 3 epochs with 50 clients, and at 10 clients of ~130 examples with lr 0.05 and 0.15: benchmarks/update_norms.py,
@@ -481,6 +485,8 @@ class SimConfig:
         for name in ("server_shrink_eps", "num_gpus_per_client", "max_update_norm", "diagnostics_every"):
             check_non_negative(name, getattr(self, name))
         check_one_of("robust_merge", self.robust_merge, ("none", "median", "trimmed_mean"))
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ConfigError(f"server_momentum must be in [0, 1), got {self.server_momentum!r}")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction!r}")
         if self.robust_merge != "none":

@@ -178,7 +178,9 @@ TABLES = {t.file: t for t in (ROUNDS, TIERS, CLIENTS, DEVICES, EPOCHS, RANKS, LA
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_FORMAT = 3  # bump when the layout below changes (3: the run's fingerprint)
+CHECKPOINT_FORMAT = 4  # bump when the layout below changes (3: the run's fingerprint; 4: the server optimizer's state)
+#: older formats still read: 3 lacks the server state (its runs had no server momentum)
+READABLE_FORMATS = (3, CHECKPOINT_FORMAT)
 LOCK_FILE = ".lock"  # held (flock) by the one process that writes the run directory
 
 
@@ -233,6 +235,8 @@ class Checkpoint:
     arrays: dict[str, np.ndarray]
     #: what defines the run (:func:`maestro_fl.federated.run_fingerprint`): resume compares it before it trims
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    #: the server optimizer's state (:class:`maestro_fl.server_optimizer.ServerMomentum`'s velocity; empty without)
+    server_state: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class DiskFullError(RunDirError):
@@ -264,6 +268,7 @@ def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> None:
                 "round": int(checkpoint.round),
                 "fingerprint": json.dumps(checkpoint.fingerprint, sort_keys=True),
                 "arrays": {k: torch.from_numpy(np.array(v)) for k, v in checkpoint.arrays.items()},
+                "server_state": {k: torch.from_numpy(np.array(v)) for k, v in checkpoint.server_state.items()},
             },
             tmp,
         )
@@ -283,14 +288,15 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except Exception as err:  # noqa: BLE001 - truncated, garbage or foreign files all mean the same to a user
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}); "
                               "delete it to restart the run, or resume from an intact copy") from None
-    if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT or not isinstance(raw.get("arrays"), dict):
+    if not isinstance(raw, dict) or raw.get("format") not in READABLE_FORMATS or not isinstance(raw.get("arrays"), dict):
         raise CheckpointError(f"{path}: not a maestro-fl checkpoint of format {CHECKPOINT_FORMAT}")
     try:
         arrays = {str(k): v.numpy() for k, v in raw["arrays"].items()}
+        server_state = {str(k): v.numpy() for k, v in raw.get("server_state", {}).items()}
         fingerprint = json.loads(raw["fingerprint"])
         if not isinstance(fingerprint, dict):
             raise TypeError("its fingerprint is not a mapping")
-        return Checkpoint(int(raw["round"]), arrays, fingerprint)
+        return Checkpoint(int(raw["round"]), arrays, fingerprint, server_state)
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: damaged checkpoint ({err})") from None
 
@@ -547,7 +553,8 @@ def schema_markdown() -> str:
              f"| `{CONFIG_FILE}` | the resolved config (every key; `maestro-fl COMMAND --help` explains them) |",
              f"| `{CHECKPOINT_FILE}` | the global model after the last finished round: its arrays, the round and the "
              f"run's fingerprint (every field that defines the run, the model's shapes, the data's and partitions' "
-             f"digests), which resume checks before it changes anything (format {CHECKPOINT_FORMAT}) |",
+             f"digests), which resume checks before it changes anything) and the server optimizer's velocity "
+             f"(`server_momentum`), so a resumed run steps as an uninterrupted one (format {CHECKPOINT_FORMAT}) |",
              f"| `{LOCK_FILE}` | the PID of the one process writing the run; locked (`flock`) while it runs, so a "
              "second writer is refused; the kernel releases it when that process ends |",
              "| `model.pt` | `maestro-fl train`: the trained LoD model (`maestro_fl.centralized.load_model`) |"]

@@ -45,6 +45,7 @@ from maestro_fl.results import (
     new_run_dir,
     timestamp,
 )
+from maestro_fl.server_optimizer import ServerMomentum
 from maestro_fl.training import torch_threads
 
 from .runners.ray_grid import RoundInterrupted
@@ -207,15 +208,16 @@ def _run_server(
         )
 
     arrays = {k: v.detach().numpy().copy() for k, v in fed.template.state_dict().items()}
-    start = 1
+    start, server_state = 1, {}
     if checkpoint is not None:
-        start, arrays = checkpoint.round + 1, checkpoint.arrays
+        start, arrays, server_state = checkpoint.round + 1, checkpoint.arrays, checkpoint.server_state
         LOG.info("resuming %s after round %s", run_dir, checkpoint.round)
     run.trim(start - 1)  # rows written after the checkpoint (or before any) are redone, never duplicated
     callbacks = [*default_callbacks(cfg, run, strategy, fed.data.test, fed.data.spec, fed.validation,
                                     fingerprint=fingerprint), *extra_callbacks]
     for cb in callbacks:
         cb.on_run_start(start, cfg.rounds)
+    optimizer = ServerMomentum(cfg.server_momentum, server_state)
     done_round = start - 1
     try:
         for server_round in range(start, cfg.rounds + 1):
@@ -232,14 +234,15 @@ def _run_server(
             # 3. aggregate the good replies
             merged, _ = strategy.aggregate_train(server_round, replies)
             before = arrays
-            if merged is not None:
-                arrays = to_numpy(merged)
+            if merged is not None:  # a round with no good reply leaves the model and the velocity as they were
+                arrays = optimizer.step(before, to_numpy(merged))
             done = time.perf_counter()
             # 4. callbacks: evaluation, tables, checkpoint, progress
             result = RoundResult(
                 round=server_round,
                 arrays=arrays,
                 before=before,
+                server_state=optimizer.state(),
                 clients=strategy.client_rounds,
                 tier_costs=strategy.tier_costs(),
                 train_wall_seconds=done - started,

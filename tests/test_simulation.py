@@ -71,9 +71,10 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("strategy", ["fedlod", "heterofl", "fjord", "fedhm"])
-def test_interrupted_run_resumes_from_its_checkpoint(tmp_path: Path, strategy: str) -> None:
-    cfg = small(tmp_path, rounds=4, backend="local", strategy=strategy)
+@pytest.mark.parametrize("strategy,extra", [("fedlod", {}), ("heterofl", {}), ("fjord", {}), ("fedhm", {}),
+                                            ("fedlod", {"server_momentum": 0.7})])  # its velocity is in the checkpoint
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path: Path, strategy: str, extra: dict[str, object]) -> None:
+    cfg = small(tmp_path, rounds=4, backend="local", strategy=strategy, **extra)
     full = tmp_path / "full"
     local(cfg, full)
 
