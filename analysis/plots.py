@@ -180,6 +180,8 @@ X_LABELS = {
     "macs": "MACs per sample",
     "bytes": "bytes per round (one client, down + up)",
 }
+LADDER_FRACTIONS = tuple(p / 100 for p in range(5, 101))  # the rank ladder: every 5 % ... 100 %, one per integer percent
+
 X_TITLES = {"params": "deployed parameters", "macs": "MACs per sample", "bytes": "bytes sent per round"}
 
 
@@ -249,7 +251,7 @@ def ladder_vs_tiers(
     ladder_runs: Sequence[str | Path],
     tier_runs: Sequence[str | Path],
     tier_labels: Sequence[str],
-    fractions: Sequence[float] = tuple(i / 100 for i in range(5, 101)),
+    fractions: Sequence[float] = LADDER_FRACTIONS,
     x: str = "params",
     out: str | Path | None = None,
     ylim: tuple[float, float] | None = None,

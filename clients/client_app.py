@@ -89,20 +89,28 @@ def handle_train(msg: Message, context: Context) -> Message:
         return _train(msg, context, cfg)
 
 
+def _number(record: ConfigRecord, key: str) -> float:
+    """A numeric entry of a request's record; anything else is a malformed request, named."""
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"request entry {key!r} must be a number, got {str(value)[:40]!r}")
+    return float(value)
+
+
 def _train(msg: Message, context: Context, cfg: SimConfig) -> Message:
     started = time.perf_counter()
     pid = int(context.node_config["partition-id"])
-    conf: ConfigRecord = msg.content[P.CONFIG]
-    device_conf: ConfigRecord = msg.content[P.DEVICE]
-    server_round = int(conf[P.SERVER_ROUND])
+    conf = msg.content.config_records[P.CONFIG]
+    device_conf = msg.content.config_records[P.DEVICE]
+    server_round = int(_number(conf, P.SERVER_ROUND))
     injected = parse_faults(cfg.fault_injection).get(pid)
     fault = injected.kind if injected is not None and injected.applies(server_round) else None
     _inject_process_fault(fault, pid, cfg.round_timeout_s)
 
     fed = federation(cfg)
     method = fed.method
-    received: ArrayRecord = msg.content[P.ARRAYS]
-    epochs = int(conf[P.LOCAL_EPOCHS])
+    received = msg.content.array_records[P.ARRAYS]
+    epochs = int(_number(conf, P.LOCAL_EPOCHS))
     assignment = Assignment.from_config(conf, fed.layer_names)
     model = method.client_model(assignment)
     model.load_state_dict({k: torch.from_numpy(wire.decode(v.stype, v.data).copy()) for k, v in received.items()})
@@ -114,7 +122,7 @@ def _train(msg: Message, context: Context, cfg: SimConfig) -> Message:
     model.to(device)
     # local randomness (data order, sampled sub-models) is a function of (seed, round, client) alone
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, server_round, pid]).generate_state(1)[0]))
-    result = method.train(model, train, assignment, epochs=epochs, lr=float(conf[P.LR]), generator=gen,
+    result = method.train(model, train, assignment, epochs=epochs, lr=_number(conf, P.LR), generator=gen,
                           augment=fed.data.augment, device=device)
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
     _inject_reply_fault(fault, state, fed.layer_names[0] if fed.layer_names else None)
@@ -131,9 +139,9 @@ def _train(msg: Message, context: Context, cfg: SimConfig) -> Message:
             P.PARTITION_ID: pid,
             **({P.LABELS: list(result.labels)} if result.labels else {}),
             P.MACS: float(macs),
-            P.COMPUTE_SECONDS: macs / float(device_conf[P.DEVICE_MACS_PER_S]),
-            P.DOWNLOAD_SECONDS: transfer_seconds(bytes_in, float(device_conf[P.DEVICE_DOWN_BPS])),
-            P.UPLOAD_SECONDS: transfer_seconds(bytes_out, float(device_conf[P.DEVICE_UP_BPS])),
+            P.COMPUTE_SECONDS: macs / _number(device_conf, P.DEVICE_MACS_PER_S),
+            P.DOWNLOAD_SECONDS: transfer_seconds(bytes_in, _number(device_conf, P.DEVICE_DOWN_BPS)),
+            P.UPLOAD_SECONDS: transfer_seconds(bytes_out, _number(device_conf, P.DEVICE_UP_BPS)),
             P.WALL_SECONDS: time.perf_counter() - started,
         }
     )

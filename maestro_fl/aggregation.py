@@ -427,10 +427,11 @@ def _block_product_means(
             for a, w in updates if vt_name in a]
     out = []
     for lo, hi in _rank_blocks([vt.shape[0] for _, vt, _ in held]):
-        total, weight = 0.0, 0.0
+        total = np.zeros((fan_out, held[0][1].shape[1]), dtype=np.float64)
+        weight = 0.0
         for u, vt, w in held:
             if vt.shape[0] >= hi:
-                total = total + w * (u[:, lo:hi].astype(np.float64) @ vt[lo:hi].astype(np.float64))
+                total += w * (u[:, lo:hi].astype(np.float64) @ vt[lo:hi].astype(np.float64))
                 weight += w
         out.append((lo, hi, total / weight))
     return out
@@ -528,8 +529,10 @@ def aggregate_zero_padded(
             out[name] = np.array(current, copy=True)
             continue
         if name not in axes:
-            weight = sum(w for _, w in holders)
-            out[name] = (sum(np.float64(w) * b.astype(np.float64) for b, w in holders) / weight).astype(current.dtype)
+            weighted = np.zeros(current.shape, dtype=np.float64)
+            for block, w in holders:
+                weighted += np.float64(w) * block.astype(np.float64)
+            out[name] = (weighted / sum(w for _, w in holders)).astype(current.dtype)
             continue
         acc = np.zeros(current.shape, dtype=np.float64)
         for block, w in holders:

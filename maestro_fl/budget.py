@@ -15,7 +15,7 @@ compute time + download + upload over the device's bandwidth.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -75,14 +75,14 @@ def activation_count(model: nn.Module, inputs: Inputs, ranks: Mapping[str, int] 
     """Values per sample that training keeps for backward: every leaf output, plus each LoD layer's inner rank-r map."""
     counts: list[int] = []
 
-    def lod_hook(mod: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        positions = out[0].numel() // mod.fan_out  # type: ignore[operator]
-        counts.append(out[0].numel() + positions * mod.resolve_rank(None))  # type: ignore[operator]
+    def lod_hook(mod: LoDLayer, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        positions = out[0].numel() // mod.fan_out
+        counts.append(out[0].numel() + positions * mod.resolve_rank(None))
 
     def leaf_hook(mod: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         counts.append(out[0].numel())
 
-    hooks = []
+    hooks: list[tuple[nn.Module, Callable[..., None]]] = []
     for _, module in _walk(model):
         if isinstance(module, LoDLayer):
             hooks.append((module, lod_hook))

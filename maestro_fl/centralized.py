@@ -46,7 +46,7 @@ def build_lod_model(cfg: TrainConfig, spec: InputSpec, generator: torch.Generato
     return factorize(
         model,
         rank=None if cfg.rank_fraction >= 1.0 else cfg.rank_fraction,
-        init=cfg.init,  # type: ignore[arg-type]
+        init=cfg.init,  # type: ignore[arg-type]  # a str checked against Init's values by the config
         keep_first=cfg.keep_first,
         keep_classifier=cfg.keep_classifier,
         generator=generator,
@@ -224,7 +224,7 @@ def load_model(path: str | Path, spec: InputSpec) -> nn.Module:
     return model
 
 
-def _progress(cfg: TrainConfig):  # type: ignore[no-untyped-def]
+def _progress(cfg: TrainConfig) -> Any:  # a tqdm bar (tqdm ships no types)
     from tqdm.auto import tqdm
 
     return tqdm(total=cfg.epochs, desc="epochs", unit="ep", disable=not cfg.progress)

@@ -213,7 +213,7 @@ def field_docs(cls: type) -> list[FieldDoc]:
     docs, section = [], ""
     sections = {n: c.strip("- ").strip() for n, c in comments.items()
                 if c.startswith("--") and c.endswith("--")}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):
         number = by_line[f.name]
         section = next((sections[n] for n in sorted(sections, reverse=True) if n < number), section)
         reason = comments.get(number, "")
@@ -296,7 +296,7 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
 def resolve(cls: type[C], file: str | Path | None = None, overrides: Sequence[str] | Mapping[str, Any] = ()) -> C:
     """Defaults ← TOML ``file`` ← ``overrides`` (``key=value`` strings or a mapping), validated."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]  # C is any config dataclass: a TypeVar cannot be bound to "a dataclass"
     values: dict[str, Any] = {}
     if file is not None:
         values.update(read_toml(file, "config file"))
@@ -318,7 +318,7 @@ def resolve(cls: type[C], file: str | Path | None = None, overrides: Sequence[st
 
 
 def to_dict(cfg: object) -> dict[str, Any]:
-    out = dataclasses.asdict(cfg)  # type: ignore[call-overload]
+    out = dataclasses.asdict(cfg)  # type: ignore[call-overload]  # every caller passes a config dataclass
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 

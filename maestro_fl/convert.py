@@ -208,6 +208,7 @@ def plan_factorization(
                     decisions.append(LayerDecision(f"{label}.{pname}", "parameter", None,
                                                    f"a raw {tuple(p.shape)} parameter of {kind}: not factorizable"))
             continue
+        assert isinstance(module, FACTORIZABLE)  # the candidates are FACTORIZABLE's exact types
         w = module.weight
         m, n = w.shape[0], w[0].numel()
         full = min(m, n)
@@ -239,6 +240,7 @@ def plan_factorization(
             if not 1 <= r <= full:
                 raise ValueError(f"rank[{names[key][0]!r}] = {r}; allowed: an integer in [1, {full}] (min(out, in·∏k))")
         else:
+            assert rank is not None  # rank None with energy None is the first branch
             r = ceil_rank(float(rank), full)
         r = min(r, full)
         if skip_unprofitable and r * (m + n) >= m * n:
@@ -300,7 +302,7 @@ def factorize(
     by_name = {n: m for n, m in _walk(model, every_name=True)}
     for decision in plan.factorized:
         names = decision.name.split(" = ")
-        lod = lod_from_dense(by_name[names[0]], decision.rank, init=init, generator=generator)  # type: ignore[arg-type]
+        lod = lod_from_dense(by_name[names[0]], decision.rank, init=init, generator=generator)  # type: ignore[arg-type]  # a factorized decision is a FACTORIZABLE layer
         if lod is not None:
             for name in names:
                 _set_module(model, name, lod)
@@ -344,7 +346,7 @@ def extract(model: nn.Module, ranks: Mapping[str, int] | float | None = None) ->
     """
     if isinstance(ranks, float | int) and not isinstance(ranks, bool):
         ranks = ranks_at_fraction(model, float(ranks))
-    out = truncate(model, ranks or {})
+    out = truncate(model, ranks if isinstance(ranks, Mapping) else {})
     _replace_by_dense(out, keep=lambda layer: not dense_is_smaller(layer.fan_out, layer.fan_in, layer.max_rank))
     return out
 

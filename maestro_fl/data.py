@@ -384,7 +384,7 @@ def _mnist1d(samples: int) -> TaskData:
         data = {k: np.asarray(made[k]) for k in ("x", "y", "x_test", "y_test")}
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}.npz")
-        np.savez(tmp, **data, digest=np.array(_digest(data)))
+        np.savez(tmp, **data, digest=np.array(_digest(data)))  # type: ignore[arg-type]  # numpy types **kwds as if they could reach allow_pickle
         os.replace(tmp, cache)
     to_x = lambda a: torch.from_numpy(a.astype(np.float32)[:, None, :])  # noqa: E731 - (N, 1, 40)
     to_y = lambda a: torch.from_numpy(a.astype(np.int64))  # noqa: E731

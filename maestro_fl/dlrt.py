@@ -36,7 +36,7 @@ from torch import nn
 
 from .convert import _set_module, _walk, lod_layers
 from .data import Split
-from .layers import LoDConv, LoDConv1d, LoDConv2d, LoDLayer, LoDLinear
+from .layers import LoDConv, LoDConv1d, LoDConv2d, LoDLayer, LoDLinear, _conv_class
 from .training import EpochStats, Step, WholeModel, run_epoch
 
 
@@ -55,6 +55,11 @@ class DLRTLayer(nn.Module, metaclass=ABCMeta):
     max_rank, min_rank : int
         Bounds of the adaptive rank (the reference clamps to ``[2, ⌊min(m, n)/2⌋]``).
     """
+
+    # buffers (registered in __init__): declared so that type checkers see tensors, not modules
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
 
     def __init__(self, fan_out: int, fan_in: int, rank: int, bias: bool, max_rank: int | None, min_rank: int) -> None:
         super().__init__()
@@ -134,7 +139,7 @@ class DLRTLayer(nn.Module, metaclass=ABCMeta):
         lod = self.empty_lod(self.rank)
         lod.in_network.weight.copy_(vt.reshape(lod.in_network.weight.shape))
         lod.out_network.weight.copy_(u.reshape(lod.out_network.weight.shape))
-        if self.bias is not None:
+        if self.bias is not None and lod.out_network.bias is not None:
             lod.out_network.bias.copy_(self.bias)
         return lod
 
@@ -206,7 +211,9 @@ def dlrt_factorize(
     The classifier (last Linear) stays dense by default, as in the paper;
     grouped convolutions and layers too small to factor stay dense too.
     """
-    candidates = [(n, m) for n, m in _walk(model) if type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d)]
+    candidates: list[tuple[str, nn.Linear | nn.Conv1d | nn.Conv2d]] = [
+        (n, m) for n, m in _walk(model) if type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d)  # type: ignore[misc]
+    ]
     classifier = next((n for n, m in reversed(candidates) if isinstance(m, nn.Linear)), None)
     for i, (name, layer) in enumerate(candidates):
         if i < keep_first or (keep_classifier and name == classifier):
@@ -228,7 +235,7 @@ def dlrt_factorize(
             new.init_from_weight(layer.weight.detach())
         else:
             new.init_random(generator)
-        if layer.bias is not None:
+        if layer.bias is not None and new.bias is not None:
             with torch.no_grad():
                 new.bias.copy_(layer.bias)
         _set_module(model, name, new)
@@ -257,8 +264,7 @@ def lod_to_dlrt(model: nn.Module, min_rank: int = 1) -> nn.Module:
         r = lod.max_rank
         new: DLRTLayer
         if isinstance(lod, LoDConv):
-            cls = nn.Conv1d if lod.dims == 1 else nn.Conv2d
-            conv = cls(lod.in_channels, lod.out_channels, lod.kernel_size, stride=lod.in_network.stride,
+            conv = _conv_class(lod.dims)(lod.in_channels, lod.out_channels, lod.kernel_size, stride=lod.in_network.stride,
                              padding=lod.in_network.padding, dilation=lod.in_network.dilation,
                              bias=lod.bias is not None, device="meta")
             new = DLRTConv(conv, r, max_rank=r, min_rank=min_rank)
@@ -270,7 +276,7 @@ def lod_to_dlrt(model: nn.Module, min_rank: int = 1) -> nn.Module:
         new.U.copy_(qu)
         new.V.copy_(qv)
         new.S.copy_(ru @ rv.T)
-        if lod.bias is not None:
+        if lod.bias is not None and new.bias is not None:
             new.bias.data = lod.bias.detach().clone()
         _set_module(out, name, new)
     return out
@@ -329,28 +335,32 @@ class KLSIntegrator(Step):
         """One KLS step; ``closure`` returns the mini-batch loss of ``self.model``. Returns the K/L-pass loss."""
         layers = list(self.layers.values())
         # 1. K- and L-steps from one pass (each gradient comes out halved)
-        for layer in layers:
-            layer.K = (layer.U @ layer.S).requires_grad_()
-            layer.L = (layer.V @ layer.S.T).requires_grad_()
+        ks = [(layer.U @ layer.S).requires_grad_() for layer in layers]
+        ls = [(layer.V @ layer.S.T).requires_grad_() for layer in layers]
+        for layer, k_factor, l_factor in zip(layers, ks, ls):
+            layer.K, layer.L = k_factor, l_factor
         self._set_mode("kl")
         if self.dense_opt is not None:
             self.dense_opt.zero_grad(set_to_none=True)
         try:
             loss = closure()
-            grads = torch.autograd.grad(loss, [t for lay in layers for t in (lay.K, lay.L)])
+            grads = torch.autograd.grad(loss, [t for pair in zip(ks, ls) for t in pair])
         finally:
             self._set_mode("plain")
+        s_tildes: list[torch.Tensor] = []
         with torch.no_grad():
             for i, layer in enumerate(layers):
-                k1 = layer.K - self.lr * 2.0 * grads[2 * i]
-                l1 = layer.L - self.lr * 2.0 * grads[2 * i + 1]
+                k1 = ks[i] - self.lr * 2.0 * grads[2 * i]
+                l1 = ls[i] - self.lr * 2.0 * grads[2 * i + 1]
                 if self.adaptive:  # 2. augment the bases to rank 2r
                     u_hat = _orth(torch.cat([k1, layer.U], 1))
                     v_hat = _orth(torch.cat([l1, layer.V], 1))
                 else:
                     u_hat, v_hat = _orth(k1), _orth(l1)
                 layer.U_hat, layer.V_hat = u_hat, v_hat
-                layer.S_tilde = ((u_hat.T @ layer.U) @ layer.S @ (v_hat.T @ layer.V).T).requires_grad_()
+                s_tilde = ((u_hat.T @ layer.U) @ layer.S @ (v_hat.T @ layer.V).T).requires_grad_()
+                layer.S_tilde = s_tilde
+                s_tildes.append(s_tilde)
                 layer.K = layer.L = None
         # 3. the Galerkin S-step (dense parameters step with these gradients)
         self._set_mode("s")
@@ -360,20 +370,23 @@ class KLSIntegrator(Step):
             closure().backward()
         finally:
             self._set_mode("plain")
-        s_grads = [lay.S_tilde.grad for lay in layers]  # type: ignore[union-attr]
         with torch.no_grad():
-            for name, layer, g in zip(self.layers, layers, s_grads):
-                s1 = layer.S_tilde - self.lr * g
+            for name, layer, s_tilde in zip(self.layers, layers, s_tildes):
+                # every S-tilde is in the loss's graph (each layer runs in mode "s"), so it has a gradient
+                assert s_tilde.grad is not None
+                basis_u, basis_v = layer.U_hat, layer.V_hat
+                assert basis_u is not None and basis_v is not None
+                s1 = s_tilde - self.lr * s_tilde.grad
                 if not torch.isfinite(s1).all():
                     raise FloatingPointError(f"DLRT layer {name!r}: non-finite coefficients after the S-step; lower lr")
                 if self.adaptive:  # 4. truncate by the relative tolerance
                     p, sigma, qt = torch.linalg.svd(s1)
                     r = truncation_rank(sigma, self.tau, layer.min_rank, min(layer.max_rank, len(sigma)))
-                    layer.U = layer.U_hat @ p[:, :r]
-                    layer.V = layer.V_hat @ qt[:r].T
+                    layer.U = basis_u @ p[:, :r]
+                    layer.V = basis_v @ qt[:r].T
                     layer.S = torch.diag(sigma[:r])
                 else:
-                    layer.U, layer.V, layer.S = layer.U_hat, layer.V_hat, s1.detach().clone()
+                    layer.U, layer.V, layer.S = basis_u, basis_v, s1.detach().clone()
                 layer.U_hat = layer.V_hat = layer.S_tilde = None
         if self.dense_opt is not None:
             self.dense_opt.step()

@@ -13,7 +13,7 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache, partial
 from pathlib import Path
@@ -64,7 +64,7 @@ class Federation:
         return self.data.train.subset(train_idx), self.data.train.subset(val_idx)
 
 
-def model_builder(cfg: SimConfig, spec: InputSpec, static_batchnorm: bool = False):  # type: ignore[no-untyped-def]
+def model_builder(cfg: SimConfig, spec: InputSpec, static_batchnorm: bool = False) -> Callable[..., nn.Module]:
     """``build(p)``: the run's dense model at hidden-width fraction ``p`` (1.0 = full).
 
     Width-sliced methods replace BatchNorm by HeteroFL's static BN (``'sbn'``):
@@ -132,7 +132,8 @@ def _federation_of(cfg: SimConfig) -> Federation:
 
 @lru_cache(maxsize=2)
 def _federation(key: str) -> Federation:
-    cfg = SimConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(key).items()})
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(key).items()}
+    cfg = SimConfig(**fields)
     data = with_sample(load_task(cfg))
     parts = partition_indices(
         data.train.y.numpy(),
@@ -329,6 +330,7 @@ def load_global_model(run_dir: str | Path) -> tuple[SimConfig, Federation, nn.Mo
     """
     run = RunDir(run_dir)
     checkpoint = run.checkpoint(required=True)
+    assert checkpoint is not None  # required=True raises instead
     cfg = resolve(SimConfig, overrides=run.config() | {"resume": ""})
     fed = federation(cfg)
     return cfg, fed, fed.method.family.global_model(checkpoint.arrays)

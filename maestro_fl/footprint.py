@@ -192,7 +192,7 @@ def count_flops(model: nn.Module, inputs: Inputs, ranks: Mapping[str, int] | Non
     out.setdefault("", int(counter.get_total_flops()) // len(x))
     modules = dict(model.named_modules())
     for path, n in steps.items():
-        formula = 2 * recurrent_macs(modules[path], n)  # type: ignore[arg-type]
+        formula = 2 * recurrent_macs(modules[path], n)
         missing = formula - out.get(path, 0)
         if out.get(path, 0) < formula // 2:  # the counter missed the fused op: add what it missed, up the tree
             parts = path.split(".") if path else []

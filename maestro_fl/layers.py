@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from abc import ABCMeta, abstractmethod
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -42,8 +43,9 @@ class LoDLayer(nn.Module, metaclass=ABCMeta):
         means ``max_rank``.
     """
 
-    in_network: nn.Module
-    out_network: nn.Module
+    # the concrete layers narrow these; every one has ``weight`` and ``bias``
+    in_network: nn.Linear | nn.Conv1d | nn.Conv2d
+    out_network: nn.Linear | nn.Conv1d | nn.Conv2d
 
     def __init__(self, max_rank: int) -> None:
         super().__init__()
@@ -231,7 +233,7 @@ class LoDLinear(LoDLayer):
         dense = dense.to(device=w.device, dtype=w.dtype)
         with torch.no_grad():
             dense.weight.copy_(w)
-            if self.bias is not None:
+            if self.bias is not None and dense.bias is not None:
                 dense.bias.copy_(self.bias)
         return dense
 
@@ -262,7 +264,7 @@ class LoDConv(LoDLayer):
         bias: bool = True,
     ) -> None:
         super().__init__(max_rank)
-        conv = nn.Conv1d if self.dims == 1 else nn.Conv2d
+        conv = _conv_class(self.dims)
         self.in_network = conv(in_channels, max_rank, kernel_size, stride=stride, padding=padding, dilation=dilation,
                                bias=False)
         self.out_network = conv(max_rank, out_channels, 1, bias=bias)
@@ -300,8 +302,7 @@ class LoDConv(LoDLayer):
     def to_dense_module(self, rank: int | None = None) -> nn.Conv1d | nn.Conv2d:
         w = self.dense_weight(rank)
         conv = self.in_network
-        cls = nn.Conv1d if self.dims == 1 else nn.Conv2d
-        dense = cls(
+        dense = _conv_class(self.dims)(
             self.in_channels,
             self.out_channels,
             self.kernel_size,
@@ -312,9 +313,15 @@ class LoDConv(LoDLayer):
         ).to(device=w.device, dtype=w.dtype)
         with torch.no_grad():
             dense.weight.copy_(w)
-            if self.bias is not None:
+            if self.bias is not None and dense.bias is not None:
                 dense.bias.copy_(self.bias)
         return dense
+
+
+def _conv_class(dims: int) -> Callable[..., nn.Conv1d | nn.Conv2d]:
+    # typed as a plain callable: the kernel, stride and padding tuples here are dimension-generic
+    # (``tuple[int, ...]``), which torch's stubs type per class as ``tuple[int]`` / ``tuple[int, int]``
+    return nn.Conv1d if dims == 1 else nn.Conv2d
 
 
 class LoDConv1d(LoDConv):
@@ -386,7 +393,7 @@ def lod_from_dense(
             raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
         lod.in_network.weight.copy_(vt.reshape(lod.in_network.weight.shape))
         lod.out_network.weight.copy_(u.reshape(lod.out_network.weight.shape))
-        if layer.bias is not None:
+        if layer.bias is not None and lod.out_network.bias is not None:
             lod.out_network.bias.copy_(layer.bias)
     return lod
 

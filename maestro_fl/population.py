@@ -17,7 +17,7 @@ import csv
 import dataclasses
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -127,7 +127,7 @@ def check_device(row: Mapping[str, Any], where: str) -> tuple[int, DeviceCapabil
 
 
 def check_rows(
-    rows: list[Mapping[str, Any]], fields: list[str], source: str, num_clients: int | None, first_line: int
+    rows: Sequence[Mapping[str, Any]], fields: list[str], source: str, num_clients: int | None, first_line: int
 ) -> tuple[DeviceCapability, ...]:
     """Check every row and return the devices ordered by ``client_id``.
 

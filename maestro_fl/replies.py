@@ -88,7 +88,7 @@ def read_metrics(metrics: Mapping[str, Any]) -> ReplyFacts:
             labels = tuple(sorted({int(v) for v in parsed if v is not None}))
     return ReplyFacts(
         num_examples=int(values.get(P.NUM_EXAMPLES, 0)),
-        train_loss=float(loss) if finite_number(loss) is not None else float("nan"),
+        train_loss=finite_loss if (finite_loss := finite_number(loss)) is not None else float("nan"),
         macs=values.get(P.MACS, 0.0),
         compute_s=values.get(P.COMPUTE_SECONDS, 0.0),
         download_s=values.get(P.DOWNLOAD_SECONDS, 0.0),
@@ -185,7 +185,7 @@ def check_reply(
             return f"{name}: wrong dtype, got {value.dtype.str} ({value.dtype}), sent {task.dtypes[name]}"
     bounded = sent is not None and max_update_norm > 0
     # a NaN or Inf anywhere makes the update norm non-finite: one pass over the reply serves both checks
-    ratio = update_ratio(arrays, sent, sent_squared_norm) if bounded else math.nan  # type: ignore[arg-type]
+    ratio = update_ratio(arrays, sent, sent_squared_norm) if bounded else math.nan  # type: ignore[arg-type]  # bounded: sent is set
     if not math.isfinite(ratio):
         for name in task.shapes:
             if not np.isfinite(arrays[name]).all():

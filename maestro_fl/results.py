@@ -17,7 +17,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -430,7 +430,7 @@ class RunDir:
         path = self.path / table.file
         return path.is_file() and path.stat().st_size > 0
 
-    def table(self, table: Table | str, required: Iterable[str] | None = None):  # type: ignore[no-untyped-def]
+    def table(self, table: Table | str, required: Iterable[str] | None = None) -> Any:  # a pandas DataFrame
         """The table as a DataFrame; a missing, empty or malformed one is a :class:`RunDirError` naming it.
 
         ``table``: one of the schema's, or the file name of another CSV (a sweep's ``results.csv``).
@@ -607,7 +607,7 @@ def timestamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
-def format_table(rows: list[Mapping[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+def format_table(rows: Sequence[Mapping[str, Any]], columns: list[tuple[str, str, str]]) -> str:
     """A plain-text table; ``columns`` holds (key, header, format spec)."""
     head = [h for _, h, _ in columns]
     body = [[format(r[k], f) if f else str(r[k]) for k, _, f in columns] for r in rows]

@@ -24,6 +24,7 @@ import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from torch import nn
 
 from .budget import FRACTION_GRID, Cost, activation_count
 from .convert import Ranks, model_ranks, ranks_at_fraction, truncate
-from .footprint import Inputs, footprint
+from .footprint import Footprint, Inputs, footprint
 from .layers import ceil_rank
 
 Arrays = dict[str, np.ndarray]
@@ -41,7 +42,7 @@ Index = dict[str, tuple[DimIndex, ...]]
 ModelAtWidth = Callable[[float], nn.Module]
 
 # -- indices -----------------------------------------------------------------------------------
-def numpy_index(index: Sequence[DimIndex], shape: Sequence[int]) -> tuple[object, ...]:
+def numpy_index(index: Sequence[DimIndex], shape: Sequence[int]) -> tuple[Any, ...]:
     """A NumPy index for ``index`` into an array of ``shape``: basic slicing when every dimension is a slice, else ``np.ix_``."""
     if all(isinstance(i, slice) for i in index):
         return tuple(index)
@@ -238,7 +239,7 @@ class SubModelFamily(ABC):
         return load_arrays(model, arrays)
 
     @cached_property
-    def reference(self):  # type: ignore[no-untyped-def]
+    def reference(self) -> Footprint:
         """The full dense model's footprint: the denominator of every method's ratios."""
         return footprint(self.template, self.inputs)
 

@@ -125,7 +125,7 @@ class TierLevelSampler(RankSampler):
     fractions of the client's *own* ranks, which no weaker tier deploys.
     """
 
-    def __init__(self, max_ranks: Mapping[str, int], generator: torch.Generator, levels: Sequence[Ranks],
+    def __init__(self, max_ranks: Mapping[str, int], generator: torch.Generator, levels: Sequence[Mapping[str, int]],
                  top_share: float = 0.0) -> None:
         super().__init__(max_ranks, generator)
         for level in levels:
@@ -157,7 +157,7 @@ def make_sampler(
     model: nn.Module,
     generator: torch.Generator,
     fraction: float = 0.25,
-    levels: Sequence[Ranks] = (),
+    levels: Sequence[Mapping[str, int]] = (),
     top_share: float = 0.0,
 ) -> RankSampler:
     """The sampler ``name`` over ``model``'s ranks; ``levels`` are the rank levels of ``tiers``."""
@@ -232,7 +232,7 @@ class RankDraw(SubModelDraw):
         return self.sampler()
 
     def run(self, x: torch.Tensor, drawn: object) -> torch.Tensor:
-        with active_ranks(self.model, drawn):  # type: ignore[arg-type]
+        with active_ranks(self.model, drawn):  # type: ignore[arg-type]  # drawn is what draw() returned: ranks
             return self.model(x)
 
 
@@ -420,7 +420,7 @@ def shrink(model: nn.Module, eps: float, optimizer: torch.optim.Optimizer | None
     return new_ranks
 
 
-def _follow(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, index: tuple[slice, ...]) -> None:
+def _follow(optimizer: torch.optim.Optimizer, old: torch.Tensor, new: torch.Tensor, index: tuple[slice, ...]) -> None:
     for group in optimizer.param_groups:
         group["params"] = [new if p is old else p for p in group["params"]]
     state = optimizer.state.pop(old, None)

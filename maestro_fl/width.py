@@ -93,7 +93,7 @@ class OrderedDropout(SubModelDraw):
         return self.sample() if len(self.widths) > 1 else self.widths[0]
 
     def run(self, x: torch.Tensor, drawn: object) -> torch.Tensor:
-        return self.forward(x, self.widths[-1] if drawn is None else float(drawn))  # type: ignore[arg-type]
+        return self.forward(x, self.widths[-1] if drawn is None else float(drawn))  # type: ignore[arg-type]  # drawn: a width from draw()
 
     def forward(self, x: torch.Tensor, width: float) -> torch.Tensor:
         """The output of the width-``width`` sub-model; gradients reach the corners of ``model``'s tensors."""

@@ -34,8 +34,10 @@ from maestro_fl.callbacks import (
     RoundTables,
 )
 from maestro_fl.config import SimConfig, parse_faults, resolve, to_dict
+from maestro_fl.data import Split
 from maestro_fl.diagnostics import LoDDiagnostics
 from maestro_fl.federated import check_resume, federation, run_fingerprint
+from maestro_fl.footprint import Inputs
 from maestro_fl.results import (
     DEVICES,
     FINAL_COLUMNS,
@@ -108,8 +110,8 @@ class StopRequest:
         self._restore()
 
 
-def default_callbacks(cfg: SimConfig, run: RunDir, strategy: SubModelStrategy, test, inputs,  # type: ignore[no-untyped-def]
-                      validation=None, fingerprint: dict[str, Any] | None = None) -> list[RoundCallback]:
+def default_callbacks(cfg: SimConfig, run: RunDir, strategy: SubModelStrategy, test: Split, inputs: Inputs,
+                      validation: Split | None = None, fingerprint: dict[str, Any] | None = None) -> list[RoundCallback]:
     """Evaluation, then the tables, then the checkpoint (never ahead of the tables), then progress."""
     callbacks: list[RoundCallback] = [
         CentralEvaluation(strategy.method, test, inputs, validation),

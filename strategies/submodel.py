@@ -62,7 +62,7 @@ class _BudgetParts:
 
 def named_part(name: str, index: tuple[object, ...]) -> tuple[str, tuple[object, ...]]:
     """A hashable name for the part ``index`` of array ``name``: equal parts, equal keys."""
-    return name, part_key(index)  # type: ignore[arg-type]
+    return name, part_key(index)  # type: ignore[arg-type]  # index: slices and index arrays
 
 
 def _whole_number(value: Any) -> int | None:
@@ -230,7 +230,7 @@ class SubModelStrategy(Strategy):
                       for d in {self.devices[n] for n in members}}
             unaffordable = [n for n in members if checks[self.devices[n]].chosen is None]
             affording = [c for c in checks.values() if c.chosen is not None]
-            weakest = min(affording, key=lambda c: c.chosen.fraction) if affording else \
+            weakest = min(affording, key=lambda c: c.chosen.fraction if c.chosen else 0.0) if affording else \
                 min(checks.values(), key=lambda c: c.need_seconds)  # the nearest to affording something
             row: dict[str, Any] = {
                 "tier": tier, "clients": len(members), "unaffordable": len(unaffordable),
@@ -268,7 +268,7 @@ class SubModelStrategy(Strategy):
         availability = np.fromiter((self.devices[n].availability for n in self.nodes), float, len(self.nodes))
         online = [n for n, up in zip(self.nodes, rng.random(len(self.nodes)) < availability) if up]
         k = min(self.cfg.clients_per_round, len(online))
-        picked = rng.choice(len(online), size=k, replace=False) if k else []
+        picked: list[int] = rng.choice(len(online), size=k, replace=False).tolist() if k else []
         return [online[i] for i in sorted(picked)]
 
     def device_this_round(self, node: int, server_round: int) -> DeviceCapability:
@@ -319,15 +319,13 @@ class SubModelStrategy(Strategy):
         assignment = self.method.assign(cost, tiers)
         index = self.method.index(cost, server_round, self.current)
         sub = take(self.current, index)
-        config = ConfigRecord(
-            {
-                P.RUN_CONFIG: self._config_json,
-                P.SERVER_ROUND: server_round,
-                P.LOCAL_EPOCHS: self.cfg.local_epochs,
-                P.LR: self.cfg.lr,
-            }
-            | assignment.to_config(self.layer_names)
-        )
+        entries: dict[str, Any] = {
+            P.RUN_CONFIG: self._config_json,
+            P.SERVER_ROUND: server_round,
+            P.LOCAL_EPOCHS: self.cfg.local_epochs,
+            P.LR: self.cfg.lr,
+        }
+        config = ConfigRecord(entries | assignment.to_config(self.layer_names))
         return _BudgetParts(
             assignment=assignment,
             index=index,
@@ -401,10 +399,10 @@ class SubModelStrategy(Strategy):
             return None, None
         ok = [r for r in self.client_rounds if r.status == "ok"]
         total = sum(r.num_examples for r in ok)
-        metrics = MetricRecord(
+        round_metrics = MetricRecord(
             {"train-loss": sum(r.train_loss * r.num_examples for r in ok) / total, "clients-ok": len(ok)}
         )
-        return to_record(merged), metrics
+        return to_record(merged), round_metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -464,7 +462,7 @@ class SubModelStrategy(Strategy):
         except Exception as err:  # noqa: BLE001 - any unreadable reply is a malformed reply
             return {}, {}, f"reply unreadable: {type(err).__name__}: {err}"[:300]
         try:
-            arrays = to_numpy(content[P.ARRAYS])
+            arrays = to_numpy(content.array_records[P.ARRAYS])
         except Exception as err:  # noqa: BLE001
             return {}, metrics, f"arrays undecodable: {type(err).__name__}: {err}"[:300]
         return arrays, metrics, None

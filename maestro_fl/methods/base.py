@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -38,7 +38,7 @@ from ..convert import Ranks
 from ..data import Split
 from ..footprint import Inputs, footprint
 from ..submodels import Arrays, Index, ModelAtWidth, SubModelFamily
-from ..training import EpochStats, SGDStep, SubModelDraw, run_epoch
+from ..training import EpochStats, SGDStep, Step, SubModelDraw, run_epoch
 
 if TYPE_CHECKING:
     from ..config import SimConfig
@@ -306,7 +306,7 @@ class FederatedMethod(ABC):
         model: nn.Module,
         data: Split,
         draw: SubModelDraw,
-        step: Callable[[Any], None],
+        step: Step,
         *,
         epochs: int,
         generator: torch.Generator,
@@ -318,7 +318,7 @@ class FederatedMethod(ABC):
         model.train()
         return tuple(
             run_epoch(data, draw, step, batch_size=self.cfg.batch_size, generator=generator, augment=augment,
-                      device=device, **options)  # type: ignore[arg-type]
+                      device=device, **options)
             for _ in range(epochs)
         )
 

@@ -15,6 +15,7 @@ federation does not have.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,12 +30,15 @@ from ..training import WholeModel
 from .base import Assignment, LocalResult, Update, corners_weighted
 from .fedlod import FedLoD
 
+if TYPE_CHECKING:  # the config imports the method registry: a runtime import would cycle
+    from ..config import SimConfig
+
 
 class DLRTClients(FedLoD):
     """Rank prefixes trained by the KLS integrator (two passes per step), SVD re-factoring on the server."""
 
     name = "dlrt"
-    rank_allocation = "uniform"  # type: ignore[assignment]  # the paper's rule: one rank fraction for every layer (and the comparison's control)
+    rank_allocation = "uniform"  # the paper's rule: one rank fraction for every layer (and the comparison's control)
     runs_on_gpu = False  # the KLS integrator's QR/SVD steps are not checked on a GPU here
 
     @property
@@ -72,7 +76,7 @@ class DLRTClients(FedLoD):
         return LocalResult(trained, stats)
 
     @classmethod
-    def elementwise_rule(cls, cfg):  # type: ignore[no-untyped-def]
+    def elementwise_rule(cls, cfg: SimConfig) -> bool:
         return False  # products are averaged
 
     def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:

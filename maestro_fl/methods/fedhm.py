@@ -11,6 +11,7 @@ dropout); the server rebuilds every client's ``U Vᵀ``, averages with weight
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,12 +20,15 @@ from ..submodels import Arrays
 from .base import Update, corners_weighted
 from .fedlod import FedLoD
 
+if TYPE_CHECKING:  # the config imports the method registry: a runtime import would cycle
+    from ..config import SimConfig
+
 
 class FedHM(FedLoD):
     """Truncated-SVD sub-models trained at fixed rank; rebuilt, uniformly averaged, re-factored."""
 
     name = "fedhm"
-    rank_allocation = "uniform"  # type: ignore[assignment]  # the paper's rule: one rank fraction for every layer (and the comparison's control)
+    rank_allocation = "uniform"  # the paper's rule: one rank fraction for every layer (and the comparison's control)
 
     @property
     def init(self) -> str:
@@ -39,7 +43,7 @@ class FedHM(FedLoD):
         return 1
 
     @classmethod
-    def elementwise_rule(cls, cfg):  # type: ignore[no-untyped-def]
+    def elementwise_rule(cls, cfg: SimConfig) -> bool:
         return False  # products are averaged
 
     def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:

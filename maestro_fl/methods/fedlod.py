@@ -17,6 +17,7 @@ The server rule is ``cfg.aggregation``:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,6 +36,9 @@ from ..data import Split
 from ..submodels import Arrays, RankPrefix, RankWidthPrefix, SubModelFamily
 from ..training import RankDraw, group_lasso, make_sampler
 from .base import Assignment, FederatedMethod, LocalResult, Update, corners_weighted
+
+if TYPE_CHECKING:  # the config imports the method registry: a runtime import would cycle
+    from ..config import SimConfig
 
 RULES = {"ordered": aggregate_ordered_factors, "ordered_products": aggregate_ordered_products, "svd": aggregate_svd,
          "zero_pad": aggregate_zero_padded}
@@ -56,7 +60,7 @@ class FedLoD(FederatedMethod):
         """The LoD model at hidden width ``width`` (the run's ``keep_first``/``keep_classifier``)."""
         return factorize(
             self.build(width),
-            init=init or self.init,  # type: ignore[arg-type]
+            init=init or self.init,  # type: ignore[arg-type]  # a str checked against Init's values by the config
             keep_first=self.cfg.keep_first,
             keep_classifier=self.cfg.keep_classifier,
             generator=generator,
@@ -129,7 +133,7 @@ class FedLoD(FederatedMethod):
         return LocalResult(model, stats)
 
     @classmethod
-    def elementwise_rule(cls, cfg):  # type: ignore[no-untyped-def]
+    def elementwise_rule(cls, cfg: SimConfig) -> bool:
         return cfg.aggregation == "ordered" and cfg.server_shrink_eps == 0
 
     def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:

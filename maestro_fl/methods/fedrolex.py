@@ -109,7 +109,7 @@ class FedRolexRank(FedLoD):
     """
 
     name = "fedrolex_rank"
-    rank_allocation = "uniform"  # type: ignore[assignment]  # the paper's rule: one rank fraction for every layer (and the comparison's control)
+    rank_allocation = "uniform"  # the paper's rule: one rank fraction for every layer (and the comparison's control)
 
     def make_family(self, generator: torch.Generator) -> SubModelFamily:
         prefix = super().make_family(generator)

@@ -105,7 +105,8 @@ class WidthImportance(WidthCorner):
         """The sliced dimensions of every array, grouped into hidden layers by the state dict's order."""
         full, half, unit = self.shapes(1.0), self.shapes(0.5), state_shapes(self.build(UNIT_WIDTH))
         axes: dict[str, list[ChannelAxis]] = {}
-        current, layers, channels = -1, 0, {}
+        current, layers = -1, 0
+        channels: dict[int, int] = {}  # hidden layer -> its channel count
         for name, shape in full.items():
             sliced = [a for a, (d, f) in enumerate(zip(half[name], shape)) if d != f]
             found: list[ChannelAxis] = []
@@ -161,7 +162,7 @@ class ImportanceChoice:
     template: nn.Module
 
     def index(self, cost: Cost, server_round: int, current: Mapping[str, np.ndarray] | None = None) -> Index:
-        return self.family.importance_index(cost, current if current else self._initial)  # type: ignore[attr-defined]
+        return self.family.importance_index(cost, current if current else self._initial)  # type: ignore[attr-defined]  # family is an importance family
 
     @cached_property
     def _initial(self) -> Arrays:
@@ -190,7 +191,7 @@ class FIARSERank(ImportanceChoice, FedLoD):
     """FIARSE's choice on the ranks of an LoD model: the most important components, not the first ones."""
 
     name = "fiarse_rank"
-    rank_allocation = "uniform"  # type: ignore[assignment]  # the paper's rule: one rank fraction for every layer (and the comparison's control)
+    rank_allocation = "uniform"  # the paper's rule: one rank fraction for every layer (and the comparison's control)
 
     def make_family(self, generator: torch.Generator) -> SubModelFamily:
         prefix = super().make_family(generator)

@@ -38,6 +38,7 @@ import copy
 import math
 from collections.abc import Mapping, Sequence
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ from ..aggregation import aggregate_flanc
 from ..budget import FRACTION_GRID, Cost
 from ..convert import Ranks
 from ..data import Split
-from ..footprint import Inputs, footprint
+from ..footprint import Footprint, Inputs, footprint
 from ..submodels import (
     Arrays,
     Index,
@@ -82,7 +83,7 @@ class Composition(nn.Module):
         bias = layer.bias is not None
         if isinstance(layer, nn.Linear):
             self.coefficients: nn.Module = nn.Linear(rank, layer.out_features, bias=bias)
-            self.options: dict[str, object] = {}
+            self.options: dict[str, Any] = {}  # the convolution's stride, padding and dilation
         else:
             self.coefficients = type(layer)(rank, layer.out_channels, 1, bias=bias)
             self.options = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation}
@@ -93,9 +94,9 @@ class Composition(nn.Module):
         if self.kind is nn.Linear:
             h = F.linear(x, basis)
         elif self.kind is nn.Conv1d:
-            h = F.conv1d(x, basis, None, **self.options)  # type: ignore[arg-type]
+            h = F.conv1d(x, basis, None, **self.options)
         else:
-            h = F.conv2d(x, basis, None, **self.options)  # type: ignore[arg-type]
+            h = F.conv2d(x, basis, None, **self.options)
         return self.coefficients(self.inner(h))
 
 
@@ -168,7 +169,7 @@ class ComposedFamily(SubModelFamily):
         super().__init__(template, inputs)
 
     @cached_property
-    def reference(self):  # type: ignore[no-untyped-def]
+    def reference(self) -> Footprint:
         """The full dense model's footprint (the template holds every width's anchor)."""
         return footprint(self.build(1.0), self.inputs)
 
@@ -200,7 +201,9 @@ class ComposedFamily(SubModelFamily):
 def orthogonality(model: nn.Module) -> torch.Tensor:
     """FLANC's basis penalty: ``mean((B Bᵀ - I)²)`` summed over the bases (rows: flattened filters)."""
     total = torch.zeros(())
-    for basis in model.basis.values():  # type: ignore[union-attr]
+    bases = model.basis
+    assert isinstance(bases, nn.ParameterDict), "orthogonality takes a ComposedWidths model"
+    for basis in bases.values():
         flat = basis.reshape(basis.shape[0], -1)
         gram = flat @ flat.T
         total = total + F.mse_loss(gram, torch.eye(len(gram), device=gram.device))

@@ -16,6 +16,7 @@ layer of the dense model (:class:`~maestro_fl.submodels.WidthCorner`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from ..data import Split
 from ..submodels import Arrays, SubModelFamily, WidthCorner
 from ..width import OrderedDropout
 from .base import LOD_ONLY_FIELDS, Assignment, FederatedMethod, LocalResult, Update, corners_weighted
+
+if TYPE_CHECKING:  # the config imports the method registry: a runtime import would cycle
+    from ..config import SimConfig
 
 
 class WidthMethod(FederatedMethod):
@@ -90,7 +94,7 @@ class HeteroFL(WidthMethod):
         return Assignment(cost.fraction, label_mask=self.cfg.heterofl_label_mask)
 
     @classmethod
-    def elementwise_rule(cls, cfg):  # type: ignore[no-untyped-def]
+    def elementwise_rule(cls, cfg: SimConfig) -> bool:
         return not cfg.heterofl_label_mask  # the masked classifier averages rows over class holders
 
     def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from maestro_fl.config import ConfigError, SimConfig, TrainConfig, describe, resolve
 
@@ -143,19 +144,19 @@ def _split(args: list[str]) -> tuple[str | None, list[str]]:
     return file, overrides
 
 
-class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+class _CurrentStderr(logging.StreamHandler[TextIO]):
     """A handler that writes to whatever ``sys.stderr`` is when it emits (not the one it was made with, which a
     caller such as a notebook or a test may have replaced and closed since)."""
 
     def __init__(self) -> None:
         super().__init__()
 
-    @property  # type: ignore[override]
-    def stream(self):  # type: ignore[no-untyped-def]
+    @property  # StreamHandler's attribute, read at every emit, becomes a property
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter
-    def stream(self, value) -> None:  # type: ignore[no-untyped-def]
+    def stream(self, value: TextIO) -> None:
         pass
 
 

@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 POLL_SECONDS = 0.25  # how often the watcher records new descendants (Ray starts workers within seconds)
 GRACE_SECONDS = 3.0  # between SIGTERM and SIGKILL: Ray's processes clean up their sockets on SIGTERM
@@ -84,7 +85,7 @@ def watch(driver_pid: int, since: float) -> None:
     end(list(seen.values()))
 
 
-def end(processes: list) -> None:  # type: ignore[type-arg]
+def end(processes: list[Any]) -> None:  # psutil.Process objects (psutil ships no types)
     """SIGTERM every process still alive (the same one: psutil checks its creation time), then SIGKILL."""
     import psutil
 

@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from maestro_fl import protocol as P
 from maestro_fl.config import RESUMABLE, ConfigError, SimConfig, resolve, to_dict
@@ -128,9 +129,9 @@ def run_simulation(cfg: SimConfig) -> Path:
     return run_dir
 
 
-def ray_init_args(cfg_address: str) -> dict[str, object]:
+def ray_init_args(cfg_address: str) -> dict[str, Any]:
     """``ray.init`` arguments: attach to ``ray_address``, or start a Ray of our own (never a stale one)."""
-    args: dict[str, object] = {"include_dashboard": False, "logging_level": "error", "log_to_driver": False}
+    args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
     if cfg_address:
         args["address"] = cfg_address
     else:
@@ -206,7 +207,7 @@ def _run_on_flower_engine(cfg: SimConfig, run_dir: Path) -> list[dict[str, objec
             failure.append(err)
             raise
 
-    backend_config = {
+    backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": cfg.num_cpus_per_client, "num_gpus": cfg.num_gpus_per_client},
         "init_args": ray_init_args(cfg.ray_address),
     }

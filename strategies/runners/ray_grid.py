@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +50,7 @@ class RoundInterrupted(RuntimeError):
     """The round was abandoned because a stop was requested (Ctrl-C)."""
 
 
-def load_ref(ref: str):  # type: ignore[no-untyped-def]
+def load_ref(ref: str) -> Any:
     """``'package.module:attr'`` → the object, as Flower resolves app components."""
     module, _, attr = ref.partition(":")
     return getattr(importlib.import_module(module), attr)
@@ -141,7 +141,8 @@ class NodeGrid(Grid):
     def run(self) -> Run:
         return self._run
 
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
         return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -187,7 +188,7 @@ class ClientWorker:
         with self.lock:
             self.cancelled.update(keys)
 
-    def run(self, dispatch: int, batch: list[tuple[int, Message, Context]]):  # type: ignore[no-untyped-def]
+    def run(self, dispatch: int, batch: list[tuple[int, Message, Context]]) -> Iterator[tuple[Any, ...]]:
         """For each message: ``("start", i)`` when it begins, ``("done", i, reply, context)`` when it ends.
 
         ``dispatch`` numbers the grid's calls: a cancellation names the call it
@@ -287,7 +288,7 @@ class RayGrid(NodeGrid):
             nodes[node] = nodes.get(node, 0) + 1
         return nodes
 
-    def _new_actor(self):  # type: ignore[no-untyped-def]
+    def _new_actor(self) -> Any:  # a Ray actor handle
         return self._remote.options(max_concurrency=2, **self.actor_options).remote(
             self.client_app_ref, self.env, self.threads, self.sys_path, self.objects, self.warmup)
 
@@ -409,7 +410,8 @@ class RayGrid(NodeGrid):
         The busy actor is told to skip them; should one start before it hears
         so, the first reply counts.
         """
-        best, waiting = None, []
+        best: int | None = None
+        waiting: list[int] = []
         for slot, job in running.items():
             unstarted = [i for i in job.batch if i not in job.started and i not in replies]
             if len(unstarted) > len(waiting):

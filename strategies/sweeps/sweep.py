@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -115,8 +116,8 @@ def build_sweep(
     """A checked sweep: every run's SimConfig is resolved (and so validated) here."""
     if not isinstance(methods, dict) or not methods or not all(isinstance(m, dict) for m in methods.values()):
         raise ConfigError("[methods] must hold at least one table of config values, e.g. [methods.fedlod]")
-    for method, values in methods.items():
-        nested = [k for k, v in values.items() if isinstance(v, dict)]
+    for method, method_values in methods.items():
+        nested = [k for k, v in method_values.items() if isinstance(v, dict)]
         if nested:  # TOML reads [methods.a.b] as table b inside table a
             raise ConfigError(f"[methods.{method}.{nested[0]}]: a method's name cannot contain a dot; "
                               f"write [methods.{method}_{nested[0]}]")
@@ -126,11 +127,11 @@ def build_sweep(
     if not grid:
         raise ConfigError("[grid] is empty: give at least one SimConfig field with a list of values")
     names = {f.name for f in fields(SimConfig)}
-    for key, values in grid.items():
+    for key, grid_values in grid.items():
         if key not in names:
             raise ConfigError(f"[grid]: unknown config key {key!r}; allowed keys: {sorted(names)}")
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"[grid].{key} must be a non-empty list of values, got {values!r}")
+        if not isinstance(grid_values, list) or not grid_values:
+            raise ConfigError(f"[grid].{key} must be a non-empty list of values, got {grid_values!r}")
     for where, table in (("[base]", base), ("[grid]", grid), *((f"[methods.{m}]", v) for m, v in methods.items())):
         placed = sorted(set(table) & {"resume", "run_name"})
         if placed:
@@ -274,8 +275,10 @@ def run_sweep(path_or_sweep: str | Path | Sweep) -> Path:
             if ray.is_initialized():
                 raise ConfigError(f"sweep {sweep.name}: ray_address = {sweep.ray_address!r}, but this process is "
                                   "already connected to a Ray; call ray.shutdown() first, or drop ray_address")
-            ray.init(address=sweep.ray_address or "local", include_dashboard=False, logging_level="error",
-                     **({} if sweep.ray_address else {"num_cpus": os.cpu_count() or 1}))
+            # a cluster brings its own CPUs; a local Ray gets this machine's
+            num_cpus = None if sweep.ray_address else os.cpu_count() or 1
+            ray.init(address=sweep.ray_address or "local", include_dashboard=False, logging_level=logging.ERROR,
+                     num_cpus=num_cpus)
         try:
             task = ray.remote(num_cpus=sweep.cpus_per_run, num_gpus=sweep.gpus_per_run)(run_one)
             sys_path = [os.path.abspath(p or os.getcwd()) for p in sys.path]
