@@ -24,24 +24,12 @@ from torch import nn
 from .convert import Ranks, _walk
 from .footprint import Inputs, probe_forward
 from .layers import LoDLayer
+from .population import DeviceCapability  # the device a budget is checked for (its home is the population)
 
 #: rank fractions a budget can take, from full rank down (fine enough to matter, small enough to tabulate)
 FRACTION_GRID: tuple[float, ...] = tuple(round(1.0 - 0.05 * i, 2) for i in range(20))
 FP32 = 4
 BACKWARD_FACTOR = 3  # forward + backward ≈ 3 × forward MACs
-
-
-@dataclass(frozen=True)
-class DeviceCapability:
-    """A simulated device: what it computes, stores, sends, and how often it is online."""
-
-    tier: int
-    macs_per_s: float
-    memory_bytes: float
-    up_bps: float  # bits per second
-    down_bps: float
-    availability: float  # probability of being online in a round
-    rank_fraction: float = 0.0  # explicit budget; 0 = derive from the capability
 
 
 @dataclass(frozen=True)

@@ -15,18 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .data import DATASETS
-from .models import MODELS, NORMS
+# leaf modules only (each imports nothing of maestro_fl): the config sits below everything it configures
+from .catalog import DATASETS, MODELS, NORMS, SAMPLERS, STRATEGIES
+from .population import PopulationError, load_population
 from .references import UnresolvedReference, is_reference
 from .references import resolve as resolve_reference
-from .training import SAMPLERS
+from .results import check_name
 
 
 def strategies() -> tuple[str, ...]:
-    """The methods a simulation can run (:data:`maestro_fl.methods.METHODS`)."""
-    from .methods import METHODS  # imported late: the methods import the core modules this one does
-
-    return tuple(METHODS)
+    """The methods a simulation can run (:data:`maestro_fl.methods.METHODS`, by name)."""
+    return STRATEGIES
 
 
 class ConfigError(ValueError):
@@ -143,11 +142,8 @@ def check_reference(field: str, reference: str) -> object:
         raise ConfigError(str(err)) from None
 
 
-
 def check_run_name(name: str) -> None:
     """``run_name`` names one folder inside ``out_dir`` (never a path that escapes it)."""
-    from .results import check_name
-
     if name:
         try:
             check_name("run_name", name)
@@ -489,21 +485,12 @@ class SimConfig:
             raise ConfigError(f"server_momentum must be in [0, 1), got {self.server_momentum!r}")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction!r}")
-        if self.robust_merge != "none":
-            from .methods import METHODS
-
-            if not METHODS[self.strategy].elementwise_rule(self):
-                raise ConfigError(
-                    f"robust_merge applies to methods whose server rule averages each element over its holders; "
-                    f"{self.strategy!r} (aggregation {self.aggregation!r}) rebuilds products or masks rows")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if not self.devices:
             if not self.tier_shares or any(s < 0 for s in self.tier_shares) or sum(self.tier_shares) <= 0:
                 raise ConfigError(f"tier_shares must be non-negative with a positive sum, got {self.tier_shares!r}")
         else:
-            from .population import PopulationError, load_population
-
             try:
                 load_population(self.devices, self.num_clients)
             except (PopulationError, UnresolvedReference) as err:

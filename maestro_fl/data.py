@@ -41,11 +41,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .catalog import DATASETS
 from .models import InputSpec
 from .references import is_reference, resolve
 
 #: built-in datasets
-DATASETS = ("digits", "mnist1d", "mnist", "fashion_mnist", "cifar10")
 #: the share of a dataset given without a test split that is held out for testing (fixed split, seed 0)
 TEST_SHARE = 0.2
 

@@ -87,6 +87,7 @@ def _build(name: str, spec: InputSpec, norm: str | None, width: float = 1.0) -> 
 def make_method(cfg: SimConfig, spec: InputSpec) -> FederatedMethod:
     """The method ``cfg.strategy``, holding the run's initial model (seeded)."""
     cls = METHODS[cfg.strategy]
+    cls.check_config(cfg)
     return cls(cfg, spec, model_builder(cfg, spec, cls.static_batchnorm))
 
 
@@ -188,6 +189,8 @@ def check_task(cfg: SimConfig) -> Federation:
     """
     try:
         fed = federation(cfg)
+    except ConfigError:  # the method refused an option (FederatedMethod.check_config): its own line
+        raise
     except (DataError, DatasetNotFoundError, PartitionError, UnresolvedReference) as err:
         raise ConfigError(str(err)) from None
     except (ValueError, TypeError, RuntimeError) as err:  # a model that cannot be built or factorized

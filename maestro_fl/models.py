@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .catalog import NORMS
 from .references import is_reference, resolve
 
 
@@ -78,7 +79,6 @@ class InputSpec:
         return torch.zeros(batch, *self.shape, dtype=getattr(torch, self.dtype))
 
 
-NORMS = ("bn", "sbn", "gn", "none")
 
 
 def scaled(channels: int, width: float) -> int:

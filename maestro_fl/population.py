@@ -18,15 +18,28 @@ import dataclasses
 import inspect
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .budget import DeviceCapability
 from .references import is_reference, resolve
 
 TRACE_COLUMNS = ("client_id", "tier", "macs_per_s", "memory_bytes", "up_bps", "down_bps", "availability")
 OPTIONAL_COLUMNS = ("rank_fraction",)
+
+
+@dataclass(frozen=True)
+class DeviceCapability:
+    """A simulated device: what it computes, stores, sends, and how often it is online."""
+
+    tier: int
+    macs_per_s: float
+    memory_bytes: float
+    up_bps: float  # bits per second
+    down_bps: float
+    availability: float  # probability of being online in a round
+    rank_fraction: float = 0.0  # explicit budget; 0 = derive from the capability
 
 
 class PopulationError(ValueError):

@@ -19,11 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .catalog import SAMPLERS
 from .convert import Ranks, active_ranks, lod_layers, model_ranks
 from .data import Split, batches
 from .layers import ceil_rank
-
-SAMPLERS = ("per_layer", "across_layers", "nested", "tiers", "fixed", "none")
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from maestro_fl import protocol as P
 from maestro_fl.aggregation import aggregate_robust
 from maestro_fl.config import ConfigError, SimConfig, resolve
+from maestro_fl.federated import check_task
 from maestro_fl.methods import METHODS
 from strategies.submodel import SubModelStrategy, to_numpy
 from tests.fakes import ALL_LOD, fake_strategy, messages, reply, sent, tiny_mlp, tiny_wide
@@ -166,8 +167,10 @@ def test_a_robust_merge_resists_one_large_reply_the_mean_follows() -> None:
     merged = to_numpy(strategy.aggregate_train(1, replies)[0])
     before = to_numpy(arrays)
     assert max(float(np.abs(merged[k] - before[k]).max()) for k in before) < 0.05
-    with pytest.raises(ConfigError, match="robust_merge"):
-        resolve(SimConfig, overrides={"strategy": "fedhm", "robust_merge": "median"})
+    # the method refuses what its rule cannot honour, before a run directory exists (simulate's check_task)
+    with pytest.raises(ConfigError, match="^robust_merge applies"):
+        check_task(resolve(SimConfig, overrides={"strategy": "fedhm", "robust_merge": "median", "num_clients": 4,
+                                                 "clients_per_round": 2}))
 
 
 def test_full_rank_aggregate_equals_flowers_fedavg_to_float32_rounding_at_any_scale() -> None:

@@ -25,7 +25,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -34,14 +34,12 @@ from torch import nn
 from .. import protocol as P
 from ..aggregation import aggregate_robust
 from ..budget import BudgetCheck, Cost, DeviceCapability, affordable, explain_budget
+from ..config import ConfigError, SimConfig
 from ..convert import Ranks
 from ..data import Split
 from ..footprint import Inputs, footprint
 from ..submodels import Arrays, Index, ModelAtWidth, SubModelFamily
 from ..training import EpochStats, SGDStep, Step, SubModelDraw, run_epoch
-
-if TYPE_CHECKING:
-    from ..config import SimConfig
 
 
 @dataclass(frozen=True)
@@ -331,6 +329,14 @@ class FederatedMethod(ABC):
     def elementwise_rule(cls, cfg: SimConfig) -> bool:
         """Whether the server rule averages each element over the clients holding it (robust merges may replace it)."""
         return True
+
+    @classmethod
+    def check_config(cls, cfg: SimConfig) -> None:
+        """Refuse, in one line, options this method cannot honour (run before the method is built)."""
+        if cfg.robust_merge != "none" and not cls.elementwise_rule(cfg):
+            raise ConfigError(
+                f"robust_merge applies to methods whose server rule averages each element over its holders; "
+                f"{cfg.strategy!r} (aggregation {cfg.aggregation!r}) rebuilds products or masks rows")
 
     def merge_updates(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:
         """:meth:`merge`, or the run's robust merge (median, trimmed mean) over the same parts."""

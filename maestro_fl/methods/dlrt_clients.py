@@ -15,13 +15,13 @@ federation does not have.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..aggregation import aggregate_svd
+from ..config import SimConfig
 from ..convert import lod_layers
 from ..data import Split
 from ..dlrt import KLSIntegrator, dlrt_to_lod, lod_to_dlrt
@@ -29,9 +29,6 @@ from ..submodels import Arrays
 from ..training import WholeModel
 from .base import Assignment, LocalResult, Update, corners_weighted
 from .fedlod import FedLoD
-
-if TYPE_CHECKING:  # the config imports the method registry: a runtime import would cycle
-    from ..config import SimConfig
 
 
 class DLRTClients(FedLoD):

@@ -11,17 +11,14 @@ dropout); the server rebuilds every client's ``U Vᵀ``, averages with weight
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..aggregation import aggregate_fedhm
+from ..config import SimConfig
 from ..submodels import Arrays
 from .base import Update, corners_weighted
 from .fedlod import FedLoD
-
-if TYPE_CHECKING:  # the config imports the method registry: a runtime import would cycle
-    from ..config import SimConfig
 
 
 class FedHM(FedLoD):

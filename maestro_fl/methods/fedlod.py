@@ -17,7 +17,6 @@ The server rule is ``cfg.aggregation``:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,14 +30,12 @@ from ..aggregation import (
     shrink_factors,
 )
 from ..budget import Cost
+from ..config import SimConfig
 from ..convert import factorize
 from ..data import Split
 from ..submodels import Arrays, RankPrefix, RankWidthPrefix, SubModelFamily
 from ..training import RankDraw, group_lasso, make_sampler
 from .base import Assignment, FederatedMethod, LocalResult, Update, corners_weighted
-
-if TYPE_CHECKING:  # the config imports the method registry: a runtime import would cycle
-    from ..config import SimConfig
 
 RULES = {"ordered": aggregate_ordered_factors, "ordered_products": aggregate_ordered_products, "svd": aggregate_svd,
          "zero_pad": aggregate_zero_padded}

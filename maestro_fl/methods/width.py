@@ -16,7 +16,6 @@ layer of the dense model (:class:`~maestro_fl.submodels.WidthCorner`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,13 +23,11 @@ from torch import nn
 
 from ..aggregation import aggregate_fjord, aggregate_heterofl
 from ..budget import Cost
+from ..config import SimConfig
 from ..data import Split
 from ..submodels import Arrays, SubModelFamily, WidthCorner
 from ..width import OrderedDropout
 from .base import LOD_ONLY_FIELDS, Assignment, FederatedMethod, LocalResult, Update, corners_weighted
-
-if TYPE_CHECKING:  # the config imports the method registry: a runtime import would cycle
-    from ..config import SimConfig
 
 
 class WidthMethod(FederatedMethod):
