@@ -130,6 +130,7 @@ def cnn(spec: InputSpec, norm: str = "none", width: float = 1.0) -> nn.Module:
 
 
 def lenet5(spec: InputSpec, norm: str = "none", width: float = 1.0) -> nn.Module:
+    """LeNet (Caffe's variant): two 5×5 conv layers (20, 50) with pooling, a 500-unit Linear layer, the classifier."""
     side = ((spec.size - 4) // 2 - 4) // 2
     c1, c2, h = (scaled(c, width) for c in (20, 50, 500))
     return nn.Sequential(
@@ -189,6 +190,7 @@ class ResNet18(nn.Module):
 
 
 def resnet18(spec: InputSpec, norm: str = "bn", width: float = 1.0) -> nn.Module:
+    """CIFAR-style ResNet-18 (3×3 stem, no max-pool); ~11M weights at full width."""
     return ResNet18(spec, norm, width)
 
 
@@ -232,6 +234,7 @@ def _norm1d(kind: str, channels: int) -> nn.Module:
 
 
 def vgg19(spec: InputSpec, norm: str = "bn", width: float = 1.0) -> nn.Module:
+    """VGG-19 with normalization after every conv layer and one Linear classifier, for 32×32 images."""
     layers: list[nn.Module] = []
     cin = spec.channels
     for v in _VGG19:

@@ -38,6 +38,24 @@ def test_help_gives_the_commands_own_usage_and_every_key_with_its_default(comman
         assert f"  {f.name} (" in text and f"default {default!r})" in text, f.name
 
 
+@pytest.mark.parametrize("command", ["simulate", "compare"])
+def test_help_lists_every_strategy_model_dataset_and_compare_method_with_a_line_each(command: str) -> None:
+    from maestro_fl import catalog
+    from maestro_fl.methods import METHODS
+    from maestro_fl.models import MODELS
+    from strategies.sweeps.compare import METHODS as COMPARED
+
+    _, text, _ = run_cli(command, "--help")
+    choices = text.split("\nchoices:\n", 1)[1].split("\n\nkeys (", 1)[0]
+    lines = choices.splitlines()
+    for name in (*METHODS, *MODELS):  # a name, then its one-line description
+        line = next((ln for ln in lines if ln.split()[:1] == [name]), "")
+        assert len(line.split(maxsplit=1)) == 2, f"{name!r} is not listed with a description"
+    assert all(name in choices for name in catalog.DATASETS)
+    listed = {ln.split()[0] for ln in lines if ln.startswith("  ")}
+    assert (set(COMPARED) <= listed) == (command == "compare")
+
+
 def test_every_key_has_a_reason_in_the_config_module() -> None:
     for cls in (SimConfig, TrainConfig):
         docs = field_docs(cls)

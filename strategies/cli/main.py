@@ -76,7 +76,7 @@ COMMANDS: dict[str, Command] = {
         ("maestro-fl compare", "maestro-fl compare methods=fedlod,fjord seeds=0,1 rounds=30",
          "maestro-fl compare dataset=mnist1d model=cnn1d out_dir=runs/mnist1d"),
         SimConfig,
-        notes="Its own keys: methods=a,b (names in strategies/sweeps/compare.py), seeds=0,1,2, "
+        notes="Its own keys: methods=a,b (the names under choices below), seeds=0,1,2, "
               "out_dir=DIR (the sweep goes to DIR/compare). Every other key is a simulate key applied to all.",
     ),
     "report": Command(
@@ -95,6 +95,35 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+def choices_text(compare_methods: bool = False) -> str:
+    """The names the keys ``strategy``, ``model`` and ``dataset`` (and ``compare``'s ``methods``) take, one line each."""
+    import inspect
+
+    from maestro_fl import catalog
+    from maestro_fl.methods import METHODS
+    from maestro_fl.models import MODELS
+
+    def first_line(obj: object) -> str:
+        return (inspect.getdoc(obj) or "").split("\n")[0].replace("``", "")
+
+    width = max(map(len, (*METHODS, *MODELS, *catalog.DATASETS)))
+    lines = ["strategy (the method):"]
+    lines += [f"  {n:<{width}}  {first_line(cls)}" for n, cls in METHODS.items()]
+    lines += ["model (or a reference 'package.module:attr' to an nn.Module or a builder of one):"]
+    lines += [f"  {n:<{width}}  {first_line(fn)}".rstrip() for n, fn in MODELS.items()]
+    lines += ["dataset (or 'hf:NAME', a saved dataset's path, or a reference to a builder):",
+              "  " + ", ".join(catalog.DATASETS) + "   (digits: embedded; mnist1d: generated offline; "
+              "the others load from data_root)"]
+    if compare_methods:
+        from ..sweeps.compare import METHODS as COMPARED
+
+        cwidth = max(map(len, COMPARED))
+        lines += ["methods (compare's names: a strategy with the keys it sets):"]
+        lines += [f"  {n:<{cwidth}}  " + (", ".join(f"{k}={v}" for k, v in values.items()) or "the defaults")
+                  for n, values in COMPARED.items()]
+    return "\n".join(lines)
+
+
 def help_text(name: str) -> str:
     cmd = COMMANDS[name]
     parts = [f"usage: {cmd.usage}", "", cmd.summary]
@@ -105,6 +134,8 @@ def help_text(name: str) -> str:
         parts += ["", "options:", "  --quiet    no progress and no phase lines (warnings and errors only)"]
         if name == "simulate":
             parts += ["  --verbose  a line per round instead of the progress bar, and Flower's own log"]
+    if cmd.keys is SimConfig:
+        parts += ["", "choices:", choices_text(compare_methods=name == "compare")]
     if cmd.keys is not None:
         parts += ["", f"keys (key=value or --key value; every default with its reason, from {cmd.keys.__name__}):",
                   describe(cmd.keys)]
