@@ -121,10 +121,6 @@ class DLRTLayer(nn.Module, metaclass=ABCMeta):
         s = torch.randn(r, generator=generator).abs().sort(descending=True).values * scale
         self.S.copy_(torch.diag(s))
 
-    def params_count(self) -> int:
-        """Deployed weights: ``K = U S`` and ``V``, i.e. ``r·(m + n)``, plus the bias."""
-        return self.rank * (self.fan_out + self.fan_in) + (0 if self.bias is None else self.bias.numel())
-
     @abstractmethod
     def empty_lod(self, rank: int) -> LoDLayer:
         """An LoD layer of this shape at ``rank`` (weights uninitialized)."""

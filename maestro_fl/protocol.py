@@ -12,9 +12,8 @@ CONFIG = "config"  # ConfigRecord: what the server asks of this round (shared by
 DEVICE = "device"  # ConfigRecord: the device the client is simulated on this round (DEVICE_* keys)
 METRICS = "metrics"  # MetricRecord: what the client reports back
 
-# The apps, referenced as Flower references them ([tool.flwr.app.components]); the
-# simulation runner loads the ClientApp by this reference rather than importing it.
-SERVERAPP_REF = "strategies.server_app:app"
+# The ClientApp, referenced as Flower references it ([tool.flwr.app.components]); the
+# simulation runner loads it by this reference rather than importing it.
 CLIENTAPP_REF = "clients.client_app:app"
 # called with the RUN_CONFIG JSON when a Ray actor starts: it builds the data and model before any message
 CLIENT_WARMUP_REF = "clients.client_app:warm"

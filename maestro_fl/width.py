@@ -4,7 +4,7 @@ A client at width ``p`` holds the first ``⌈p·c⌉`` channels (units) of every
 hidden layer of the full model; the model builders of :mod:`maestro_fl.models`
 build that network directly (``width=p``). Every tensor of it is the leading
 corner ``[:d0, :d1, ...]`` of the full model's tensor of the same name, so
-a sub-model is cut out by :func:`slice_corners` and put back by the nested
+a sub-model is cut out as those corners (:func:`corner`) and put back by the nested
 averaging of :mod:`maestro_fl.aggregation`.
 
 FjORD's ordered dropout trains, at each step, the sub-model of one width
@@ -15,16 +15,15 @@ its optional self-distillation uses the ``p_max`` output as the teacher.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from .data import Split
 from .submodels import ModelAtWidth, state_shapes
-from .training import EpochStats, SGDStep, SubModelDraw, run_epoch
+from .training import SubModelDraw
 
 Arrays = dict[str, np.ndarray]
 
@@ -32,25 +31,6 @@ Arrays = dict[str, np.ndarray]
 def corner(shape: Sequence[int]) -> tuple[slice, ...]:
     """The index of the leading block of ``shape``: ``[:d0, :d1, ...]``."""
     return tuple(slice(0, int(d)) for d in shape)
-
-
-def slice_corners(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, Sequence[int]]) -> Arrays:
-    """The sub-model of ``shapes`` cut out of the full model's ``arrays`` (leading corners).
-
-    Raises
-    ------
-    ValueError
-        A name the full model lacks, or a shape that is not a corner of it.
-    """
-    out: Arrays = {}
-    for name, shape in shapes.items():
-        if name not in arrays:
-            raise ValueError(f"sub-model parameter {name!r} is not in the full model")
-        full = arrays[name]
-        if len(shape) != full.ndim or any(s > f for s, f in zip(shape, full.shape)):
-            raise ValueError(f"{name}: {tuple(shape)} is not a leading corner of the full shape {full.shape}")
-        out[name] = full[corner(shape)]
-    return out
 
 
 class OrderedDropout(SubModelDraw):
@@ -104,38 +84,3 @@ class OrderedDropout(SubModelDraw):
         own = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
         sliced = {name: own[name][corner(t.shape)] for name, t in arch.state_dict().items()}
         return functional_call(arch, sliced, (x,))
-
-
-def ordered_dropout_epoch(
-    od: OrderedDropout,
-    data: Split | Iterable[tuple[torch.Tensor, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
-    *,
-    distill: bool = False,
-    batch_size: int = 32,
-    generator: torch.Generator | None = None,
-    augment: bool = False,
-    clip_grad_norm: float = 0.0,
-    class_mask: torch.Tensor | None = None,
-    device: torch.device | str = "cpu",
-) -> EpochStats:
-    """One epoch of FjORD training (:func:`~maestro_fl.training.run_epoch` with width draws and SGD).
-
-    Each step trains one sampled width; with ``distill`` (FjORD's
-    self-distillation) a step below ``p_max`` adds ``CE(f_p(x), softmax(f_max(x)))``.
-    With a single width level this is plain SGD on the client's sub-model
-    (HeteroFL's local training). ``class_mask`` (bool, one entry per class)
-    zeroes the logits of the other classes, as HeteroFL's masked classifier does.
-    """
-    od.model.train()
-    return run_epoch(
-        data,
-        od,
-        SGDStep(optimizer, clip_grad_norm),
-        distill=distill,
-        class_mask=class_mask,
-        batch_size=batch_size,
-        generator=generator,
-        augment=augment,
-        device=device,
-    )

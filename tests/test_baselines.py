@@ -7,6 +7,7 @@ bytes each client moves, and FjORD's ordered dropout.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -23,9 +24,67 @@ from maestro_fl.config import ConfigError, SimConfig, resolve
 from maestro_fl.data import Split
 from maestro_fl.footprint import footprint
 from maestro_fl.models import InputSpec, build_model, scaled
-from maestro_fl.width import OrderedDropout, ordered_dropout_epoch, slice_corners
+from maestro_fl.training import EpochStats, SGDStep, run_epoch
+from maestro_fl.width import OrderedDropout, corner
 from strategies.submodel import SubModelStrategy, to_numpy
 from tests.fakes import fake_strategy, filled, messages, moved, reply, sent, tiny_wide
+
+# -- helpers of these tests: the width family cut and trained directly, outside a method --
+Arrays = dict[str, np.ndarray]
+
+
+def slice_corners(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, Sequence[int]]) -> Arrays:
+    """The sub-model of ``shapes`` cut out of the full model's ``arrays`` (leading corners).
+
+    Raises
+    ------
+    ValueError
+        A name the full model lacks, or a shape that is not a corner of it.
+    """
+    out: Arrays = {}
+    for name, shape in shapes.items():
+        if name not in arrays:
+            raise ValueError(f"sub-model parameter {name!r} is not in the full model")
+        full = arrays[name]
+        if len(shape) != full.ndim or any(s > f for s, f in zip(shape, full.shape)):
+            raise ValueError(f"{name}: {tuple(shape)} is not a leading corner of the full shape {full.shape}")
+        out[name] = full[corner(shape)]
+    return out
+
+
+def ordered_dropout_epoch(
+    od: OrderedDropout,
+    data: Split | Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    distill: bool = False,
+    batch_size: int = 32,
+    generator: torch.Generator | None = None,
+    augment: bool = False,
+    clip_grad_norm: float = 0.0,
+    class_mask: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> EpochStats:
+    """One epoch of FjORD training (:func:`~maestro_fl.training.run_epoch` with width draws and SGD).
+
+    Each step trains one sampled width; with ``distill`` (FjORD's
+    self-distillation) a step below ``p_max`` adds ``CE(f_p(x), softmax(f_max(x)))``.
+    With a single width level this is plain SGD on the client's sub-model
+    (HeteroFL's local training). ``class_mask`` (bool, one entry per class)
+    zeroes the logits of the other classes, as HeteroFL's masked classifier does.
+    """
+    od.model.train()
+    return run_epoch(
+        data,
+        od,
+        SGDStep(optimizer, clip_grad_norm),
+        distill=distill,
+        class_mask=class_mask,
+        batch_size=batch_size,
+        generator=generator,
+        augment=augment,
+        device=device,
+    )
 
 
 @pytest.fixture(autouse=True)
