@@ -37,15 +37,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from maestro_fl.config import ConfigError, SimConfig, TrainConfig, resolve
-from maestro_fl.references import register
+from maestro_fl.references import OBJECT_PREFIX, install, register
 from maestro_fl.results import TABLES, RunDir
 
-__all__ = ["RunResult", "SweepResult", "compare", "simulate", "sweep", "train"]
+if TYPE_CHECKING:  # the export module imports torch: only when exporting
+    from maestro_fl.export import ExportedModel
+
+__all__ = ["RunResult", "SweepResult", "compare", "export", "simulate", "sweep", "train"]
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,39 @@ def simulate(
 
     cfg = _config(SimConfig, config, overrides | _object_settings(model, dataset, devices))
     return RunResult.read(run_simulation(cfg))
+
+
+def export(
+    run: RunResult | str | Path,
+    tier: int | None = None,
+    fraction: float | None = None,
+    *,
+    out: str | Path | None = None,
+    model: Any = None,
+    dataset: Any = None,
+    devices: Any = None,
+) -> ExportedModel:
+    """A tier's deployable model (``maestro-fl export``): ``model.pt2``, loadable with ``torch.export.load``.
+
+    Parameters
+    ----------
+    run
+        A finished run (what :func:`simulate` returned) or its directory.
+    tier, fraction
+        One of them: the device tier, or the largest sub-model a budget of that fraction buys.
+    out
+        The folder to write to (default ``RUN_DIR/export/tier-T``).
+    model, dataset, devices
+        For a run built from Python objects in another process: the same objects again.
+    """
+    from maestro_fl.export import export_tier
+
+    run_dir = run.run_dir if isinstance(run, RunResult) else Path(run)
+    saved = RunDir(run_dir).config()
+    given = {"model": model, "dataset": dataset, "devices": devices}
+    install({saved[key]: obj for key, obj in given.items()
+             if obj is not None and isinstance(saved.get(key), str) and saved[key].startswith(OBJECT_PREFIX)})
+    return export_tier(run_dir, tier=tier, fraction=fraction, out=out)
 
 
 def train(

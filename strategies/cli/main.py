@@ -85,6 +85,15 @@ COMMANDS: dict[str, Command] = {
         "with the per-tier tables; a directory it cannot read is named with the reason.",
         ("maestro-fl report runs/main --out report", "maestro-fl report runs/compare/compare --out report"),
     ),
+    "export": Command(
+        "maestro-fl export RUN_DIR (--tier T | --fraction P) [--out DIR]",
+        "A tier's deployable model, standalone: the global model deployed at tier T's budget (or the largest "
+        "sub-model a fraction P buys), with its real smaller tensors, saved by torch.export (model.pt2, loads "
+        "with PyTorch alone) beside model.json (ranks, params, MACs, bytes, test accuracy).",
+        ("maestro-fl export runs/main --tier 0", "maestro-fl export runs/main --fraction 0.5 --out deploy/half"),
+        notes="Load it with: torch.export.load('model.pt2').module()(x). Every method's tiers export, "
+              "width-floor tiers and width methods included; the default folder is RUN_DIR/export/tier-T.",
+    ),
     "flwr-run": Command(
         "maestro-fl flwr-run [key=value ...]",
         "The same ServerApp and ClientApp through `flwr run .` on a private local SuperLink, which is "
@@ -221,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_output(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     if command == "report":
         return _report(rest)
+    if command == "export":
+        return _export(rest)
     try:
         file, overrides = _split(rest)
         if quiet and command in ("simulate", "train"):
@@ -306,6 +317,44 @@ RUNNERS: dict[str, Callable[[str | None, list[str]], int]] = {
     "train": _train, "simulate": _simulate, "plan": _plan, "sweep": _sweep, "compare": _compare,
     "flwr-run": _flwr_run,
 }
+
+
+def _export(args: list[str]) -> int:
+    from maestro_fl.export import export_tier
+
+    options: dict[str, str] = {}
+    runs: list[str] = []
+    i = 0
+    while i < len(args):
+        key, sep, value = args[i].partition("=")
+        if key in ("--tier", "--fraction", "--out"):
+            if not sep:
+                if i + 1 >= len(args):
+                    print(f"maestro-fl export: {key} needs a value", file=sys.stderr)
+                    return 2
+                value, i = args[i + 1], i + 1
+            options[key[2:]] = value
+        else:
+            runs.append(args[i])
+        i += 1
+    if len(runs) != 1 or ("tier" in options) == ("fraction" in options):
+        print(f"maestro-fl export: give one run directory and one of --tier or --fraction\n\n"
+              f"usage: {COMMANDS['export'].usage}", file=sys.stderr)
+        return 2
+    try:
+        tier = int(options["tier"]) if "tier" in options else None
+        fraction = float(options["fraction"]) if "fraction" in options else None
+    except ValueError:
+        print("maestro-fl export: --tier takes an integer, --fraction a number in (0, 1]", file=sys.stderr)
+        return 2
+    try:
+        result = export_tier(runs[0], tier=tier, fraction=fraction, out=options.get("out"))
+    except (FileNotFoundError, ValueError) as err:  # a missing or unfinished run, a tier it lacks
+        print(f"maestro-fl export: {err}", file=sys.stderr)
+        return 2
+    print(f"{result.path}: {result.strategy} at fraction {result.fraction:.4g}, {result.params:,} parameters, "
+          f"{result.macs:,} MACs, {result.bytes_fp32:,} bytes (fp32), test accuracy {result.test_accuracy:.4f}")
+    return 0
 
 
 def _report(args: list[str]) -> int:
