@@ -8,6 +8,7 @@ of the wrong type or range fail before anything runs, naming the field.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import tomllib
 import typing
 from collections.abc import Mapping, Sequence
@@ -245,16 +246,28 @@ def describe(cls: type, width: int = 100) -> str:
 C = TypeVar("C")
 
 
-def _coerce(name: str, raw: Any, hint: Any) -> Any:
-    """Convert a TOML value or a ``key=value`` string to the field's type."""
+_KIND = {int: "an integer", float: "a number"}
+
+
+def _coerce(name: str, raw: Any, hint: Any, typed: bool = False) -> Any:
+    """Convert a TOML value or a ``key=value`` string to the field's type.
+
+    ``typed``: the value comes from a TOML file, where numbers and booleans have their own syntax, so a
+    quoted one (``rounds = "5"``) is a mistake to name rather than a string to parse.
+    """
     origin = typing.get_origin(hint)
     if origin is tuple:
         (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
         if isinstance(raw, str):
             raw = [] if raw.strip() in ("", "[]", "()") else raw.strip("[]() ").split(",")
+            typed = False  # the items of "a,b,c" are strings to parse
         if not isinstance(raw, (list, tuple)):
             raise ConfigError(f"{name} must be a list of {item.__name__}, got {raw!r}")
-        return tuple(_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(raw))
+        return tuple(_coerce(f"{name}[{i}]", v, item, typed) for i, v in enumerate(raw))
+    if typed and hint in (int, float, bool) and isinstance(raw, str):
+        kind = "true or false" if hint is bool else _KIND[hint]
+        raise ConfigError(f"{name} must be {kind}, got the string {raw!r} (TOML writes numbers and booleans "
+                          "unquoted)")
     if hint is bool:
         if isinstance(raw, bool):
             return raw
@@ -263,13 +276,13 @@ def _coerce(name: str, raw: Any, hint: Any) -> Any:
         raise ConfigError(f"{name} must be true or false, got {raw!r}")
     if hint in (int, float):
         if isinstance(raw, bool):
-            raise ConfigError(f"{name} must be a {hint.__name__}, got {raw!r}")
+            raise ConfigError(f"{name} must be {_KIND[hint]}, got {raw!r}")
         try:
             value = hint(raw.strip() if isinstance(raw, str) else raw)
         except (TypeError, ValueError):
-            raise ConfigError(f"{name} must be a {hint.__name__}, got {raw!r}") from None
+            raise ConfigError(f"{name} must be {_KIND[hint]}, got {raw!r}") from None
         if hint is int and isinstance(raw, float) and raw != value:
-            raise ConfigError(f"{name} must be an int, got {raw!r}")
+            raise ConfigError(f"{name} must be an integer, got {raw!r}")
         return value
     if hint is str:
         if not isinstance(raw, str):
@@ -294,20 +307,27 @@ def resolve(cls: type[C], file: str | Path | None = None, overrides: Sequence[st
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]  # C is any config dataclass: a TypeVar cannot be bound to "a dataclass"
     values: dict[str, Any] = {}
+    from_file: set[str] = set()
     if file is not None:
         values.update(read_toml(file, "config file"))
+        from_file = set(values)
     if isinstance(overrides, Mapping):
         values.update(overrides)
+        from_file -= set(overrides)
     else:
         for item in overrides:
             key, sep, raw = item.partition("=")
             if not sep:
                 raise ConfigError(f"override {item!r} must look like key=value")
             values[key.strip().replace("-", "_")] = raw
+            from_file.discard(key.strip().replace("-", "_"))
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ConfigError(f"unknown config key(s) {unknown}; allowed keys: {names}")
-    typed = {k: _coerce(k, v, hints[k]) for k, v in values.items()}
+        guesses = {k: difflib.get_close_matches(k, names, n=3, cutoff=0.6) for k in unknown}
+        hint = "; ".join(f"{k!r}: did you mean {' or '.join(map(repr, g))}?" for k, g in guesses.items() if g)
+        raise ConfigError(f"unknown config key(s) {unknown}" + (f" ({hint})" if hint else "")
+                          + f"; `maestro-fl COMMAND --help` lists the {len(names)} keys")
+    typed = {k: _coerce(k, v, hints[k], typed=k in from_file) for k, v in values.items()}
     cfg = cls(**typed)
     validate = getattr(cfg, "validate", None)
     return validate() if validate is not None else cfg
@@ -488,8 +508,9 @@ class SimConfig:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if not self.devices:
-            if not self.tier_shares or any(s < 0 for s in self.tier_shares) or sum(self.tier_shares) <= 0:
-                raise ConfigError(f"tier_shares must be non-negative with a positive sum, got {self.tier_shares!r}")
+            if not self.tier_shares or any(s < 0 for s in self.tier_shares) or abs(sum(self.tier_shares) - 1) > 1e-6:
+                raise ConfigError(f"tier_shares must be non-negative shares of the clients that sum to 1 (one per "
+                                  f"tier), got {self.tier_shares!r} (sum {sum(self.tier_shares):g})")
         else:
             try:
                 load_population(self.devices, self.num_clients)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from maestro_fl.config import ConfigError, TrainConfig, resolve
+from maestro_fl.config import ConfigError, SimConfig, TrainConfig, resolve
 from maestro_fl.data import DatasetNotFoundError, batches, load_dataset
 
 
@@ -93,6 +93,32 @@ def test_unknown_dataset_is_rejected() -> None:
 def test_bad_config_names_the_field(overrides: list[str], field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         resolve(TrainConfig, overrides=overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["rounnds=3"], r"'rounnds': did you mean 'rounds'\?"),
+        (["rounds=2.5"], r"^rounds must be an integer, got '2.5'$"),
+        (["lr=fast"], r"^lr must be a number, got 'fast'$"),
+        (["tier_shares=0.5,0.5,0.5"], r"^tier_shares must be non-negative shares of the clients that sum to 1"),
+        (["tier_shares=0.5,-0.5,1"], r"^tier_shares must be non-negative"),
+    ],
+)
+def test_a_bad_simulate_key_or_value_gets_one_line_that_helps(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve(SimConfig, overrides=overrides)
+
+
+def test_a_quoted_number_in_a_config_file_is_refused_and_an_override_still_parses(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('rounds = "5"\n')
+    with pytest.raises(ConfigError, match=r"^rounds must be an integer, got the string '5' \(TOML writes numbers"):
+        resolve(SimConfig, path)
+    assert resolve(SimConfig, path, ["rounds=7"]).rounds == 7  # the command line's strings are parsed
+    path.write_text('tier_shares = ["0.5", 0.5]\n')
+    with pytest.raises(ConfigError, match=r"^tier_shares\[0\] must be a number, got the string"):
+        resolve(SimConfig, path)
 
 
 def test_config_file_then_overrides(tmp_path: Path) -> None:
