@@ -123,6 +123,8 @@ class BudgetCheck:
     have_memory: float
     need_seconds: float  # its compute seconds per round
     have_seconds: float  # the per-round compute budget (0 = none)
+    own_memory: int = 0  # bytes the chosen sub-model needs to train (0 when nothing fits)
+    own_seconds: float = 0.0  # its compute seconds per round
 
 
 def explain_budget(
@@ -151,7 +153,9 @@ def explain_budget(
         over = [name for name, bad in (("memory", memory > device.memory_bytes),
                                        ("compute", deadline_s > 0 and seconds > deadline_s)) if bad]
         binding = "+".join(over) or "none"
-    return BudgetCheck(chosen, binding, memory, device.memory_bytes, seconds, deadline_s)
+    own_memory = chosen.train_memory(batch_size) if chosen is not None else 0
+    own_seconds = chosen.train_macs(samples, epochs) / device.macs_per_s if chosen is not None else 0.0
+    return BudgetCheck(chosen, binding, memory, device.memory_bytes, seconds, deadline_s, own_memory, own_seconds)
 
 
 def transfer_seconds(num_bytes: float, bits_per_second: float) -> float:

@@ -232,6 +232,12 @@ class SubModelFamily(ABC):
     def deploy(self, global_model: nn.Module, cost: Cost) -> tuple[nn.Module, Ranks | None]:
         """What a tier at ``cost`` runs of the global model, and the ranks to run it at."""
 
+    def served_by(self, cost: Cost) -> tuple[str, float]:
+        """How the sub-model at ``cost`` is cut from the global model, and its hidden width:
+        ``"rank"`` (a rank prefix, full width), ``"width"`` (hidden channels), ``"width floor"`` (a rank
+        prefix of a narrower model) or ``"full"`` (the whole model)."""
+        return "full", 1.0
+
     def global_model(self, arrays: Mapping[str, np.ndarray]) -> nn.Module:
         """The server's model holding ``arrays`` (its LoD layers at the ranks the arrays hold)."""
         ranks = ranks_of(arrays)
@@ -309,6 +315,9 @@ class RankPrefix(SubModelFamily):
     @cached_property
     def _axes(self) -> dict[str, int]:
         return rank_axes(list(self._shapes))
+
+    def served_by(self, cost: Cost) -> tuple[str, float]:
+        return "rank", 1.0
 
     def client_model(self, fraction: float, ranks: Mapping[str, int]) -> nn.Module:
         return truncate(self.template, ranks)
@@ -389,6 +398,10 @@ class RankWidthPrefix(RankPrefix):
             costs.append(cost)
         return costs
 
+    def served_by(self, cost: Cost) -> tuple[str, float]:
+        width = self.width_of(cost.fraction)
+        return ("width floor", width) if width < 1.0 else ("rank", 1.0)
+
     def width_of(self, fraction: float) -> float:
         """The hidden width of the sub-model at ``fraction`` (1.0 for a rank-only entry)."""
         if fraction not in self._narrow and fraction < min(FRACTION_GRID):
@@ -442,6 +455,9 @@ class WidthCorner(SubModelFamily):
 
     def index(self, cost: Cost, server_round: int) -> Index:
         return corner_index(self.shapes(cost.fraction))
+
+    def served_by(self, cost: Cost) -> tuple[str, float]:
+        return ("width", cost.fraction) if cost.fraction < 1.0 else ("full", 1.0)
 
     def client_model(self, fraction: float, ranks: Mapping[str, int]) -> nn.Module:
         return self.build(fraction)

@@ -132,14 +132,15 @@ LOG = logging.getLogger("maestro_fl")
 PLAN_COLUMNS = [
     ("tier", "tier", ""),
     ("clients", "clients", "d"),
-    ("fraction", "fraction", ".2f"),
+    ("served", "served by", ""),
+    ("fraction", "fraction", ".3f"),
     ("params", "params", ",d"),
     ("params_ratio", "params/full", ".3f"),
     ("macs", "MACs", ",d"),
     ("bytes_per_round", "bytes/round", ",d"),
-    ("binding", "binds", ""),
-    ("memory", "memory need/has", ""),
-    ("compute", "compute s need/budget", ""),
+    ("memory", "memory MB own/has", ""),
+    ("compute", "compute s own/budget", ""),
+    ("next", "next larger refused by", ""),
     ("unaffordable", "unaffordable", "d"),
 ]
 
@@ -147,13 +148,31 @@ PLAN_COLUMNS = [
 def format_plan(rows: Sequence[dict[str, Any]], notes: bool = True) -> str:
     """The per-tier budget table of :meth:`SubModelStrategy.plan`, with what would serve unaffordable clients.
 
-    Memory and compute show what the next larger sub-model (the one the
-    binding constraint refused) needs against what the device has; for a tier
-    that affords nothing, what its smallest sub-model needs.
+    Memory and compute show what the tier's own sub-model needs against what its weakest device has;
+    "next larger refused by" names the constraint the next larger sub-model breaks and what it would
+    need. For a tier that affords nothing, its smallest sub-model's needs.
     """
-    shown = [r | {"memory": f"{r['need_memory'] / 1e6:.2f}/{r['have_memory'] / 1e6:.2f} MB",
-                  "compute": f"{r['need_seconds']:.1f}/{r['have_seconds']:g}" if r["have_seconds"] > 0 else "-"}
-             for r in rows]
+    def next_refused(r: dict[str, Any]) -> str:
+        if r["binding"] in ("none", "rank_fraction"):
+            return "-" if r["binding"] == "none" else "explicit rank_fraction"
+        needs = {"memory": f"{r['need_memory'] / 1e6:.2f} MB", "compute": f"{r['need_seconds']:.1f} s"}
+        return ", ".join(f"{b} ({needs[b]})" for b in r["binding"].split("+") if b in needs) or r["binding"]
+
+    def served(r: dict[str, Any]) -> str:
+        if r["served_by"] in ("width", "width floor"):
+            return f"{r['served_by']} {r['width']:.2f}"
+        return str(r["served_by"])
+
+    shown = []
+    for r in rows:
+        own_memory, own_seconds = (r["own_memory"], r["own_seconds"]) if r["unaffordable"] < r["clients"] else \
+            (r["need_memory"], r["need_seconds"])
+        shown.append(r | {
+            "served": served(r),
+            "memory": f"{own_memory / 1e6:.2f}/{r['have_memory'] / 1e6:.2f}",
+            "compute": f"{own_seconds:.1f}/{r['have_seconds']:g}" if r["have_seconds"] > 0 else f"{own_seconds:.1f}/-",
+            "next": next_refused(r),
+        })
     text = format_table(shown, PLAN_COLUMNS).replace(" nan ", "   - ")
     advice = [f"tier {r['tier']}: {r['unaffordable']} of {r['clients']} clients can afford no sub-model: {r['advice']}"
              for r in rows if r["unaffordable"] and notes]

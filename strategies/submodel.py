@@ -236,6 +236,8 @@ class SubModelStrategy(Strategy):
                 "tier": tier, "clients": len(members), "unaffordable": len(unaffordable),
                 "binding": weakest.binding, "need_memory": weakest.need_memory, "have_memory": weakest.have_memory,
                 "need_seconds": weakest.need_seconds, "have_seconds": weakest.have_seconds,
+                "own_memory": weakest.own_memory, "own_seconds": weakest.own_seconds,
+                "served_by": "nothing", "width": float("nan"),
                 "fraction": float("nan"), "params": 0, "params_ratio": 0.0, "macs": 0, "bytes_per_round": 0,
                 "advice": "",
             }
@@ -244,8 +246,9 @@ class SubModelStrategy(Strategy):
                 sent = sum(v.nbytes for v in take(initial, self.method.index(cost, 1, initial)).values())
                 model, ranks = self.method.deploy(global_model, cost)
                 fp = footprint(model, self.method.inputs, ranks)
+                served_by, width = self.method.family.served_by(cost)
                 row.update(fraction=cost.fraction, params=fp.params, params_ratio=fp.params / full.params,
-                           macs=fp.macs, bytes_per_round=2 * sent)
+                           macs=fp.macs, bytes_per_round=2 * sent, served_by=served_by, width=width)
             if unaffordable:
                 smallest = min(table, key=lambda c: c.fraction)
                 advice = []

@@ -109,7 +109,29 @@ def test_plan_names_the_binding_constraint_and_what_would_serve_an_unaffordable_
         SimConfig, overrides=SMALL | {"compute_budget_s": 2.0, "keep_first": 0})))
     assert not any(r["unaffordable"] for r in plan_rows(fixed))
     text = plan(cfg)
-    assert "can afford no sub-model" in text and "binds" in text
+    assert "can afford no sub-model" in text and "refused by" in text
+    assert all(line.split()[2] == "nothing" for line in text.splitlines()[4:]
+               if line.split()[:1] in ([str(r["tier"])] for r in starved))
+
+
+def test_plan_shows_each_tiers_own_need_within_its_budget_and_what_serves_it() -> None:
+    """A served tier's own sub-model fits its device (the need never exceeds what it has); the next larger one
+    is what the binding constraint refused; tiers below the rank floor say they are served by the width floor."""
+    rows = plan_rows(resolve(SimConfig, overrides=SMALL | {"compute_budget_s": 2.0, "keep_first": 0}))
+    served = [r for r in rows if not r["unaffordable"]]
+    assert served
+    for r in served:
+        assert r["own_memory"] <= r["have_memory"] and r["own_seconds"] <= r["have_seconds"]
+        assert r["binding"] == "none" or r["need_seconds"] > r["have_seconds"] or r["need_memory"] > r["have_memory"]
+    floor = [r for r in served if r["served_by"] == "width floor"]
+    assert floor and all(r["width"] < 1.0 for r in floor)
+    assert {r["served_by"] for r in plan_rows(resolve(SimConfig, overrides=SMALL | {"strategy": "fjord"}))} \
+        <= {"width", "full"}
+    from strategies.api import plan as api_plan
+
+    table = api_plan(**SMALL, compute_budget_s=2.0, keep_first=0)  # the Python API's plan: the same rows
+    assert table["served_by"].tolist() == [r["served_by"] for r in rows]
+    assert table["params"].tolist() == [r["params"] for r in rows]
 
 
 def test_simulate_prints_the_plan_and_warns_about_unaffordable_tiers(tmp_path: Path) -> None:

@@ -178,6 +178,9 @@ class ComposedFamily(SubModelFamily):
             self.__dict__["_table"] = width_cost_table(lambda p: self.client_model(p, {}), self.inputs)
         return self.__dict__["_table"]
 
+    def served_by(self, cost: Cost) -> tuple[str, float]:
+        return "width", cost.fraction  # every width composes from the shared bases, the full one included
+
     def client_model(self, fraction: float, ranks: Mapping[str, int]) -> nn.Module:
         return ComposedWidths(self.build, (fraction,), self.layers, self.ranks, fraction)
 

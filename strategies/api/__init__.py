@@ -34,6 +34,7 @@ Examples
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ from maestro_fl.results import TABLES, RunDir
 if TYPE_CHECKING:  # the export module imports torch: only when exporting
     from maestro_fl.export import ExportedModel
 
-__all__ = ["RunResult", "SweepResult", "compare", "export", "simulate", "sweep", "train"]
+__all__ = ["RunResult", "SweepResult", "compare", "export", "plan", "simulate", "sweep", "train"]
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,31 @@ def simulate(
 
     cfg = _config(SimConfig, config, overrides | _object_settings(model, dataset, devices))
     return RunResult.read(run_simulation(cfg))
+
+
+def plan(
+    model: Any = None,
+    dataset: Any = None,
+    devices: Any = None,
+    *,
+    config: str | Path | None = None,
+    **overrides: Any,
+) -> pd.DataFrame:
+    """What every device tier can afford (``maestro-fl plan``), one row per tier; nothing runs.
+
+    The same keys as :func:`simulate`. Columns: ``served_by`` (``rank``, ``width``, ``width floor``,
+    ``full`` or ``nothing``), ``width``, ``fraction``, the footprint (``params``, ``macs``,
+    ``bytes_per_round``), the tier's own needs against its weakest device (``own_memory`` /
+    ``have_memory`` bytes, ``own_seconds`` / ``have_seconds``), what the next larger sub-model breaks
+    (``binding``, ``need_memory``, ``need_seconds``), ``unaffordable`` clients and ``advice``. The table is
+    also logged, as the command prints it.
+    """
+    from ..cli.plan import plan_rows
+    from ..server_app import format_plan
+
+    rows = plan_rows(_config(SimConfig, config, overrides | _object_settings(model, dataset, devices)))
+    logging.getLogger("maestro_fl").info("what each tier can afford:\n%s", format_plan(rows))
+    return pd.DataFrame(rows)
 
 
 def export(
