@@ -72,8 +72,10 @@ class CentralEvaluation(RoundCallback):
     model's, so ratios compare across methods.
     """
 
-    def __init__(self, method: FederatedMethod, test: Split, inputs: Inputs, validation: Split | None = None) -> None:
-        self.method, self.test, self.inputs = method, test, inputs
+    def __init__(self, method: FederatedMethod, test: Split, inputs: Inputs, validation: Split | None = None,
+                 every: int = 1) -> None:
+        self.method, self.test, self.inputs, self.every = method, test, inputs, every
+        self.last_round = 0
         self.validation = validation if validation is not None and len(validation) else None
         self.layer_names = tuple(lod_layers(method.template))
         self._footprints: dict[tuple[Any, ...], Any] = {}
@@ -85,10 +87,15 @@ class CentralEvaluation(RoundCallback):
             self._footprints[key] = footprint(model, self.inputs, ranks)
         return self._footprints[key]
 
+    def on_run_start(self, first_round: int, last_round: int) -> None:
+        self.last_round = last_round
+
     def after_round(self, result: RoundResult) -> bool:
+        result.tiers = []
+        if result.round % self.every and result.round != self.last_round:  # eval_every: not this round
+            return False
         reference = self.method.family.reference
         global_model = self.method.family.global_model(result.arrays)
-        result.tiers = []
         for tier, cost in result.tier_costs.items():
             model, ranks = self.method.deploy(global_model, cost)
             loss, acc = evaluate(model, self.test, ranks)
@@ -177,6 +184,7 @@ class Progress(RoundCallback):
 
     def __init__(self, rounds: int, lines: bool = False) -> None:
         self.rounds, self.lines, self.bar = rounds, lines, None
+        self.accuracies = "-"  # the last evaluated round's, shown until the next evaluation
 
     def on_run_start(self, first_round: int, last_round: int) -> None:
         if not self.lines:
@@ -186,7 +194,9 @@ class Progress(RoundCallback):
                             dynamic_ncols=True, file=sys.stderr)
 
     def after_round(self, result: RoundResult) -> bool:
-        accs = " ".join(f"t{t['tier']}={t['accuracy']:.3f}" for t in result.tiers)
+        if result.tiers:
+            self.accuracies = " ".join(f"t{t['tier']}={t['accuracy']:.3f}" for t in result.tiers)
+        accs = self.accuracies
         row = result.row
         sim = f"sim {row.get('sim_seconds_total', 0.0) / 60:.1f} min"
         if self.bar is not None:

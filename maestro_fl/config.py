@@ -453,6 +453,8 @@ class SimConfig:
     run_name: str = ""  # '' = sim-dataset-model-seed-timestamp
     resume: str = ""  # a run directory to continue from its last checkpoint
     progress: bool = True  # one line per round
+    eval_every: int = 1  # central test (and validation) evaluation of every tier every N rounds and at the last;
+    # it never changes training: 1 keeps every round's curve, and each evaluation costs ~tiers x test-set passes
     diagnostics_every: int = 0  # LoD runs: components.csv every round, the whole rank ladder and per-layer cuts
     # (ladder_rounds.csv, truncation.csv) every N rounds and at the last; 0 = off: ~13 + tiers x layers evaluations
     fault_injection: str = ""  # robustness testing: 'partition:kind[@round],...' (kinds: config.FAULT_KINDS)
@@ -488,7 +490,7 @@ class SimConfig:
             raise ConfigError(f"level_top_share must be in [0, 1], got {self.level_top_share!r}")
         check_non_negative("flanc_orthogonality", self.flanc_orthogonality)
         for name in ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "classes_per_client",
-                     "client_threads", "server_threads"):
+                     "client_threads", "server_threads", "eval_every"):
             check_positive(name, getattr(self, name))
         if self.clients_per_round > self.num_clients:
             raise ConfigError(
@@ -531,7 +533,7 @@ class SimConfig:
 
 #: what a resumed run may change: how and where it executes, and how long it goes on. Every other field
 #: defines the run: it is in the checkpoint's fingerprint, and resume refuses to change it.
-RESUMABLE = ("rounds", "progress", "backend", "num_cpus_per_client", "num_gpus_per_client", "ray_address",
+RESUMABLE = ("rounds", "progress", "eval_every", "backend", "num_cpus_per_client", "num_gpus_per_client", "ray_address",
              "round_timeout_s", "resume", "out_dir", "run_name")
 
 

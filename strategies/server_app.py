@@ -114,7 +114,7 @@ def default_callbacks(cfg: SimConfig, run: RunDir, strategy: SubModelStrategy, t
                       validation: Split | None = None, fingerprint: dict[str, Any] | None = None) -> list[RoundCallback]:
     """Evaluation, then the tables, then the checkpoint (never ahead of the tables), then progress."""
     callbacks: list[RoundCallback] = [
-        CentralEvaluation(strategy.method, test, inputs, validation),
+        CentralEvaluation(strategy.method, test, inputs, validation, cfg.eval_every),
         RoundTables(run, cfg.round_deadline_s),
         Checkpointing(run, fingerprint),
     ]

@@ -205,3 +205,26 @@ def test_clients_train_on_a_gpu_only_when_given_a_share_of_one(monkeypatch: pyte
     assert training_device(resolve(SimConfig)).type == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert training_device(resolve(SimConfig, overrides={"num_gpus_per_client": 0.25})).type == "cpu"
+
+
+def test_eval_every_changes_only_which_rounds_are_evaluated(tmp_path: Path) -> None:
+    """Evaluation never feeds training: every round's clients, merge and checkpoint are the same to the bit."""
+    import numpy as np
+
+    from maestro_fl.results import CHECKPOINT_FILE, load_checkpoint
+
+    runs = {every: run_simulation(small(tmp_path, backend="local", rounds=3, eval_every=every, run_name=f"e{every}"))
+            for every in (1, 2)}
+    tiers = {every: pd.read_csv(run / "tiers.csv") for every, run in runs.items()}
+    assert sorted(tiers[1]["round"].unique()) == [1, 2, 3]
+    assert sorted(tiers[2]["round"].unique()) == [2, 3]  # every 2nd round, and always the last
+    kept = tiers[1][tiers[1]["round"].isin([2, 3])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept, tiers[2])
+    timing = ["wall_seconds", "server_seconds", "train_wall_seconds", "eval_seconds"]
+    rounds = {e: pd.read_csv(run / "rounds.csv").drop(columns=timing, errors="ignore") for e, run in runs.items()}
+    pd.testing.assert_frame_equal(rounds[1], rounds[2])
+    clients = {e: pd.read_csv(run / "clients.csv").drop(columns=["wall_s"], errors="ignore") for e, run in runs.items()}
+    pd.testing.assert_frame_equal(clients[1], clients[2])
+    states = {e: load_checkpoint(run / CHECKPOINT_FILE) for e, run in runs.items()}
+    assert states[1].round == states[2].round == 3 and states[1].arrays.keys() == states[2].arrays.keys()
+    assert all(np.array_equal(states[1].arrays[k], states[2].arrays[k]) for k in states[1].arrays)
