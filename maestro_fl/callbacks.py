@@ -8,6 +8,8 @@ round and hands a :class:`RoundResult` to every callback in order
 
 from __future__ import annotations
 
+import logging
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +33,8 @@ from .results import (
 )
 from .training import evaluate
 
+LOG = logging.getLogger("maestro_fl")
+
 
 @dataclass
 class RoundResult:
@@ -46,6 +50,7 @@ class RoundResult:
     before: dict[str, np.ndarray] | None = None  # the global model the round started from (None: unknown)
     server_state: dict[str, np.ndarray] = field(default_factory=dict)  # the server optimizer's, for the checkpoint
     tiers: list[dict[str, Any]] = field(default_factory=list)  # filled by CentralEvaluation
+    learning: str = ""  # filled by LearningCheck in the round it finds the run not learning
     row: dict[str, Any] = field(default_factory=dict)  # the rounds.csv row, filled by RoundTables
 
 
@@ -121,6 +126,65 @@ class CentralEvaluation(RoundCallback):
         return False
 
 
+#: the share of the rounds after which a run still at chance, or whose training loss has not fallen, is said
+#: to be not learning: late enough that every task here is well above chance by then (digits and MNIST-1D
+#: pass 60% within the first 10% of rounds at the defaults), early enough to stop and fix the lr
+LEARNING_CHECK_SHARE = 0.25
+#: "at chance": within this many points of the commonest class's share of the test set
+CHANCE_MARGIN = 0.02
+
+
+def chance_rate(test: Split) -> float:
+    """The accuracy of always answering the test set's commonest class."""
+    counts = np.bincount(test.y.numpy()) if len(test) else np.zeros(1)
+    return float(counts.max() / max(1, counts.sum()))
+
+
+class LearningCheck(RoundCallback):
+    """Says, once, in one line, when a run is not learning, and records it in ``rounds.csv``.
+
+    From the first evaluated round at or after :data:`LEARNING_CHECK_SHARE` of the rounds: the run is not
+    learning when every tier's test accuracy is within :data:`CHANCE_MARGIN` of chance (the commonest
+    class's share of the test set), or when the mean training loss is not below the first round's (or is
+    not finite). A model that stays at chance is the usual sign of a step size that diverges or stalls.
+    """
+
+    def __init__(self, run: RunDir, chance: float, rounds: int, lr: float, momentum: float) -> None:
+        self.run, self.chance, self.lr, self.momentum = run, chance, lr, momentum
+        self.from_round = max(2, math.ceil(LEARNING_CHECK_SHARE * rounds))  # from round 2: a loss to compare
+        self.first_loss = float("nan")
+        self.done = False
+
+    def on_run_start(self, first_round: int, last_round: int) -> None:
+        if first_round > 1 and self.run.has(ROUNDS):  # resumed: the first round's loss, and whether it fired
+            rounds = self.run.table(ROUNDS, required=["round", "train_loss"])
+            self.first_loss = float(rounds["train_loss"].iloc[0]) if len(rounds) else float("nan")
+            self.done = "learning_check" in rounds and rounds["learning_check"].fillna("").astype(str).ne("").any()
+
+    def after_round(self, result: RoundResult) -> bool:
+        ok = [c for c in result.clients if c.status == "ok"]
+        loss = float(np.average([c.train_loss for c in ok], weights=[c.num_examples for c in ok])) if ok \
+            else float("nan")
+        if result.round == 1:
+            self.first_loss = loss
+        if self.done or result.round < self.from_round or not result.tiers:
+            return False
+        best = max(t["accuracy"] for t in result.tiers)
+        reasons = []
+        if best < self.chance + CHANCE_MARGIN:
+            reasons.append(f"every tier's test accuracy is at chance ({100 * best:.1f}%, the commonest class is "
+                           f"{100 * self.chance:.1f}%)")
+        if not math.isfinite(loss) or (math.isfinite(self.first_loss) and loss >= self.first_loss):
+            reasons.append(f"the training loss has not fallen ({self.first_loss:.3g} in round 1, {loss:.3g} now)")
+        if reasons:
+            self.done = True
+            result.learning = " and ".join(r.split(" (")[0] for r in reasons)
+            LOG.warning("round %d: the run is not learning: %s. lr=%g with momentum %g may be too large for this "
+                        "model (try lr=%.2g or %.2g) or too small (lr=%.2g)", result.round, "; ".join(reasons),
+                        self.lr, self.momentum, self.lr / 10, self.lr / 100, self.lr * 10)
+        return False
+
+
 class RoundTables(RoundCallback):
     """Appends the round's rows to rounds.csv, tiers.csv and clients.csv (flushed as they are written)."""
 
@@ -155,6 +219,7 @@ class RoundTables(RoundCallback):
             if ok else float("nan"),
             "global_rank": int(sum(int(v.shape[0]) for k, v in result.arrays.items()
                                    if k.endswith("in_network.weight"))),
+            "learning_check": result.learning,
         }
         self.writers[CLIENTS.file].extend(c.row() for c in clients)
         self.writers[TIERS.file].extend(result.tiers)

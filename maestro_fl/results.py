@@ -64,6 +64,8 @@ ROUNDS = Table("rounds.csv", "round", _cols(
     *((s, f"clients whose status was '{s}'") for s in STATUSES),
     ("train_loss", "mean local training loss of the accepted clients, weighted by examples"),
     ("global_rank", "sum of the global model's LoD ranks (0 for models without LoD layers)"),
+    ("learning_check", "empty, or why the run is not learning (at chance, loss not falling), in the round "
+                       "that found it (the run says so once; see maestro_fl.callbacks.LearningCheck)"),
 ))
 TIERS = Table("tiers.csv", "round and tier", _cols(
     ("round", "server round"),

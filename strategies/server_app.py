@@ -28,10 +28,12 @@ from flwr.serverapp import Grid, ServerApp
 from maestro_fl.callbacks import (
     CentralEvaluation,
     Checkpointing,
+    LearningCheck,
     Progress,
     RoundCallback,
     RoundResult,
     RoundTables,
+    chance_rate,
 )
 from maestro_fl.config import SimConfig, parse_faults, resolve, to_dict
 from maestro_fl.data import Split
@@ -115,6 +117,7 @@ def default_callbacks(cfg: SimConfig, run: RunDir, strategy: SubModelStrategy, t
     """Evaluation, then the tables, then the checkpoint (never ahead of the tables), then progress."""
     callbacks: list[RoundCallback] = [
         CentralEvaluation(strategy.method, test, inputs, validation, cfg.eval_every),
+        LearningCheck(run, chance_rate(test), cfg.rounds, cfg.lr, cfg.momentum),
         RoundTables(run, cfg.round_deadline_s),
         Checkpointing(run, fingerprint),
     ]

@@ -220,7 +220,7 @@ def test_eval_every_changes_only_which_rounds_are_evaluated(tmp_path: Path) -> N
     assert sorted(tiers[2]["round"].unique()) == [2, 3]  # every 2nd round, and always the last
     kept = tiers[1][tiers[1]["round"].isin([2, 3])].reset_index(drop=True)
     pd.testing.assert_frame_equal(kept, tiers[2])
-    timing = ["wall_seconds", "server_seconds", "train_wall_seconds", "eval_seconds"]
+    timing = ["wall_seconds", "server_seconds", "train_wall_seconds", "learning_check"]  # (the check reads evaluations)
     rounds = {e: pd.read_csv(run / "rounds.csv").drop(columns=timing, errors="ignore") for e, run in runs.items()}
     pd.testing.assert_frame_equal(rounds[1], rounds[2])
     clients = {e: pd.read_csv(run / "clients.csv").drop(columns=["wall_s"], errors="ignore") for e, run in runs.items()}
@@ -228,3 +228,23 @@ def test_eval_every_changes_only_which_rounds_are_evaluated(tmp_path: Path) -> N
     states = {e: load_checkpoint(run / CHECKPOINT_FILE) for e, run in runs.items()}
     assert states[1].round == states[2].round == 3 and states[1].arrays.keys() == states[2].arrays.keys()
     assert all(np.array_equal(states[1].arrays[k], states[2].arrays[k]) for k in states[1].arrays)
+
+
+def test_the_learning_check_fires_once_on_a_diverging_lr_and_stays_silent_on_a_learning_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="maestro_fl"):
+        diverging = run_simulation(small(tmp_path, backend="local", rounds=4, lr=50.0, run_name="diverging"))
+    said = [r.getMessage() for r in caplog.records if "not learning" in r.getMessage()]
+    assert len(said) == 1 and "lr=50" in said[0] and "at chance" in said[0]
+    checks = pd.read_csv(diverging / "rounds.csv")["learning_check"].fillna("")
+    assert (checks != "").sum() == 1 and "at chance" in checks[checks != ""].iloc[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="maestro_fl"):
+        learning = run_simulation(small(tmp_path, backend="local", rounds=4, lr=0.05, local_epochs=2,
+                                        run_name="learning"))
+    assert not [r for r in caplog.records if "not learning" in r.getMessage()]
+    assert pd.read_csv(learning / "rounds.csv")["learning_check"].isna().all()
+    assert pd.read_csv(learning / "tiers.csv")["accuracy"].max() > 0.5
