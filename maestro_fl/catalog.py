@@ -21,6 +21,9 @@ NORMS = ("bn", "sbn", "gn", "none")
 #: ordered-dropout samplers of rank levels (maestro_fl/training.py)
 SAMPLERS = ("per_layer", "across_layers", "nested", "tiers", "fixed", "none")
 
+#: experiment trackers (maestro_fl/tracking.py); '' = the run directory's tables only
+TRACKERS = ("", "tensorboard")
+
 #: the federated methods (maestro_fl/methods/), in the order ``maestro-fl compare`` lists them
 STRATEGIES = ("fedlod", "dlrt", "fedavg_dense", "fedavg_exclusive", "heterofl", "fjord", "fedhm", "fedrolex",
               "fedrolex_rank", "fiarse", "fiarse_rank", "flanc")

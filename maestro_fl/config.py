@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import tomllib
 import typing
 from collections.abc import Mapping, Sequence
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 # leaf modules only (each imports nothing of maestro_fl): the config sits below everything it configures
-from .catalog import DATASETS, MODELS, NORMS, SAMPLERS, STRATEGIES
+from .catalog import DATASETS, MODELS, NORMS, SAMPLERS, STRATEGIES, TRACKERS
 from .population import PopulationError, load_population
 from .references import UnresolvedReference, is_reference
 from .references import resolve as resolve_reference
@@ -453,6 +454,7 @@ class SimConfig:
     run_name: str = ""  # '' = sim-dataset-model-seed-timestamp
     resume: str = ""  # a run directory to continue from its last checkpoint
     progress: bool = True  # one line per round
+    tracking: str = ""  # '' = the tables only; 'tensorboard' mirrors them to RUN_DIR/tensorboard (extra [tracking])
     eval_every: int = 1  # central test (and validation) evaluation of every tier every N rounds and at the last;
     # it never changes training: 1 keeps every round's curve, and each evaluation costs ~tiers x test-set passes
     diagnostics_every: int = 0  # LoD runs: components.csv every round, the whole rank ladder and per-layer cuts
@@ -503,6 +505,9 @@ class SimConfig:
         for name in ("server_shrink_eps", "num_gpus_per_client", "max_update_norm", "diagnostics_every"):
             check_non_negative(name, getattr(self, name))
         check_one_of("robust_merge", self.robust_merge, ("none", "median", "trimmed_mean"))
+        check_one_of("tracking", self.tracking, TRACKERS)
+        if self.tracking == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("tracking='tensorboard' needs TensorBoard: pip install 'maestro-fl[tracking]'")
         if not 0.0 <= self.server_momentum < 1.0:
             raise ConfigError(f"server_momentum must be in [0, 1), got {self.server_momentum!r}")
         if not 0.0 <= self.trim_fraction < 0.5:
@@ -533,7 +538,7 @@ class SimConfig:
 
 #: what a resumed run may change: how and where it executes, and how long it goes on. Every other field
 #: defines the run: it is in the checkpoint's fingerprint, and resume refuses to change it.
-RESUMABLE = ("rounds", "progress", "eval_every", "backend", "num_cpus_per_client", "num_gpus_per_client", "ray_address",
+RESUMABLE = ("rounds", "progress", "eval_every", "tracking", "backend", "num_cpus_per_client", "num_gpus_per_client", "ray_address",
              "round_timeout_s", "resume", "out_dir", "run_name")
 
 

@@ -121,8 +121,12 @@ def default_callbacks(cfg: SimConfig, run: RunDir, strategy: SubModelStrategy, t
         RoundTables(run, cfg.round_deadline_s),
         Checkpointing(run, fingerprint),
     ]
+    if cfg.tracking == "tensorboard":  # after the tables: it mirrors their row
+        from maestro_fl.tracking import TensorBoardTracking
+
+        callbacks.insert(3, TensorBoardTracking(run.path))
     if cfg.diagnostics_every > 0:  # before the checkpoint: its rows are then never behind it
-        callbacks.insert(2, LoDDiagnostics(strategy.method, run, test, validation, inputs, cfg.diagnostics_every,
+        callbacks.insert(len(callbacks) - 1, LoDDiagnostics(strategy.method, run, test, validation, inputs, cfg.diagnostics_every,
                                            cfg.rounds))
     if cfg.progress:
         callbacks.append(Progress(cfg.rounds, lines=LOG.isEnabledFor(logging.DEBUG)))

@@ -248,3 +248,18 @@ def test_the_learning_check_fires_once_on_a_diverging_lr_and_stays_silent_on_a_l
     assert not [r for r in caplog.records if "not learning" in r.getMessage()]
     assert pd.read_csv(learning / "rounds.csv")["learning_check"].isna().all()
     assert pd.read_csv(learning / "tiers.csv")["accuracy"].max() > 0.5
+
+
+def test_tensorboard_tracking_writes_every_rounds_tier_accuracies_as_the_tables_hold_them(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = run_simulation(small(tmp_path, backend="local", rounds=3, tracking="tensorboard", run_name="tracked"))
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tiers = pd.read_csv(run / "tiers.csv")
+    for tier, rows in tiers.groupby("tier"):
+        logged = events.Scalars(f"tier_{tier}/accuracy")
+        assert [e.step for e in logged] == rows["round"].tolist()
+        assert [e.value for e in logged] == pytest.approx(rows["accuracy"].tolist(), abs=1e-6)
+    losses = events.Scalars("round/train_loss")
+    assert [e.value for e in losses] == pytest.approx(pd.read_csv(run / "rounds.csv")["train_loss"].tolist(), rel=1e-5)  # the CSV keeps 6 digits
