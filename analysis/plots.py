@@ -8,6 +8,7 @@ tests) can inspect its axes and series. A missing or unreadable table raises
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -413,4 +414,47 @@ def ranks_heatmap(run_dir: str | Path, out: str | Path | None = None) -> Figure:
     ax.set_title(f"{Path(run_dir).name}: rank per layer ({what})")
     fig.colorbar(image, ax=ax, label="rank (components)")
     fig.tight_layout()
+    return _save(fig, out)
+
+
+def methods_vs_round(runs: Sequence[str | Path], labels: Sequence[str], out: str | Path | None = None,
+                     time_axis: bool = False) -> Figure:
+    """Every method's test accuracy per round (or simulated minute), at its top tier and at its bottom tier:
+    the mean over the method's runs (seeds), with a band of ± one standard deviation where there are two
+    or more; one run is drawn as a line alone and its legend says so."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    methods = list(dict.fromkeys(labels))
+    colors = plt.get_cmap("tab10")
+    for m, method in enumerate(methods):
+        members = [Path(r) for r, label in zip(runs, labels) if label == method]
+        frames = []
+        for run in members:
+            tiers = read_table(run, "tiers.csv", ("round", "tier", "accuracy"))
+            if time_axis:
+                rounds = read_table(run, "rounds.csv", ("round", "sim_seconds_total"))
+                tiers = tiers.merge(rounds[["round", "sim_seconds_total"]], on="round")
+            frames.append(tiers.assign(run=str(run)))
+        table = pd.concat(frames)
+        for ax, pick in zip(axes, (max, min)):
+            tier = pick(table["tier"].unique())
+            at = table[table["tier"] == tier]
+            x = "sim_seconds_total" if time_axis else "round"
+            stats = at.groupby("round").agg(x=(x, "mean"), mean=("accuracy", "mean"), std=("accuracy", "std"),
+                                            n=("accuracy", "size"))
+            xs = stats["x"] / 60 if time_axis else stats.index
+            n = int(stats["n"].min())
+            ax.plot(xs, 100 * stats["mean"], color=colors(m % 10),
+                    label=f"{method} (" + (f"mean ± std over {n} seeds)" if n > 1 else "one run)"))
+            if n > 1:
+                ax.fill_between(xs, 100 * (stats["mean"] - stats["std"]), 100 * (stats["mean"] + stats["std"]),
+                                color=colors(m % 10), alpha=0.15, linewidth=0)
+    for ax, which in zip(axes, ("each method's top tier", "each method's bottom tier")):
+        ax.set_title(f"{which}: test accuracy vs " + ("simulated time" if time_axis else "round"), fontsize=10)
+        ax.set_xlabel("simulated wall-clock (minutes)" if time_axis else "round")
+        ax.grid(alpha=0.3)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, -0.02 - 0.045 *
+                                                                                        math.ceil(len(names) / 3)))
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].set_ylim(0, 100)  # the full range: the curves' rise is the point, not the last point's decimals
     return _save(fig, out)

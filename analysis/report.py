@@ -6,12 +6,15 @@ accuracy-vs-footprint figures get one curve per method with the spread over seed
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
+
+from maestro_fl.results import RunDir
 
 from . import plots
 
@@ -34,6 +37,43 @@ def _markdown(df: pd.DataFrame) -> str:
     rows = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
     rows += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(rows)
+
+
+def safe_name(name: str) -> str:
+    """A file name safe in shells and LaTeX: ``method=fedlod,seed=0`` becomes ``method-fedlod_seed-0``."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name.replace("=", "-").replace(",", "_"))
+
+
+def comparison_table(runs: Sequence[Path], labels: Sequence[str]) -> pd.DataFrame:
+    """Per method (label) and tier: the last round's test accuracy, mean ± std over the method's runs, n runs,
+    and the deployed footprint."""
+    rows = []
+    for run, label in zip(runs, labels):
+        if plots.run_kind(run) != "federated":
+            continue
+        last = _final_table(run)
+        rows += [{"method": label, "tier": int(t["tier"]), "accuracy": float(t["accuracy"]),
+                  "params": int(t["params"]), "macs": int(t["macs"])} for _, t in last.iterrows()]
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame(rows).groupby(["method", "tier"], sort=False).agg(
+        mean=("accuracy", "mean"), std=("accuracy", "std"), n=("accuracy", "size"), params=("params", "mean"),
+        macs=("macs", "mean")).reset_index()
+    accuracy = [f"{100 * m:.1f} ± {100 * s:.1f}" if n > 1 else f"{100 * m:.1f} (one run)"
+                for m, s, n in zip(table["mean"], table["std"], table["n"])]
+    return pd.DataFrame({"method": table["method"], "tier": table["tier"], "test accuracy (%)": accuracy,
+                         "n": table["n"], "params": table["params"].round().astype(int),
+                         "MACs": table["macs"].round().astype(int)})
+
+
+def mixed_setups(runs: Sequence[Path]) -> list[str]:
+    """What differs between runs drawn together that should not: dataset, model, rounds."""
+    seen: dict[str, set[str]] = {}
+    for run in runs:
+        config = RunDir(run).config() if (run / "config.json").is_file() else {}
+        for key in ("dataset", "model", "rounds"):
+            seen.setdefault(key, set()).add(str(config.get(key, "?")))
+    return [f"{key}: {', '.join(sorted(values))}" for key, values in seen.items() if len(values) > 1]
 
 
 def collect_runs(run_dirs: Sequence[str | Path]) -> tuple[list[Path], list[str], list[tuple[Path, str]]]:
@@ -88,26 +128,67 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, labels: Se
     for x in axes:
         name = f"accuracy_vs_{x}"
         keep(name, f"Test accuracy vs {plots.X_TITLES[x]}, per tier", plots.accuracy_vs_footprint(runs, labels, x, out / name))
+    federated = [(r, label) for r, label, k in zip(runs, labels, kinds) if k == "federated"]
+    compared = len({label for _, label in federated}) > 1
+    if compared:  # a comparison: every method's convergence, top and bottom tier, in one figure
+        fed_runs, fed_labels = [r for r, _ in federated], [label for _, label in federated]
+        keep("methods_vs_round", "Every method's test accuracy per round (top and bottom tier)",
+             plots.methods_vs_round(fed_runs, fed_labels, out / "methods_vs_round"))
+        keep("methods_vs_time", "Every method's test accuracy vs simulated time (top and bottom tier)",
+             plots.methods_vs_round(fed_runs, fed_labels, out / "methods_vs_time", time_axis=True))
+    per_run: list[tuple[str, str]] = []  # each run's own figures, in a subfolder (after the comparison)
+
+    def keep_run(name: str, title: str, fig: plt.Figure) -> None:
+        plt.close(fig)
+        per_run.append((f"runs/{name}", title))
+
     for run, kind in zip(runs, kinds):
-        tag = run.name
+        tag, where = run.name, out / "runs" / safe_name(run.name)
         if kind == "federated":
-            keep(f"{tag}_accuracy_vs_round", f"{tag}: accuracy per round", plots.accuracy_vs_round(run, out / f"{tag}_accuracy_vs_round"))
-            keep(f"{tag}_accuracy_vs_time", f"{tag}: accuracy vs simulated time",
-                 plots.accuracy_vs_round(run, out / f"{tag}_accuracy_vs_time", time_axis=True))
-            keep(f"{tag}_communication", f"{tag}: communication", plots.communication(run, out / f"{tag}_communication"))
-            keep(f"{tag}_participation", f"{tag}: participation", plots.participation(run, out / f"{tag}_participation"))
+            keep_run(f"{where.name}_accuracy_vs_round", f"{tag}: accuracy per round",
+                     plots.accuracy_vs_round(run, f"{where}_accuracy_vs_round"))
+            keep_run(f"{where.name}_accuracy_vs_time", f"{tag}: accuracy vs simulated time",
+                     plots.accuracy_vs_round(run, f"{where}_accuracy_vs_time", time_axis=True))
+            keep_run(f"{where.name}_communication", f"{tag}: communication",
+                     plots.communication(run, f"{where}_communication"))
+            keep_run(f"{where.name}_participation", f"{tag}: participation",
+                     plots.participation(run, f"{where}_participation"))
         else:
-            keep(f"{tag}_rank_over_epochs", f"{tag}: rank per epoch", plots.rank_over_epochs(run, out / f"{tag}_rank_over_epochs"))
+            keep_run(f"{where.name}_rank_over_epochs", f"{tag}: rank per epoch",
+                     plots.rank_over_epochs(run, f"{where}_rank_over_epochs"))
         if plots.has_ranks(run):  # dense baselines have no LoD layers
-            keep(f"{tag}_ranks", f"{tag}: ranks per layer", plots.ranks_heatmap(run, out / f"{tag}_ranks"))
+            keep_run(f"{where.name}_ranks", f"{tag}: ranks per layer", plots.ranks_heatmap(run, f"{where}_ranks"))
 
     lines = ["# maestro-fl report", ""]
+    mixed = mixed_setups(runs)
+    if mixed:
+        warning = "these runs differ in " + "; ".join(mixed) + ": their figures overlay unlike setups"
+        print(f"report: warning: {warning}", file=sys.stderr)
+        lines += [f"**Warning**: {warning}.", ""]
     if skipped:
         lines += ["Could not read:", "", *(f"* `{run}`: {reason}" for run, reason in skipped), ""]
+    if compared:
+        lines += ["## The comparison", "",
+                  "Test accuracy after the last round, per method and tier: mean ± standard deviation over the "
+                  "method's runs (n; the seeds), and the deployed footprint.", "",
+                  _markdown(comparison_table([r for r, _ in federated], [label for _, label in federated])), ""]
+        matched = dict.fromkeys(d for sweep in map(Path, run_dirs) for d in (sweep, sweep.parent)  # a protocol's
+                                if (d / "matched.csv").is_file())                                # is beside final/
+        for sweep in matched:
+            if (sweep / "matched.csv").is_file():
+                lines += [f"### At matched footprint (`{sweep / 'matched.csv'}`)", "",
+                          "FedLoD's one global model deployed at each other method's tier footprint (or smaller).",
+                          "", _markdown(pd.read_csv(sweep / "matched.csv")), ""]
+        lines += ["### Comparison figures", ""]
+        lines += [f"![{title}]({name}.png)\n" for name, title in figures]
+        lines += ["## Each run", ""]
     for run in runs:
         lines += [f"## {run.name}", "", f"`{run}`", "", _markdown(_final_table(run)), ""]
-    lines += ["## Figures", ""]
-    lines += [f"### {title}\n\n![{title}]({name}.png)\n" for name, title in figures]
+    if not compared:
+        lines += ["## Figures", ""]
+        lines += [f"### {title}\n\n![{title}]({name}.png)\n" for name, title in figures]
+    lines += ["## Each run's figures", ""]
+    lines += [f"### {title}\n\n![{title}]({name}.png)\n" for name, title in per_run]
     summary = out / "summary.md"
     summary.write_text("\n".join(lines))
     return summary

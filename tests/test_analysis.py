@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -131,9 +132,10 @@ def test_report_writes_every_figure_and_a_summary(fl_run: Path, dlrt_runs: list[
 
     assert main(["report", str(fl_run), str(dlrt_runs[0]), "--out", str(tmp_path / "rep")]) == 0
     summary = (tmp_path / "rep" / "summary.md").read_text()
-    pngs = sorted(p.name for p in (tmp_path / "rep").glob("*.png"))
-    assert "accuracy_vs_params.png" in pngs and "fl-run_participation.png" in pngs
-    assert "tau0.05_rank_over_epochs.png" in pngs
+    pngs = sorted(str(p.relative_to(tmp_path / "rep")) for p in (tmp_path / "rep").rglob("*.png"))
+    assert "accuracy_vs_params.png" in pngs and "runs/fl-run_participation.png" in pngs  # each run's in runs/
+    assert "runs/tau0.05_rank_over_epochs.png" in pngs
+    assert all(re.fullmatch(r"[A-Za-z0-9_./-]+", name) for name in pngs)  # safe in shells and LaTeX
     assert all(f"({name})" in summary for name in pngs)
     assert "| tier | accuracy |" in summary and "| rank_fraction |" in summary
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "x")]) == 2  # not a run directory
@@ -180,6 +182,13 @@ def test_sweep_figures_average_seeds_per_method(small_sweep: Path, tmp_path: Pat
     text = summary.read_text()
     assert "accuracy_vs_bytes.png" in text
     assert sum(line.startswith("## method=") for line in text.splitlines()) == 4  # one table per run
+    # a comparison reports itself first: per method and tier, mean ± std over the seeds, with n
+    sections = [line for line in text.splitlines() if line.startswith("## ")]
+    assert sections[0] == "## The comparison"
+    rows = [line for line in text.splitlines() if line.startswith(("| fedlod |", "| dense |"))]
+    assert len(rows) == 4 and all(" ± " in row and "| 2 |" in row for row in rows)
+    assert (tmp_path / "rep" / "methods_vs_round.png").is_file() and "(methods_vs_round.png)" in text
+    assert (tmp_path / "rep" / "methods_vs_time.png").is_file()
 
 
 @pytest.mark.slow
@@ -254,3 +263,15 @@ def test_defaults_table_gives_each_one_change_variant_its_difference_to_the_defa
     table = defaults_markdown(tmp_path)
     assert "| `fedlod_momentum_05` | 2 | 85.0 (-10.0) | 81.5 (-10.0) | -10.0 / -10.0 |" in table
     assert "| `fedlod_rank_only` | 1 | 90.0 (-5.0) | 90.0 (-1.5) | – / -2.5 |" in table
+
+
+def test_runs_of_different_setups_drawn_together_are_named(tmp_path: Path) -> None:
+    from analysis.report import mixed_setups
+
+    runs = []
+    for name, dataset, rounds in (("a", "digits", 40), ("b", "mnist1d", 40), ("c", "digits", 40)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"dataset": dataset, "model": "cnn", "rounds": rounds}))
+        runs.append(tmp_path / name)
+    assert mixed_setups(runs) == ["dataset: digits, mnist1d"]
+    assert mixed_setups([runs[0], runs[2]]) == []
