@@ -15,6 +15,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt  # headless, matplotlib picks Agg itself; in a notebook, inline
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from maestro_fl.results import RunDir, RunDirError
 
@@ -186,6 +187,19 @@ LADDER_FRACTIONS = tuple(p / 100 for p in range(5, 101))  # the rank ladder: eve
 X_TITLES = {"params": "deployed parameters", "macs": "MACs per sample", "bytes": "bytes sent per round"}
 
 
+def _leading(value: float) -> int:
+    """The leading digit of a positive number (3 for 3e4)."""
+    return int(f"{value:e}"[0]) if value > 0 else 0
+
+
+def _short_number(value: float, _: object) -> str:
+    """``30k``, ``1.5M``: a tick label that stays short on a log axis."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:g}{suffix}"
+    return f"{value:g}"
+
+
 def accuracy_vs_footprint(
     run_dirs: Sequence[str | Path],
     labels: Sequence[str] | None = None,
@@ -205,8 +219,8 @@ def accuracy_vs_footprint(
               for r, m in zip(run_dirs, labels)]
     data = pd.concat(frames)
     methods = list(dict.fromkeys(data["method"]))
-    many = len(methods) > 5  # a legend beside the axes, and 20 distinct colours past the default 10
-    fig, ax = plt.subplots(figsize=(8.5, 4.5) if many else (6.5, 4))
+    many = len(methods) > 5  # a legend below the axes in columns, and 20 distinct colours past the default 10
+    fig, ax = plt.subplots(figsize=(9, 4.8) if many else (6.5, 4))
     cmap = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
     grays = {7} if cmap.N == 10 else {14, 15}  # grays are the reference lines'
     palette = [cmap(k) for k in range(cmap.N) if k not in grays]
@@ -233,13 +247,15 @@ def accuracy_vs_footprint(
                 ax.annotate(",".join(same["label"]), (px, 100 * acc), textcoords="offset points",
                             xytext=(3, -10), fontsize=7)
     ax.set_xscale("log")
+    # plain numbers at the ticks (30k, 100k, 1M): log-scale minor labels like 3×10⁴ collide
+    ax.xaxis.set_major_formatter(FuncFormatter(_short_number))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: _short_number(v, None) if _leading(v) in (2, 3, 5) else ""))
     ax.set_xlabel(X_LABELS[x] + " (log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Test accuracy vs {X_TITLES[x]}, per tier")
     keep_accuracy_span(ax)
     if many:
-        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-        fig.tight_layout()
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     elif (data["reference"] != "").any():  # reference lines cross the whole axes: the legend goes below them
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     else:
