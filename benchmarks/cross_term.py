@@ -28,13 +28,13 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maestro_fl import protocol as P  # noqa: E402
+from maestro_fl import message_keys as P  # noqa: E402
 from maestro_fl.aggregation import aggregate_ordered_factors, aggregate_ordered_products, cross_term_share  # noqa: E402
 from maestro_fl.config import SimConfig, resolve  # noqa: E402
 from maestro_fl.federated import federation  # noqa: E402
 from maestro_fl.methods.base import corners_weighted  # noqa: E402
+from strategies.runners.launch import load_ref, quiet_flower  # noqa: E402
 from strategies.runners.local_grid import LocalGrid  # noqa: E402
-from strategies.runners.ray_engine import load_ref, quiet_flower  # noqa: E402
 from strategies.server_app import run_server  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cross_term.json"

@@ -58,14 +58,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from flwr.app import MessageType  # noqa: E402
 
-from maestro_fl import protocol as P  # noqa: E402
+from maestro_fl import message_keys as P  # noqa: E402
 from maestro_fl import wire  # noqa: E402
 from maestro_fl.config import SimConfig, resolve  # noqa: E402
 from maestro_fl.federated import federation  # noqa: E402
 from maestro_fl.methods import Assignment  # noqa: E402
 from maestro_fl.training import torch_threads  # noqa: E402
+from strategies.runners.launch import load_ref, quiet_flower, run_simulation  # noqa: E402
 from strategies.runners.local_grid import LocalGrid  # noqa: E402
-from strategies.runners.ray_engine import load_ref, quiet_flower, run_simulation  # noqa: E402
 from strategies.server_app import run_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,7 +30,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from maestro_fl import protocol as P
+from maestro_fl import message_keys as P
 from maestro_fl import wire
 from maestro_fl.budget import BACKWARD_FACTOR, transfer_seconds
 from maestro_fl.config import SimConfig, parse_faults, resolve

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import protocol as P
+from . import message_keys as P
 from .methods.base import ClientTask
 from .submodels import rank_axes
 

@@ -53,7 +53,7 @@ from maestro_fl.server_optimizer import ServerMomentum
 from maestro_fl.training import torch_threads
 
 from .runners.ray_grid import RoundInterrupted
-from .submodel import SubModelStrategy, to_numpy, to_record
+from .submodel_strategy import SubModelStrategy, to_numpy, to_record
 
 
 class RunInterrupted(RuntimeError):

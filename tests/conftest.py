@@ -88,7 +88,7 @@ def shared_ray(_ray_of_the_session: None) -> None:
     """
     import ray
 
-    from strategies.runners.ray_engine import quiet_flower, ray_init_args
+    from strategies.runners.launch import quiet_flower, ray_init_args
 
     if not ray.is_initialized():
         quiet_flower()  # Flower's and Ray's settings (worker niceness among them) before Ray starts

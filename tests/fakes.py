@@ -13,12 +13,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from torch import nn
 
-from maestro_fl import protocol as P
+from maestro_fl import message_keys as P
 from maestro_fl.budget import DeviceCapability
 from maestro_fl.config import SimConfig, resolve
 from maestro_fl.methods import METHODS
 from maestro_fl.models import scaled
-from strategies.submodel import SubModelStrategy, to_numpy
+from strategies.submodel_strategy import SubModelStrategy, to_numpy
 
 #: the LoD settings that factorize both layers of the tiny MLPs below (SVD: exact at full rank)
 ALL_LOD = {"keep_first": 0, "keep_classifier": False, "init": "svd"}

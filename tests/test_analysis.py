@@ -55,10 +55,10 @@ def test_missing_or_corrupt_table_names_the_file(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def fl_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small real federated run (in-process grid): 6 clients, 2 tiers, 3 rounds."""
-    from maestro_fl import protocol as P
+    from maestro_fl import message_keys as P
     from maestro_fl.config import SimConfig
+    from strategies.runners.launch import load_ref
     from strategies.runners.local_grid import LocalGrid
-    from strategies.runners.ray_engine import load_ref
     from strategies.server_app import run_server
     from tests.test_simulation import SMALL, always_online_population
 

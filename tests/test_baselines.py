@@ -19,14 +19,14 @@ from flwr.app import ArrayRecord, Error, Message
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
-from maestro_fl import protocol as P
+from maestro_fl import message_keys as P
 from maestro_fl.config import ConfigError, SimConfig, resolve
 from maestro_fl.data import Split
 from maestro_fl.footprint import footprint
 from maestro_fl.models import InputSpec, build_model, scaled
 from maestro_fl.training import EpochStats, SGDStep, run_epoch
 from maestro_fl.width import OrderedDropout, corner
-from strategies.submodel import SubModelStrategy, to_numpy
+from strategies.submodel_strategy import SubModelStrategy, to_numpy
 from tests.fakes import fake_strategy, filled, messages, moved, reply, sent, tiny_wide
 
 # -- helpers of these tests: the width family cut and trained directly, outside a method --

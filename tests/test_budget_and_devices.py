@@ -61,7 +61,7 @@ def test_default_budgets_span_the_tiers() -> None:
     """The default tiers land on distinct budgets for the default workload, the weakest ≤ 25% of the weights."""
     from maestro_fl.federated import federation
     from maestro_fl.footprint import footprint
-    from strategies.submodel import SubModelStrategy
+    from strategies.submodel_strategy import SubModelStrategy
 
     cfg = SimConfig()
     fed = federation(cfg)

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from maestro_fl.config import SimConfig, resolve
-from strategies.runners.ray_engine import run_simulation
+from strategies.runners.launch import run_simulation
 from strategies.sweeps.sweep import RESULT_FILE, run_sweep
 from tests.test_ray_engine import assert_same_tables, config
 from tests.test_simulation import always_online_population

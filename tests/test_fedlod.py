@@ -8,9 +8,9 @@ from flwr.app import Error, Message
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.task_identity import TaskIdentity
 
-from maestro_fl import protocol as P
+from maestro_fl import message_keys as P
 from maestro_fl.budget import DeviceCapability
-from strategies.submodel import to_numpy
+from strategies.submodel_strategy import to_numpy
 from tests.fakes import ALL_LOD, fake_strategy, messages, moved, reply, rows_by_partition, sent
 
 

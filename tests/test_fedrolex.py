@@ -9,7 +9,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from maestro_fl.aggregation import aggregate_fedrolex
 from maestro_fl.footprint import footprint
 from maestro_fl.models import scaled
-from strategies.submodel import to_numpy
+from strategies.submodel_strategy import to_numpy
 from tests.fakes import fake_strategy, filled, messages, reply, sent, tiny_wide
 
 

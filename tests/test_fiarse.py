@@ -13,7 +13,7 @@ from maestro_fl.footprint import footprint
 from maestro_fl.methods.fiarse import top_components
 from maestro_fl.models import scaled
 from maestro_fl.submodels import component_importance
-from strategies.submodel import to_numpy
+from strategies.submodel_strategy import to_numpy
 from tests.fakes import fake_strategy, filled, messages, reply, sent, tiny_wide
 
 

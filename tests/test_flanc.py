@@ -12,7 +12,7 @@ from torch import nn
 from maestro_fl.aggregation import aggregate_flanc
 from maestro_fl.footprint import footprint
 from maestro_fl.methods.flanc import Composition, orthogonality
-from strategies.submodel import to_numpy
+from strategies.submodel_strategy import to_numpy
 from tests.fakes import fake_strategy, filled, messages, reply, sent, tiny_wide
 
 

@@ -15,12 +15,12 @@ from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from maestro_fl import protocol as P
+from maestro_fl import message_keys as P
 from maestro_fl.aggregation import aggregate_robust
 from maestro_fl.config import ConfigError, SimConfig, resolve
 from maestro_fl.federated import check_task
 from maestro_fl.methods import METHODS
-from strategies.submodel import SubModelStrategy, to_numpy
+from strategies.submodel_strategy import SubModelStrategy, to_numpy
 from tests.fakes import ALL_LOD, fake_strategy, messages, reply, sent, tiny_mlp, tiny_wide
 
 
@@ -269,7 +269,7 @@ def test_a_replaced_partition_cache_file_is_not_trusted(tmp_path: Path, monkeypa
 
 # -- resume ------------------------------------------------------------------------------------
 def test_resume_accepts_more_rounds_and_refuses_other_changes(tmp_path: Path) -> None:
-    from strategies.runners.ray_engine import prepare_run_dir
+    from strategies.runners.launch import prepare_run_dir
     from tests.test_simulation import small
 
     cfg = small(tmp_path, backend="local", rounds=2, run_name="r")

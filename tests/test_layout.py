@@ -49,7 +49,7 @@ def test_import_rules(package: str, forbidden: set[str]) -> None:
 def test_strategies_holds_only_strategies_at_its_top_level() -> None:
     """What is not a strategy (Python API, command line, runners, sweeps) lives in a subpackage that says what it is."""
     top = sorted(p.name for p in (ROOT / "strategies").glob("*.py"))
-    assert top == ["__init__.py", "server_app.py", "submodel.py"]
+    assert top == ["__init__.py", "server_app.py", "submodel_strategy.py"]
     assert {p.name for p in (ROOT / "strategies").iterdir() if p.is_dir() and p.name != "__pycache__"} == {
         "api", "cli", "runners", "sweeps"}
 
@@ -179,3 +179,13 @@ def test_the_catalog_names_every_registry_entry() -> None:
 
     assert catalog.STRATEGIES == tuple(METHODS)
     assert set(catalog.MODELS) == set(MODELS)
+
+
+def test_no_two_modules_share_a_name() -> None:
+    """A name says what a module is: two ``protocol.py`` (the wire keys, the tuning protocol) read as one."""
+    seen: dict[str, list[str]] = {}
+    for package in ("maestro_fl", "strategies", "clients", "analysis"):
+        for path in (ROOT / package).rglob("*.py"):
+            if path.name != "__init__.py":
+                seen.setdefault(path.stem, []).append(str(path.relative_to(ROOT)))
+    assert {name: paths for name, paths in seen.items() if len(paths) > 1} == {}

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from maestro_fl.config import SimConfig, resolve
-from strategies.runners.ray_engine import run_simulation
+from strategies.runners.launch import run_simulation
 from tests.test_simulation import always_online_population, local
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ import torch
 from flwr.app import Message, MetricRecord, RecordDict
 from torch import nn
 
-from maestro_fl import protocol as P
+from maestro_fl import message_keys as P
 from maestro_fl.config import ConfigError, SimConfig, resolve, to_dict
 from maestro_fl.results import RunDir, RunDirBusy, RunDirError, save_checkpoint
 from tests.fakes import fake_strategy, messages, reply, rows_by_partition, sent

@@ -7,11 +7,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from maestro_fl import protocol as P
+from maestro_fl import message_keys as P
 from maestro_fl.callbacks import RoundCallback, RoundResult
 from maestro_fl.config import SimConfig, resolve
+from strategies.runners.launch import load_ref, quiet_flower, run_simulation
 from strategies.runners.local_grid import LocalGrid
-from strategies.runners.ray_engine import load_ref, quiet_flower, run_simulation
 from strategies.server_app import run_server
 
 SMALL = {

@@ -10,8 +10,8 @@ import pytest
 
 from maestro_fl.config import ConfigError
 from strategies.cli import main
-from strategies.sweeps.protocol import is_protocol, load_protocol
 from strategies.sweeps.sweep import load_sweep, run_sweep
+from strategies.sweeps.tuning_protocol import is_protocol, load_protocol
 
 BASE = """
 [base]

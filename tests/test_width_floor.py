@@ -9,7 +9,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from maestro_fl.convert import ranks_at_fraction
 from maestro_fl.models import scaled
 from maestro_fl.submodels import RankPrefix, RankWidthPrefix, state_shapes
-from strategies.submodel import to_numpy
+from strategies.submodel_strategy import to_numpy
 from tests.fakes import ALL_LOD, fake_strategy, filled, messages, reply, sent, tiny_wide
 
 

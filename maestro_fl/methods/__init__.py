@@ -14,7 +14,7 @@ from .fedlod import FedLoD
 from .fedrolex import FedRolex, FedRolexRank
 from .fiarse import FIARSE, FIARSERank
 from .flanc import FLANC
-from .width import FjORD, HeteroFL
+from .heterofl_fjord import FjORD, HeteroFL
 
 #: every method by its ``strategy`` name, in the order `maestro-fl compare` lists them
 METHODS: dict[str, type[FederatedMethod]] = {

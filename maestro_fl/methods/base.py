@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import protocol as P
+from .. import message_keys as P
 from ..aggregation import aggregate_robust
 from ..budget import BudgetCheck, Cost, DeviceCapability, affordable, explain_budget
 from ..config import ConfigError, SimConfig

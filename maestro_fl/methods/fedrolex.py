@@ -34,7 +34,7 @@ from ..budget import Cost
 from ..submodels import Arrays, DimIndex, Index, RankPrefix, SubModelFamily, WidthCorner, rolling, state_shapes
 from .base import Assignment, Update
 from .fedlod import FedLoD
-from .width import WidthMethod
+from .heterofl_fjord import WidthMethod
 
 #: width fraction at which every hidden layer keeps exactly one channel (``scaled`` gives max(1, ⌈p·c⌉))
 UNIT_WIDTH = 1e-9

@@ -58,7 +58,7 @@ from ..submodels import (
 from .base import Assignment, Update
 from .fedlod import FedLoD
 from .fedrolex import UNIT_WIDTH
-from .width import WidthMethod
+from .heterofl_fjord import WidthMethod
 
 
 def top_components(scores: np.ndarray, keep: int) -> np.ndarray:

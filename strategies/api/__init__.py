@@ -120,7 +120,7 @@ def simulate(
     **overrides
         Any SimConfig field, e.g. ``rounds=30, backend="local"`` (``strategy`` picks the method).
     """
-    from ..runners.ray_engine import run_simulation
+    from ..runners.launch import run_simulation
 
     cfg = _config(SimConfig, config, overrides | _object_settings(model, dataset, devices))
     return RunResult.read(run_simulation(cfg))

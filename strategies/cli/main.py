@@ -256,7 +256,7 @@ def _train(file: str | None, overrides: list[str]) -> int:
 
 
 def _simulate(file: str | None, overrides: list[str]) -> int:
-    from ..runners.ray_engine import run_simulation
+    from ..runners.launch import run_simulation
 
     run_simulation(resolve(SimConfig, file, overrides))
     return 0
@@ -274,7 +274,7 @@ def _sweep(file: str | None, overrides: list[str]) -> int:
 
     if file is None or overrides:
         raise ConfigError("sweep takes one argument, the sweep file (SWEEP.toml)")
-    from ..sweeps.protocol import is_protocol, run_protocol
+    from ..sweeps.tuning_protocol import is_protocol, run_protocol
 
     if is_protocol(file):
         print(f"comparison: {run_protocol(file) / 'comparison.csv'}")

@@ -3,20 +3,20 @@
 It builds the run's data, model and method, registers every client through
 the ClientApp called in this process (the same ``query`` a simulation sends,
 so the devices are exactly those of the run), and asks the strategy for its
-plan (:meth:`strategies.submodel.SubModelStrategy.plan`): the same budget
+plan (:meth:`strategies.submodel_strategy.SubModelStrategy.plan`): the same budget
 code then assigns the sub-models in round 1. No engine, no Ray.
 """
 
 from __future__ import annotations
 
-from maestro_fl import protocol as P
+from maestro_fl import message_keys as P
 from maestro_fl.config import SimConfig
 from maestro_fl.federated import check_task
 
+from ..runners.launch import load_ref, quiet_flower
 from ..runners.local_grid import LocalGrid
-from ..runners.ray_engine import load_ref, quiet_flower
 from ..server_app import format_plan
-from ..submodel import SubModelStrategy
+from ..submodel_strategy import SubModelStrategy
 
 
 def plan_rows(cfg: SimConfig) -> list[dict[str, object]]:

@@ -23,7 +23,7 @@ import psutil
 
 from maestro_fl.config import SimConfig, resolve
 
-from .ray_engine import FLOWER_ENV, RAY_ENV
+from .launch import FLOWER_ENV, RAY_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 

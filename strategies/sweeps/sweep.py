@@ -48,7 +48,7 @@ from maestro_fl.config import ConfigError, SimConfig, read_toml, resolve, to_dic
 from maestro_fl.methods import METHODS
 from maestro_fl.results import CHECKPOINT_FILE, CONFIG_FILE, RunDir, RunDirError, check_name
 
-from ..runners.ray_engine import object_fields, quiet_flower
+from ..runners.launch import object_fields, quiet_flower
 from ..runners.ray_grid import export_objects
 
 #: written in a run's directory when the run finished: a later sweep skips it
@@ -175,7 +175,7 @@ def run_one(cfg: SimConfig, run_dir: Path, sys_path: list[str] | None = None, ob
     In a Ray task, ``sys_path`` and ``objects`` bring the driver's import path
     and the Python API's objects the run refers to.
     """
-    from ..runners.ray_engine import run_simulation
+    from ..runners.launch import run_simulation
     from ..runners.ray_grid import install_objects, use_driver_path
 
     use_driver_path(sys_path or [])

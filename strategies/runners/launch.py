@@ -1,7 +1,7 @@
 """``maestro-fl simulate``: run a federation on a backend.
 
 The ServerApp's loop runs in this process; the ClientApp, loaded by its
-Flower reference (:data:`maestro_fl.protocol.CLIENTAPP_REF`), runs
+Flower reference (:data:`maestro_fl.message_keys.CLIENTAPP_REF`), runs
 
 * ``backend=ray`` (default): in a pool of Ray actors of ``num_cpus_per_client``/
   ``num_gpus_per_client`` each (:class:`~strategies.runners.ray_grid.RayGrid`);
@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from maestro_fl import protocol as P
+from maestro_fl import message_keys as P
 from maestro_fl.config import RESUMABLE, ConfigError, SimConfig, resolve, to_dict
 from maestro_fl.federated import check_task, share_task
 from maestro_fl.references import OBJECT_PREFIX

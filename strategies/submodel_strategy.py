@@ -33,7 +33,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from maestro_fl import protocol as P
+from maestro_fl import message_keys as P
 from maestro_fl import wire
 from maestro_fl.aggregation import part_key
 from maestro_fl.budget import Cost, DeviceCapability
