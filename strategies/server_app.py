@@ -245,7 +245,12 @@ def _run_server(
                                     fingerprint=fingerprint), *extra_callbacks]
     for cb in callbacks:
         cb.on_run_start(start, cfg.rounds)
-    optimizer = ServerMomentum(cfg.server_momentum, server_state)
+    momentum = cfg.server_momentum
+    if momentum > 0 and not type(fed.method).keeps_coordinates(cfg):
+        LOG.info("server momentum is off for %s (aggregation %s): its server rule re-factors the model every "
+                 "round, so a velocity of its factors has no meaning", cfg.strategy, cfg.aggregation)
+        momentum = 0.0
+    optimizer = ServerMomentum(momentum, server_state)
     done_round = start - 1
     try:
         for server_round in range(start, cfg.rounds + 1):

@@ -331,6 +331,14 @@ class FederatedMethod(ABC):
         return True
 
     @classmethod
+    def keeps_coordinates(cls, cfg: SimConfig) -> bool:
+        """Whether the merged global arrays are in the coordinates of the previous round's, so that their
+        difference is an update a server optimizer may accumulate (FedAvgM's velocity). A rule that
+        re-factors the model every round (an SVD of the averaged products) returns new bases each time:
+        a velocity of factors would add up unrelated directions, so server momentum is off for it."""
+        return True
+
+    @classmethod
     def check_config(cls, cfg: SimConfig) -> None:
         """Refuse, in one line, options this method cannot honour (run before the method is built)."""
         if cfg.robust_merge != "none" and not cls.elementwise_rule(cfg):

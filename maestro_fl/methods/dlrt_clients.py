@@ -76,5 +76,9 @@ class DLRTClients(FedLoD):
     def elementwise_rule(cls, cfg: SimConfig) -> bool:
         return False  # products are averaged
 
+    @classmethod
+    def keeps_coordinates(cls, cfg: SimConfig) -> bool:
+        return False  # the SVD of the averaged products gives new bases every round
+
     def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:
         return aggregate_svd(current, corners_weighted(updates))

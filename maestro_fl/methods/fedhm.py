@@ -43,5 +43,9 @@ class FedHM(FedLoD):
     def elementwise_rule(cls, cfg: SimConfig) -> bool:
         return False  # products are averaged
 
+    @classmethod
+    def keeps_coordinates(cls, cfg: SimConfig) -> bool:
+        return False  # re-factored by SVD every round: new bases each time
+
     def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:
         return aggregate_fedhm(current, corners_weighted(updates))

@@ -133,6 +133,10 @@ class FedLoD(FederatedMethod):
     def elementwise_rule(cls, cfg: SimConfig) -> bool:
         return cfg.aggregation == "ordered" and cfg.server_shrink_eps == 0
 
+    @classmethod
+    def keeps_coordinates(cls, cfg: SimConfig) -> bool:
+        return cfg.aggregation in ("ordered", "zero_pad")  # 'svd' and 'ordered_products' re-factor by SVD
+
     def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:
         if isinstance(self.family, RankWidthPrefix):  # the ordered rule, clients below the rank floor narrowed
             merged = aggregate_ordered_factors(current, corners_weighted(updates), narrowed=True)
