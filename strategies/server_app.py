@@ -247,8 +247,9 @@ def _run_server(
         cb.on_run_start(start, cfg.rounds)
     momentum = cfg.server_momentum
     if momentum > 0 and not type(fed.method).keeps_coordinates(cfg):
-        LOG.info("server momentum is off for %s (aggregation %s): its server rule re-factors the model every "
-                 "round, so a velocity of its factors has no meaning", cfg.strategy, cfg.aggregation)
+        rule = cfg.strategy + (f" with aggregation={cfg.aggregation}" if cfg.aggregation != "ordered" else "")
+        LOG.info("server momentum is off for %s: its server rule re-factors the model every round, so a "
+                 "velocity of its factors has no meaning", rule)
         momentum = 0.0
     optimizer = ServerMomentum(momentum, server_state)
     done_round = start - 1
