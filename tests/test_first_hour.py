@@ -167,3 +167,16 @@ def test_dense_fedavg_ignores_budgets_in_the_plan_too() -> None:
     assert all(r["unaffordable"] == 0 and r["binding"] == "ignored" and r["params_ratio"] == 1.0 for r in rows)
     exclusive = plan_rows(resolve(SimConfig, overrides=SMALL | {"strategy": "fedavg_exclusive"}))
     assert any(r["unaffordable"] for r in exclusive)  # the same devices, budgets applied
+
+
+def test_the_python_api_prints_its_phases_and_the_budget_table_unless_logging_is_set_up(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    run = ("from strategies import api\n"
+           f"api.simulate(out_dir={str(tmp_path)!r}, **{SMALL!r})\n")
+    said = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, check=True).stderr
+    assert "registering 10 clients" in said and "what each tier can afford" in said
+    own = "import logging; logging.basicConfig(level=logging.WARNING)\n" + run  # the caller's own logging wins
+    said = subprocess.run([sys.executable, "-c", own], capture_output=True, text=True, check=True).stderr
+    assert "registering" not in said

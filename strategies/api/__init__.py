@@ -95,6 +95,15 @@ def _object_settings(model: Any, dataset: Any, devices: Any) -> dict[str, str]:
     return out
 
 
+def _speak() -> None:
+    """Phase lines, the budget table and warnings to standard error, as the command prints them, unless the
+    caller has set up logging (a handler on ``maestro_fl`` or on the root logger, as ``basicConfig`` adds)."""
+    if not logging.getLogger("maestro_fl").handlers and not logging.getLogger().handlers:
+        from ..cli.main import configure_output
+
+        configure_output(logging.INFO)
+
+
 def _config(cls: type, config: str | Path | None, overrides: dict[str, Any]) -> Any:
     """``cls`` resolved from an optional TOML file and keyword overrides (lists for tuple fields)."""
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
@@ -120,6 +129,7 @@ def simulate(
     **overrides
         Any SimConfig field, e.g. ``rounds=30, backend="local"`` (``strategy`` picks the method).
     """
+    _speak()
     from ..runners.launch import run_simulation
 
     cfg = _config(SimConfig, config, overrides | _object_settings(model, dataset, devices))
@@ -143,6 +153,7 @@ def plan(
     (``binding``, ``need_memory``, ``need_seconds``), ``unaffordable`` clients and ``advice``. The table is
     also logged, as the command prints it.
     """
+    _speak()
     from ..cli.plan import plan_rows
     from ..server_app import format_plan
 
@@ -195,6 +206,7 @@ def train(
 
     The tables are ``epochs``, ``ranks`` and ``ladder``; ``model.pt`` holds the trained model.
     """
+    _speak()
     from maestro_fl.centralized import run_train
 
     cfg = _config(TrainConfig, config, overrides | _object_settings(model, dataset, None))
@@ -213,6 +225,7 @@ def sweep(
     ``spec`` as a dict has the file's tables: ``{"sweep": {...}, "base": {...},
     "grid": {...}, "methods": {...}}``. Objects given here apply to every run.
     """
+    _speak()
     from ..sweeps.sweep import build_sweep, load_sweep, run_sweep
 
     objects = _object_settings(model, dataset, devices)
@@ -242,6 +255,7 @@ def compare(
 
     ``methods`` are names of :data:`strategies.sweeps.compare.METHODS`.
     """
+    _speak()
     from ..sweeps.compare import run_compare
 
     settings = overrides | _object_settings(model, dataset, devices)
