@@ -222,3 +222,12 @@ def test_a_field_the_method_never_reads_does_not_make_its_stored_run_another_exp
     stored = json.loads(json.dumps(to_dict(SimConfig(strategy="fedlod", init="random"))))
     assert differing_fields(stored, SimConfig(strategy="heterofl", init="svd")) == ["init", "strategy"]
     assert "init" not in METHODS["fedlod"].unread_fields
+
+
+def test_compare_names_a_misspelled_method_and_estimates_read_at_their_precision() -> None:
+    from strategies.sweeps.compare import run_compare
+    from strategies.sweeps.sweep import format_duration
+
+    with pytest.raises(ConfigError, match="'fjrod': did you mean 'fjord'"):
+        run_compare(["methods=fedlod,fjrod"])
+    assert [format_duration(s) for s in (42, 600, 7200)] == ["42 s", "10 min", "2.0 h"]

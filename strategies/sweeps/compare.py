@@ -15,17 +15,19 @@ parameters *and* MACs are both at most that tier's; ``matched.csv``.
 
 from __future__ import annotations
 
+import difflib
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from maestro_fl.config import ConfigError
+from maestro_fl.config import ConfigError, SimConfig
 from maestro_fl.federated import deploy_ladder
 from maestro_fl.results import format_table
 
-from .sweep import build_sweep, run_sweep
+from .sweep import build_sweep, format_duration, run_sweep
 
 #: method name -> SimConfig values; every method sees the same data, partitions, devices and budgets
 METHODS: dict[str, dict[str, Any]] = {
@@ -116,7 +118,12 @@ def matched_footprint(root: Path, results: pd.DataFrame, reference: str = "fedlo
     """FedLoD (method ``reference``) deployed at each tier's footprint of the methods ``against``, seed by seed."""
     ok = results[results["status"] == "ok"]
     rows = []
-    for seed, ref_runs in ok[ok["method"] == reference].groupby("seed"):
+    seeds = ok[ok["method"] == reference].groupby("seed")
+    began = time.monotonic()  # for the ETA on screen only
+    for k, (seed, ref_runs) in enumerate(seeds):
+        print(f"matched footprints: {reference}'s rank ladder of seed {seed} ({k + 1}/{seeds.ngroups}"
+              + (f", ETA {format_duration((time.monotonic() - began) / k * (seeds.ngroups - k))})" if k else ")"),
+              flush=True)
         ladder = pd.DataFrame(deploy_ladder(root / ref_runs["run"].iloc[0], LADDER))
         for _, t in ok[(ok["seed"] == seed) & ok["method"].isin(against)].iterrows():
             fits = ladder[(ladder["params"] <= t["params"]) & (ladder["macs"] <= t["macs"])]
@@ -167,8 +174,15 @@ def run_compare(
     chosen = list(METHODS) if methods is None else list(methods)
     unknown = [m for m in chosen if m not in METHODS]
     if unknown or not chosen or not seeds:
+        guesses = {m: difflib.get_close_matches(m, list(METHODS), n=1) for m in unknown}
+        hint = "".join(f"; {m!r}: did you mean {g[0]!r}?" for m, g in guesses.items() if g)
         raise ConfigError(f"methods must be a non-empty subset of {list(METHODS)} and seeds non-empty; "
-                          f"got methods={chosen}, seeds={list(seeds)}")
+                          f"got methods={chosen}, seeds={list(seeds)}{hint}")
+    if methods is None:  # the whole table: say what that means before it starts
+        rounds = base.get("rounds", SimConfig.rounds)
+        print(f"compare: no methods= given, so every method runs: {len(chosen)} methods x {len(seeds)} seeds = "
+              f"{len(chosen) * len(seeds)} runs of {rounds} rounds (the main job takes about a minute a run on "
+              "2 cores); methods=a,b picks some (maestro-fl compare --help lists them)", flush=True)
     head = {"name": "compare", "out_dir": out_dir}
     sweep = build_sweep(head, base, {"seed": list(seeds)}, {m: METHODS[m] for m in chosen})
     root = run_sweep(sweep)

@@ -70,6 +70,13 @@ class Sweep:
         return self.out_dir / self.name
 
 
+def format_duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``1.5 h``: an estimate's precision."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 def _run_name(values: dict[str, Any]) -> str:
     text = ",".join(f"{k}={'-'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in values.items())
     name = re.sub(r"[^A-Za-z0-9=,._-]", "_", text)
@@ -286,6 +293,7 @@ def run_sweep(path_or_sweep: str | Path | Sweep) -> Path:
             pending = {task.remote(cfg, (sweep.root / name).resolve(), sys_path, objects): (name, values)
                        for name, values, cfg in todo}
             done = failed = 0
+            began = time.monotonic()  # for the ETA on screen only; nothing recorded depends on it
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 name, values = pending.pop(ready[0])
@@ -301,7 +309,10 @@ def run_sweep(path_or_sweep: str | Path | Sweep) -> Path:
                     rows[name] = _rows(sweep, name, values, "failed", message.splitlines()[-1][:300])
                     status, failed = "FAILED", failed + 1
                 running = min(len(pending), max(1, int(ray.cluster_resources().get("CPU", 1) // sweep.cpus_per_run)))
-                print(f"[{done}/{len(todo)} done, {running} running, {failed} failed] {name}: {status}", flush=True)
+                left = (time.monotonic() - began) / done * (len(todo) - done)
+                eta = f", ETA {format_duration(left)}" if pending else ""
+                print(f"[{done}/{len(todo)} done, {running} running, {failed} failed{eta}] {name}: {status}",
+                      flush=True)
                 _write_results(sweep, rows)
         finally:
             if started_here:
