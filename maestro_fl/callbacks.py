@@ -115,6 +115,7 @@ class CentralEvaluation(RoundCallback):
                     "loss": loss,
                     "val_accuracy": val_acc,
                     "fraction": cost.fraction,
+                    "width": self.method.family.served_by(cost)[1],
                     "ranks": [ranks[n] for n in self.layer_names] if ranks else [],
                     "params": fp.params,
                     "macs": fp.macs,

@@ -75,6 +75,8 @@ TIERS = Table("tiers.csv", "round and tier", _cols(
     ("val_accuracy", "accuracy of the same on every client's validation split together (what tuning scores; "
                      "empty when val_fraction is 0)"),
     ("fraction", "the tier's rank (or width) fraction"),
+    ("width", "hidden-width fraction of the deployed model: 1 for a rank prefix, below 1 for width methods "
+              "and the width floor (a rank prefix of a narrower model)"),
     ("ranks", "rank per LoD layer, space-separated (empty for width and dense methods)"),
     ("params", "parameters of the deployed model"),
     ("macs", "forward multiply-accumulates per sample of the deployed model"),
@@ -91,6 +93,7 @@ CLIENTS = Table("clients.csv", "round and sampled client", _cols(
     ("status", "ok, failed (raised), timeout (no reply in round_timeout_s), malformed (reply rejected), "
                "dropped (missed round_deadline_s) or unaffordable (no sub-model fits its device)"),
     ("fraction", "its budget's rank (or width) fraction; empty when unaffordable"),
+    ("width", "hidden-width fraction of its sub-model (1 for a rank prefix); empty when unaffordable"),
     ("reason", "why it was not ok"),
     ("num_examples", "training examples it reported"),
     ("train_loss", "its mean local training loss"),
@@ -207,6 +210,7 @@ class ClientRound:
     download_s: float = 0.0
     upload_s: float = 0.0
     wall_s: float = 0.0  # real seconds the client spent (not simulated)
+    width: float = float("nan")  # its sub-model's hidden-width fraction; NaN when unaffordable
 
     @property
     def round_seconds(self) -> float:

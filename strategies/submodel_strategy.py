@@ -441,6 +441,7 @@ class SubModelStrategy(Strategy):
             status,
             cost.fraction if cost is not None else float("nan"),
             reason,
+            width=self.method.family.served_by(cost)[1] if cost is not None else float("nan"),
         )
 
     def _record(self, sub: Mapping[str, np.ndarray], index: Mapping[str, tuple[object, ...]]) -> ArrayRecord:

@@ -16,10 +16,10 @@ from maestro_fl.federated import load_global_model
 from strategies import api
 from strategies.cli import main
 
-#: 10 clients of digits: the weak tiers' compute budgets bind below the smallest rank prefix, so FedLoD serves
-#: tiers 0-3 from the width floor (narrower LoD models) and tier 4 by rank alone
-SMALL = {"rounds": 1, "num_clients": 10, "clients_per_round": 10, "local_epochs": 1, "backend": "local",
-         "progress": False}
+#: 10 clients of digits (~130 examples each) at the default 3 local epochs: the weakest tiers' compute budgets
+#: bind below the smallest rank prefix, so FedLoD serves tiers 0-1 from the width floor (narrower LoD models)
+#: and tiers 2-4 by rank alone
+SMALL = {"rounds": 1, "num_clients": 10, "clients_per_round": 10, "backend": "local", "progress": False}
 
 LOAD_WITHOUT_MAESTRO_FL = """
 import json, sys
@@ -62,6 +62,12 @@ def test_an_exported_tier_loads_without_maestro_fl_with_the_tiers_accuracy_and_s
     result = api.export(run_dir, tier=tier, out=tmp_path / "out")
     if kind == "width floor":
         assert result.fraction < 0.25 and last["ranks"], "tier 0 of this federation is a narrower LoD model"
+    # tiers.csv says how the tier is served: its hidden width (1 for a rank prefix), as clients.csv does
+    assert (last["width"] < 1.0) == (kind != "rank")
+    if kind == "width":
+        assert last["width"] == last["fraction"]
+    clients = pd.read_csv(run_dir / "clients.csv").query("status == 'ok' and tier == @tier")
+    assert (clients["width"] == last["width"]).all()
     loaded = load_elsewhere(result.path, run_dir, tmp_path)
     assert loaded["params"] == result.params == last["params"]
     assert loaded["params"] < full or tier == 4
