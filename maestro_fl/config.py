@@ -438,8 +438,8 @@ class SimConfig:
     # -- engine --
     backend: str = "ray"  # 'ray': ClientApps in Ray actors that are replaced when they die or hang;
     # 'flower': Flower's own simulation engine (Ray); 'local': in this process, one client after another
-    num_cpus_per_client: float = 1.0  # 2 actors on 2 cores (one per core): the main job takes 61 s on an idle
-    # 2-core machine (measured 2026-12-02); one 2-CPU actor took 91 s against 55 s (2026-11, Flower's engine)
+    num_cpus_per_client: float = 1.0  # 2 actors on 2 cores (one per core): the main job takes 54 s on an idle
+    # 2-core machine (measured 2026-12-03); one 2-CPU actor took 91 s against 55 s (2026-11, Flower's engine)
     num_gpus_per_client: float = 0.0  # fractional GPUs per ClientApp when Ray sees GPUs
     client_threads: int = 1  # torch threads of a client's local training: 1 gives the same tables on every
     # backend and machine (matmul results depend on the thread count); more only helps large models
