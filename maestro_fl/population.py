@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import inspect
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .references import is_reference, resolve
+
+LOG = logging.getLogger("maestro_fl")
 
 TRACE_COLUMNS = ("client_id", "tier", "macs_per_s", "memory_bytes", "up_bps", "down_bps", "availability")
 OPTIONAL_COLUMNS = ("rank_fraction",)
@@ -139,6 +144,35 @@ def check_device(row: Mapping[str, Any], where: str) -> tuple[int, DeviceCapabil
     return int(values["client_id"]), cap
 
 
+def _is_number(raw: Any) -> bool:
+    try:
+        float(raw)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def number_tier_labels(rows: Sequence[Mapping[str, Any]], source: str) -> list[Mapping[str, Any]]:
+    """Rows whose ``tier`` is a text label (``phone``, ``laptop``) get tier numbers 0..T-1 from the slowest
+    label to the fastest (by the median ``macs_per_s`` of its devices), as the built-in tiers are numbered.
+    Numeric tiers pass unchanged; a mix of both is refused."""
+    labels = [str(r.get("tier", "")).strip() for r in rows]
+    text = {label for label in labels if label and not _is_number(label)}
+    if not text:
+        return list(rows)
+    if len(text) != len({label for label in labels if label}):
+        raise PopulationError(f"{source}: tier holds both numbers and text labels; use one or the other")
+    speeds: dict[str, list[float]] = {}
+    for row, label in zip(rows, labels):
+        speed = row.get("macs_per_s")
+        speeds.setdefault(label, []).append(float(speed) if speed is not None and _is_number(speed) else math.inf)
+    order = sorted(text, key=lambda label: (float(np.median(speeds[label])), label))
+    number = {label: i for i, label in enumerate(order)}
+    LOG.info("%s: tier labels numbered from the slowest: %s", source,
+             ", ".join(f"{label}={i}" for label, i in number.items()))
+    return [dict(row) | {"tier": number[label]} for row, label in zip(rows, labels)]
+
+
 def check_rows(
     rows: Sequence[Mapping[str, Any]], fields: list[str], source: str, num_clients: int | None, first_line: int
 ) -> tuple[DeviceCapability, ...]:
@@ -158,6 +192,7 @@ def check_rows(
     if unknown:
         raise PopulationError(f"{source} has unknown columns {unknown}; allowed: {list(TRACE_COLUMNS)}, "
                               f"and optionally {list(OPTIONAL_COLUMNS)}")
+    rows = number_tier_labels(rows, source)
     out: list[tuple[int, DeviceCapability]] = []
     for n, row in enumerate(rows, start=first_line):
         where = f"line {n}" if first_line else f"row {n}"

@@ -92,6 +92,17 @@ def test_device_for_and_trace(tmp_path: Path) -> None:
     good.write_text("client_id,tier,macs_per_s,memory_bytes,up_bps,down_bps,availability\n1,0,1e6,1e6,1e4,1e4,0.5\n0,1,2e6,2e6,2e4,2e4,1\n")
     trace = load_trace(str(good))
     assert [t.tier for t in trace] == [1, 0]
+    # text tier labels are numbered from the slowest devices' label up, as the built-in tiers are
+    labelled = tmp_path / "labelled.csv"
+    labelled.write_text("client_id,tier,macs_per_s,memory_bytes,up_bps,down_bps,availability\n"
+                        "0,laptop,9e8,1e9,1e6,1e6,1\n1,phone,1e7,1e8,1e5,1e5,0.5\n2,tablet,5e7,4e8,1e6,1e6,0.8\n"
+                        "3,phone,2e7,1e8,1e5,1e5,0.5\n")
+    assert [t.tier for t in load_trace(str(labelled))] == [2, 0, 1, 0]
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("client_id,tier,macs_per_s,memory_bytes,up_bps,down_bps,availability\n"
+                     "0,phone,1e7,1e8,1e5,1e5,1\n1,1,5e7,4e8,1e6,1e6,1\n")
+    with pytest.raises(ConfigError, match="both numbers and text labels"):
+        load_trace(str(mixed))
     bad = tmp_path / "bad.csv"
     bad.write_text("client_id,tier,macs_per_s\n0,0,1\n")
     with pytest.raises(ConfigError, match="lacks columns"):
