@@ -103,7 +103,7 @@ def test_compare_runs_every_method_on_the_same_seeds(shared_ray: None, tmp_path:
     table = pd.read_csv(root / "compare.csv")
     assert list(dict.fromkeys(table["method"])) == list(METHODS)
     printed = capsys.readouterr().out
-    assert "fedavg_exclusive" in printed and "±" in printed
+    assert "fedavg_exclusive" in printed and "(one run)" in printed and "±" not in printed  # one seed: no spread
     dense = table[table["method"] == "fedavg_dense"]
     assert (dense["params"] == dense["params"].iloc[0]).all()  # everyone trains the same dense model
     # FedLoD deployed at every width baseline's tier footprint: never larger, in params or MACs
@@ -231,3 +231,11 @@ def test_compare_names_a_misspelled_method_and_estimates_read_at_their_precision
     with pytest.raises(ConfigError, match="'fjrod': did you mean 'fjord'"):
         run_compare(["methods=fedlod,fjrod"])
     assert [format_duration(s) for s in (42, 600, 7200)] == ["42 s", "10 min", "2.0 h"]
+
+
+def test_one_run_has_no_spread_and_says_so() -> None:
+    from strategies.sweeps.compare import mean_std_text
+
+    assert mean_std_text(0.97771, float("nan")) == "0.9777 (one run)"
+    assert mean_std_text(0.97771, 0.0043) == "0.9777 ± 0.0043"
+    assert mean_std_text(0.5, 0.0) == "0.5000 ± 0.0000"  # two equal runs: a spread of zero, measured

@@ -86,7 +86,7 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
         **({"unaffordable": ("unaffordable", "sum")} if "unaffordable" in ok else {}),  # older results lack it
         seeds=("seed", "nunique"),
     ).reset_index()
-    table["accuracy"] = [f"{m:.4f} ± {0.0 if pd.isna(s) else s:.4f}" for m, s in zip(table["acc_mean"], table["acc_std"])]
+    table["accuracy"] = [mean_std_text(m, s) for m, s in zip(table["acc_mean"], table["acc_std"])]
     return table
 
 
@@ -108,9 +108,13 @@ MATCHED_COLUMNS = [
 ]
 
 
+def mean_std_text(mean: float, std: float) -> str:
+    """``0.9777 ± 0.0043``; one run has no spread, and says so rather than printing ``± 0.0000``."""
+    return f"{mean:.4f} (one run)" if pd.isna(std) else f"{mean:.4f} ± {std:.4f}"
+
+
 def _mean_std(values: pd.Series) -> str:
-    std = values.std()
-    return f"{values.mean():.4f} ± {0.0 if pd.isna(std) else std:.4f}"
+    return mean_std_text(values.mean(), values.std())
 
 
 def matched_footprint(root: Path, results: pd.DataFrame, reference: str = "fedlod",
