@@ -51,8 +51,7 @@ class EchoGrid(LocalGrid):
         replies = []
         for msg in messages:
             metrics = MetricRecord({P.NUM_EXAMPLES: 10, P.TRAIN_LOSS: 1.0, P.PARTITION_ID: msg.metadata.dst_node_id - 1,
-                                    P.MACS: 1e6, P.COMPUTE_SECONDS: 0.1, P.DOWNLOAD_SECONDS: 0.1,
-                                    P.UPLOAD_SECONDS: 0.1, P.WALL_SECONDS: 0.0})
+                                    P.SAMPLE_PASSES: 30, P.WALL_SECONDS: 0.0})
             replies.append(Message(RecordDict({P.ARRAYS: msg.content[P.ARRAYS], P.METRICS: metrics}), reply_to=msg))
         return replies
 

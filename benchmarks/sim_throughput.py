@@ -164,7 +164,7 @@ def tight_loop(cfg: SimConfig, sent: list[tuple[int, dict[str, Any], Any]]) -> f
                 decoded[id(arr)] = torch.from_numpy(wire.decode(arr.stype, arr.data).copy())
             state[name] = decoded[id(arr)]
         seed = int(np.random.SeedSequence([cfg.seed, int(conf[P.SERVER_ROUND]), pid]).generate_state(1)[0])
-        jobs.append((models[key], state, fed.client_split(pid)[0], a, int(conf[P.LOCAL_EPOCHS]), float(conf[P.LR]), seed))
+        jobs.append((models[key], state, fed.client_split(pid)[0], a, cfg.local_epochs, cfg.lr, seed))
     with torch_threads(cfg.client_threads):
         started = time.perf_counter()
         for model, state, data, a, epochs, lr, seed in jobs:

@@ -32,10 +32,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clients.devices import tier_table  # noqa: E402
 from maestro_fl.config import SimConfig, resolve  # noqa: E402
 from maestro_fl.federated import make_method  # noqa: E402
 from maestro_fl.models import InputSpec  # noqa: E402
+from maestro_fl.population import builtin_tiers  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "width_floor.json"
 #: task -> (config values, input spec, training examples per client)
@@ -61,7 +61,7 @@ def tiers(task: str, candidate: str) -> list[dict[str, Any]]:
     table = method.cost_table()
     dense = method.family.reference
     rows = []
-    for device in tier_table(cfg):
+    for device in builtin_tiers(cfg.tier_shares, cfg.tier_fractions):
         check = method.explain_budget(table, device, samples)
         chosen = check.chosen
         row: dict[str, Any] = {"task": task, "candidate": candidate, "tier": device.tier,

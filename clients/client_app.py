@@ -1,14 +1,14 @@
 """The maestro-fl ClientApp (Flower Message API): one simulated device, for any method.
 
-* ``query``: registration. The client reports its device (from
-  :mod:`clients.devices`) and how many training examples it holds.
-* ``train``: the client decodes its assignment, takes the module of the
-  sub-model's shape (the method's family; built once per process and reused,
-  as the data, partitions and footprints are), loads the arrays it received,
-  trains them with the method's trainer, and replies with the trained
-  sub-model and what it cost: examples, loss, MACs by the method's cost
-  model, and simulated compute and transfer seconds on the device named in
-  the message's ``device`` record.
+* ``query``: registration. The client reports its partition and how many
+  training examples it holds (the server knows its device from the run's population).
+* ``train``: decode the request, train, reply. The client decodes its assignment,
+  takes the module of the sub-model's shape (the method's family; built once per
+  process and reused, as the data and partitions are), loads the arrays it
+  received, trains them with the method's trainer, and replies with the trained
+  sub-model and what its loop did: examples, loss, and examples × passes. The
+  server turns those into MACs and simulated seconds with the cost model it
+  budgeted with (:mod:`maestro_fl.server`): no client runs a cost model.
 
 Nothing here depends on the method: :mod:`maestro_fl.methods` decides.
 The run's :class:`~maestro_fl.config.SimConfig` arrives with every message
@@ -32,13 +32,10 @@ from flwr.clientapp import ClientApp
 
 from maestro_fl import message_keys as P
 from maestro_fl import wire
-from maestro_fl.budget import BACKWARD_FACTOR, transfer_seconds
 from maestro_fl.config import SimConfig, parse_faults, resolve
 from maestro_fl.federated import federation
 from maestro_fl.methods import Assignment
 from maestro_fl.training import torch_threads
-
-from .devices import device_for
 
 
 def training_device(cfg: SimConfig) -> torch.device:
@@ -64,22 +61,8 @@ def warm(run_config: str) -> None:
 def handle_query(msg: Message, context: Context) -> Message:
     cfg = config_of(msg)
     pid = int(context.node_config["partition-id"])
-    fed = federation(cfg)
-    device = device_for(pid, cfg)
-    train, _ = fed.client_split(pid)
-    metrics = MetricRecord(
-        {
-            P.PARTITION_ID: pid,
-            P.NUM_EXAMPLES: len(train),
-            P.DEVICE_TIER: device.tier,
-            P.DEVICE_MACS_PER_S: device.macs_per_s,
-            P.DEVICE_MEMORY: device.memory_bytes,
-            P.DEVICE_UP_BPS: device.up_bps,
-            P.DEVICE_DOWN_BPS: device.down_bps,
-            P.DEVICE_AVAILABILITY: device.availability,
-            P.DEVICE_RANK_FRACTION: device.rank_fraction,
-        }
-    )
+    train, _ = federation(cfg).client_split(pid)
+    metrics = MetricRecord({P.PARTITION_ID: pid, P.NUM_EXAMPLES: len(train)})
     return Message(RecordDict({P.METRICS: metrics}), reply_to=msg)
 
 
@@ -101,7 +84,6 @@ def _train(msg: Message, context: Context, cfg: SimConfig) -> Message:
     started = time.perf_counter()
     pid = int(context.node_config["partition-id"])
     conf = msg.content.config_records[P.CONFIG]
-    device_conf = msg.content.config_records[P.DEVICE]
     server_round = int(_number(conf, P.SERVER_ROUND))
     injected = parse_faults(cfg.fault_injection).get(pid)
     fault = injected.kind if injected is not None and injected.applies(server_round) else None
@@ -110,19 +92,16 @@ def _train(msg: Message, context: Context, cfg: SimConfig) -> Message:
     fed = federation(cfg)
     method = fed.method
     received = msg.content.array_records[P.ARRAYS]
-    epochs = int(_number(conf, P.LOCAL_EPOCHS))
     assignment = Assignment.from_config(conf, fed.layer_names)
     model = method.client_model(assignment)
     model.load_state_dict({k: torch.from_numpy(wire.decode(v.stype, v.data).copy()) for k, v in received.items()})
-    # charged by the method's cost model, for the sub-model as received (before any rank change in training)
-    cost = method.client_cost(model, assignment)
 
     train, _ = fed.client_split(pid)
     device = training_device(cfg) if method.runs_on_gpu else torch.device("cpu")
     model.to(device)
     # local randomness (data order, sampled sub-models) is a function of (seed, round, client) alone
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, server_round, pid]).generate_state(1)[0]))
-    result = method.train(model, train, assignment, epochs=epochs, lr=_number(conf, P.LR), generator=gen,
+    result = method.train(model, train, assignment, epochs=cfg.local_epochs, lr=cfg.lr, generator=gen,
                           augment=fed.data.augment, device=device)
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
     _inject_reply_fault(fault, state, fed.layer_names[0] if fed.layer_names else None)
@@ -130,18 +109,13 @@ def _train(msg: Message, context: Context, cfg: SimConfig) -> Message:
     for k, v in state.items():
         reply_arrays[k] = Array(*wire.encode(v.numpy()))
 
-    macs = BACKWARD_FACTOR * cost.macs * result.sample_passes  # what its loop ran, by the cost model
-    bytes_in, bytes_out = received.count_bytes(), reply_arrays.count_bytes()
     metrics = MetricRecord(
         {
             P.NUM_EXAMPLES: len(train) * (10**6 if fault == "examples" else 1),
             P.TRAIN_LOSS: result.loss,
             P.PARTITION_ID: pid,
             **({P.LABELS: list(result.labels)} if result.labels else {}),
-            P.MACS: float(macs),
-            P.COMPUTE_SECONDS: macs / _number(device_conf, P.DEVICE_MACS_PER_S),
-            P.DOWNLOAD_SECONDS: transfer_seconds(bytes_in, _number(device_conf, P.DEVICE_DOWN_BPS)),
-            P.UPLOAD_SECONDS: transfer_seconds(bytes_out, _number(device_conf, P.DEVICE_UP_BPS)),
+            P.SAMPLE_PASSES: result.sample_passes,
             P.WALL_SECONDS: time.perf_counter() - started,
         }
     )

@@ -36,9 +36,10 @@ BACKWARD_FACTOR = 3  # forward + backward ≈ 3 × forward MACs
 class Cost:
     """What training one sub-model costs, per sample or per model: the one compute model.
 
-    The server checks budgets against it and the client reports its MACs by
-    it (:meth:`train_macs`), so "same budget" means the same compute for
-    every method, whatever its local training does per step.
+    The server checks budgets against it (:meth:`train_macs`) and charges by
+    it what a client's loop ran (:func:`maestro_fl.server.simulated_seconds`),
+    so "same budget" means the same compute for every method, whatever its
+    local training does per step.
     """
 
     fraction: float

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 # leaf modules only (each imports nothing of maestro_fl): the config sits below everything it configures
 from .catalog import DATASETS, MODELS, NORMS, SAMPLERS, STRATEGIES, TRACKERS
-from .population import PopulationError, load_population
+from .population import DEFAULT_TIERS, PopulationError, load_population
 from .references import UnresolvedReference, is_reference
 from .references import resolve as resolve_reference
 from .results import check_name
@@ -518,6 +518,9 @@ class SimConfig:
             if not self.tier_shares or any(s < 0 for s in self.tier_shares) or abs(sum(self.tier_shares) - 1) > 1e-6:
                 raise ConfigError(f"tier_shares must be non-negative shares of the clients that sum to 1 (one per "
                                   f"tier), got {self.tier_shares!r} (sum {sum(self.tier_shares):g})")
+            if len(self.tier_shares) > len(DEFAULT_TIERS):
+                raise ConfigError(f"tier_shares has {len(self.tier_shares)} entries; the built-in tiers are "
+                                  f"{len(DEFAULT_TIERS)} (a population of your own: devices=PATH.csv)")
         else:
             try:
                 load_population(self.devices, self.num_clients)

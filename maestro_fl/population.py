@@ -1,6 +1,26 @@
 """Device populations: the defaults' tiers, a CSV trace, or the user's own; checked before anything starts.
 
-``devices`` in a config is ``""`` (the built-in tiers of ``clients/devices.py``),
+The device model has this one home: :func:`federation_devices` gives every
+client's device (the server budgets for it and simulates its seconds), and
+:func:`device_in_round` the one it runs on in a round, a pure function of the
+population, the partition, the round and the seed.
+
+The built-in federation mixes five tiers in equal shares, as FjORD and
+HeteroFL do. Their capabilities span microcontroller-class boards to a small
+single-board computer, the range over which the default digits CNN (160k
+weights, 2.4 MMAC per sample) goes from unaffordable at full rank to cheap:
+
+========  =========  ========  =========  ==========  ============
+tier      MMAC/s     memory    uplink     downlink    availability
+========  =========  ========  =========  ==========  ============
+0 (xs)    8          2.3 MB    50 kb/s    100 kb/s    0.6
+1 (s)     12         2.8 MB    100 kb/s   250 kb/s    0.7
+2 (m)     20         3.3 MB    250 kb/s   1 Mb/s      0.8
+3 (l)     35         4.0 MB    1 Mb/s     5 Mb/s      0.9
+4 (xl)    200        64 MB     5 Mb/s     20 Mb/s     0.95
+========  =========  ========  =========  ==========  ============
+
+``devices`` in a config is ``""`` (those built-in tiers, in ``tier_shares``),
 the path of a CSV trace with one row per client (FedScale's device traces,
 Lai et al., ICML 2022), or a reference ``package.module:attr`` / an object of
 the Python API: a list of :class:`~maestro_fl.budget.DeviceCapability` or of
@@ -49,6 +69,59 @@ class DeviceCapability:
 
 class PopulationError(ValueError):
     """A device population is malformed (the config raises it as a ConfigError)."""
+
+
+DEFAULT_TIERS: tuple[DeviceCapability, ...] = (
+    DeviceCapability(0, macs_per_s=8e6, memory_bytes=2.3e6, up_bps=5e4, down_bps=1e5, availability=0.6),
+    DeviceCapability(1, macs_per_s=12e6, memory_bytes=2.8e6, up_bps=1e5, down_bps=2.5e5, availability=0.7),
+    DeviceCapability(2, macs_per_s=20e6, memory_bytes=3.3e6, up_bps=2.5e5, down_bps=1e6, availability=0.8),
+    DeviceCapability(3, macs_per_s=35e6, memory_bytes=4.0e6, up_bps=1e6, down_bps=5e6, availability=0.9),
+    DeviceCapability(4, macs_per_s=200e6, memory_bytes=64e6, up_bps=5e6, down_bps=2e7, availability=0.95),
+)
+
+
+def builtin_tiers(shares: Sequence[float], fractions: Sequence[float] = ()) -> tuple[DeviceCapability, ...]:
+    """One built-in tier per share; with fewer shares than tiers, the weakest and the strongest evenly spread.
+
+    ``fractions``: an explicit rank fraction per tier (``tier_fractions``); empty = derive from each device.
+    """
+    n = len(shares)
+    if not 0 < n <= len(DEFAULT_TIERS):
+        raise PopulationError(f"tier_shares has {n} entries; the built-in table has 1 to {len(DEFAULT_TIERS)} tiers")
+    picks = np.linspace(0, len(DEFAULT_TIERS) - 1, n).round().astype(int) if n > 1 else [len(DEFAULT_TIERS) - 1]
+    return tuple(dataclasses.replace(DEFAULT_TIERS[k], tier=i, rank_fraction=fractions[i] if fractions else 0.0)
+                 for i, k in enumerate(picks))
+
+
+def tier_assignment(num_clients: int, shares: Sequence[float], seed: int) -> np.ndarray:
+    """Tier of every client: exact shares (largest remainders), shuffled by the seed."""
+    w = np.asarray(shares, dtype=float) / sum(shares)
+    counts = np.floor(w * num_clients).astype(int)
+    remainder = num_clients - counts.sum()
+    counts[np.argsort(-(w * num_clients - counts), kind="stable")[:remainder]] += 1
+    tiers = np.repeat(np.arange(len(shares)), counts)
+    return np.random.default_rng([seed, 7]).permutation(tiers)
+
+
+@lru_cache(maxsize=8)
+def federation_devices(devices: str, num_clients: int, shares: tuple[float, ...], fractions: tuple[float, ...],
+                       seed: int) -> tuple[DeviceCapability, ...]:
+    """Every client's device, by partition id: the ``devices`` population, or the built-in tiers in ``shares``
+    (a config's ``devices``, ``num_clients``, ``tier_shares``, ``tier_fractions`` and ``seed``)."""
+    if devices:
+        return load_population(devices, num_clients)
+    tiers = builtin_tiers(shares, fractions)
+    return tuple(tiers[int(t)] for t in tier_assignment(num_clients, shares, seed))
+
+
+def device_in_round(population: Sequence[DeviceCapability], partition: int, server_round: int, dynamic: bool,
+                    seed: int) -> DeviceCapability:
+    """The device client ``partition`` runs on in ``server_round``: its own (``tier_mode='fixed'``), or, with
+    ``dynamic``, one redrawn from the population every round (HeteroFL's dynamic tiers), seeded by round."""
+    if not dynamic:
+        return population[partition]
+    rng = np.random.default_rng([seed, server_round, partition, 2])
+    return population[int(rng.integers(len(population)))]
 
 
 def load_population(source: str, num_clients: int | None = None) -> tuple[DeviceCapability, ...]:

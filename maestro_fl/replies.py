@@ -24,10 +24,7 @@ from .submodels import rank_axes
 #: the metrics every train reply must carry, and whether each must be an integer
 REQUIRED_METRICS = {
     P.NUM_EXAMPLES: True,
-    P.MACS: False,
-    P.COMPUTE_SECONDS: False,
-    P.DOWNLOAD_SECONDS: False,
-    P.UPLOAD_SECONDS: False,
+    P.SAMPLE_PASSES: True,
 }
 
 
@@ -37,10 +34,7 @@ class ReplyFacts:
 
     num_examples: int = 0
     train_loss: float = float("nan")
-    macs: float = 0.0
-    compute_s: float = 0.0
-    download_s: float = 0.0
-    upload_s: float = 0.0
+    sample_passes: int = 0  # examples x forward/backward passes its loop ran: what the cost model charges
     wall_s: float = 0.0
     labels: tuple[int, ...] = ()
     problems: tuple[str, ...] = ()
@@ -89,10 +83,7 @@ def read_metrics(metrics: Mapping[str, Any]) -> ReplyFacts:
     return ReplyFacts(
         num_examples=int(values.get(P.NUM_EXAMPLES, 0)),
         train_loss=finite_loss if (finite_loss := finite_number(loss)) is not None else float("nan"),
-        macs=values.get(P.MACS, 0.0),
-        compute_s=values.get(P.COMPUTE_SECONDS, 0.0),
-        download_s=values.get(P.DOWNLOAD_SECONDS, 0.0),
-        upload_s=values.get(P.UPLOAD_SECONDS, 0.0),
+        sample_passes=int(values.get(P.SAMPLE_PASSES, 0)),
         wall_s=wall if wall is not None and wall >= 0 else 0.0,
         labels=labels,
         problems=tuple(problems),

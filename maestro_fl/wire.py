@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Mapping
 from functools import lru_cache
 
 import numpy as np
@@ -38,6 +39,13 @@ def encode(array: np.ndarray) -> tuple[str, tuple[int, ...], str, bytes]:
         raise TypeError("object arrays cannot travel")
     dtype, shape = str(array.dtype), tuple(int(d) for d in array.shape)
     return dtype, shape, NUMPY_STYPE, _header(array.dtype.str, shape) + array.tobytes()
+
+
+def message_bytes(arrays: Mapping[str, np.ndarray]) -> int:
+    """The bytes ``arrays`` take in a message once encoded by :func:`encode`: every array's ``.npy`` header and
+    data, and its name (what Flower's ``ArrayRecord.count_bytes`` counts), without encoding anything."""
+    return sum(len(_header(np.asarray(v).dtype.str, tuple(int(d) for d in np.shape(v)))) + np.asarray(v).nbytes
+               + len(k) for k, v in arrays.items())
 
 
 @lru_cache(maxsize=4096)

@@ -217,7 +217,7 @@ def _run_server(
     checkpoint = check_resume(run, cfg, fed, fingerprint)
     strategy = SubModelStrategy(fed.method, cfg, partition_sizes=[len(train) for train, _ in fed.partitions])
 
-    # registration: every node reports its device
+    # registration: every node names its partition and examples; its device is the population's (the core's)
     LOG.info("registering %s clients", cfg.num_clients)
     strategy.register(grid.send_and_receive(strategy.registration_messages(grid), timeout=cfg.round_timeout_s))
     if not strategy.devices:

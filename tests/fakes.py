@@ -18,6 +18,7 @@ from maestro_fl.budget import DeviceCapability
 from maestro_fl.config import SimConfig, resolve
 from maestro_fl.methods import METHODS
 from maestro_fl.models import scaled
+from maestro_fl.server import FederationServer, Registration
 from strategies.submodel_strategy import SubModelStrategy, to_numpy
 
 #: the LoD settings that factorize both layers of the tiny MLPs below (SVD: exact at full rank)
@@ -59,13 +60,10 @@ def fake_strategy(
     torch.manual_seed(0)
     config_ = config(len(fractions), strategy=strategy, **cfg)
     method = METHODS[strategy](config_, (6,), build)
-    s = SubModelStrategy(method, config_)
-    for i, p in enumerate(fractions):
-        node = 100 + i
-        s.partition_of[node] = i
-        s.examples_of[node] = (examples or [10] * len(fractions))[i]
-        s.devices[node] = DeviceCapability(tiers[i] if tiers is not None else i, 1e9, 1e9, 1e6, 1e6, availability=1.0, rank_fraction=p)
-    s.set_population()
+    population = [DeviceCapability(tiers[i] if tiers is not None else i, 1e9, 1e9, 1e6, 1e6, availability=1.0,
+                                   rank_fraction=p) for i, p in enumerate(fractions)]
+    s = SubModelStrategy(method, config_, core=FederationServer(method, config_, population=population))
+    s.core.register(Registration(100 + i, i, n) for i, n in enumerate(examples or [10] * len(fractions)))
     arrays = ArrayRecord({k: Array(v.detach().numpy().copy()) for k, v in method.template.state_dict().items()})
     return s, arrays
 
@@ -80,10 +78,7 @@ def reply(msg: Message, arrays: dict[str, np.ndarray], n: int, **metrics: object
     values = {
         P.NUM_EXAMPLES: n,
         P.TRAIN_LOSS: 0.5,
-        P.MACS: 1.0,
-        P.COMPUTE_SECONDS: 1.0,
-        P.DOWNLOAD_SECONDS: 0.5,
-        P.UPLOAD_SECONDS: 0.5,
+        P.SAMPLE_PASSES: 3 * n,  # three local epochs of n examples
     } | metrics
     record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
     return Message(RecordDict({P.ARRAYS: record, P.METRICS: MetricRecord(values)}), reply_to=msg)

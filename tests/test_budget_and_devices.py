@@ -8,11 +8,22 @@ import numpy as np
 import pytest
 from torch import nn
 
-from clients.devices import DEFAULT_TIERS, device_for, load_trace, tier_assignment, tier_table
 from maestro_fl.budget import FP32, DeviceCapability, activation_count, affordable
 from maestro_fl.config import ConfigError, SimConfig, resolve
 from maestro_fl.convert import factorize
+from maestro_fl.population import (
+    DEFAULT_TIERS,
+    PopulationError,
+    builtin_tiers,
+    federation_devices,
+    load_population,
+    tier_assignment,
+)
 from maestro_fl.submodels import rank_cost_table as cost_table
+
+
+def devices_of(cfg: SimConfig) -> tuple[DeviceCapability, ...]:
+    return federation_devices(cfg.devices, cfg.num_clients, cfg.tier_shares, cfg.tier_fractions, cfg.seed)
 
 
 def tiny() -> nn.Module:
@@ -67,10 +78,11 @@ def test_default_budgets_span_the_tiers() -> None:
     fed = federation(cfg)
     # the server's own path: every client registered with its device and example count
     strategy = SubModelStrategy(fed.method, cfg)
+    devices = devices_of(cfg)
     for pid in range(cfg.num_clients):
         strategy.partition_of[pid + 1] = pid
         strategy.examples_of[pid + 1] = len(fed.partitions[pid][0])
-        strategy.devices[pid + 1] = device_for(pid, cfg)
+        strategy.devices[pid + 1] = devices[pid]
     strategy.set_population()
     tiers = strategy.tier_costs()
     fractions = [tiers[t].fraction for t in sorted(tiers)]
@@ -80,34 +92,36 @@ def test_default_budgets_span_the_tiers() -> None:
     assert fp.params / fp.dense_params <= 0.25
 
 
-def test_device_for_and_trace(tmp_path: Path) -> None:
+def test_federation_devices_and_trace(tmp_path: Path) -> None:
     cfg = resolve(SimConfig, overrides={"num_clients": 10, "clients_per_round": 5, "tier_shares": (0.5, 0.5), "tier_fractions": (0.25, 1.0)})
-    devices = [device_for(i, cfg) for i in range(10)]
+    devices = devices_of(cfg)
     assert sorted(d.tier for d in devices) == [0] * 5 + [1] * 5
     assert {d.rank_fraction for d in devices} == {0.25, 1.0}
-    assert devices[0] == device_for(0, cfg)
-    assert tier_table(cfg)[1].macs_per_s == DEFAULT_TIERS[-1].macs_per_s
+    assert devices == devices_of(cfg)
+    assert builtin_tiers(cfg.tier_shares)[1].macs_per_s == DEFAULT_TIERS[-1].macs_per_s
+    with pytest.raises(ConfigError, match="tier_shares has 6 entries"):
+        resolve(SimConfig, overrides={"tier_shares": (1 / 6,) * 6})
 
     good = tmp_path / "trace.csv"
     good.write_text("client_id,tier,macs_per_s,memory_bytes,up_bps,down_bps,availability\n1,0,1e6,1e6,1e4,1e4,0.5\n0,1,2e6,2e6,2e4,2e4,1\n")
-    trace = load_trace(str(good))
+    trace = load_population(str(good))
     assert [t.tier for t in trace] == [1, 0]
     # text tier labels are numbered from the slowest devices' label up, as the built-in tiers are
     labelled = tmp_path / "labelled.csv"
     labelled.write_text("client_id,tier,macs_per_s,memory_bytes,up_bps,down_bps,availability\n"
                         "0,laptop,9e8,1e9,1e6,1e6,1\n1,phone,1e7,1e8,1e5,1e5,0.5\n2,tablet,5e7,4e8,1e6,1e6,0.8\n"
                         "3,phone,2e7,1e8,1e5,1e5,0.5\n")
-    assert [t.tier for t in load_trace(str(labelled))] == [2, 0, 1, 0]
+    assert [t.tier for t in load_population(str(labelled))] == [2, 0, 1, 0]
     mixed = tmp_path / "mixed.csv"
     mixed.write_text("client_id,tier,macs_per_s,memory_bytes,up_bps,down_bps,availability\n"
                      "0,phone,1e7,1e8,1e5,1e5,1\n1,1,5e7,4e8,1e6,1e6,1\n")
-    with pytest.raises(ConfigError, match="both numbers and text labels"):
-        load_trace(str(mixed))
+    with pytest.raises(PopulationError, match="both numbers and text labels"):
+        load_population(str(mixed))
     bad = tmp_path / "bad.csv"
     bad.write_text("client_id,tier,macs_per_s\n0,0,1\n")
-    with pytest.raises(ConfigError, match="lacks columns"):
-        load_trace(str(bad))
+    with pytest.raises(PopulationError, match="lacks columns"):
+        load_population(str(bad))
     neg = tmp_path / "neg.csv"
     neg.write_text("client_id,tier,macs_per_s,memory_bytes,up_bps,down_bps,availability\n0,0,-1,1,1,1,1\n")
-    with pytest.raises(ConfigError, match="line 2"):
-        load_trace(str(neg))
+    with pytest.raises(PopulationError, match="line 2"):
+        load_population(str(neg))

@@ -33,7 +33,7 @@ def task_identity() -> None:
 BAD = (
     "error", "silent", "missing-array", "extra-array", "shape", "int", "complex", "string", "float64", "nan", "inf",
     "huge", "examples-huge", "examples-inf", "examples-negative", "examples-half", "labels-nan", "labels-half",
-    "loss-list", "compute-nan", "compute-negative", "upload-inf", "metric-missing", "no-metrics", "duplicate",
+    "loss-list", "passes-nan", "passes-negative", "passes-inf", "passes-half", "metric-missing", "no-metrics", "duplicate",
     "stranger",
 )
 KINDS = ("good",) * 6 + BAD
@@ -67,12 +67,12 @@ def make_reply(kind: str, msg: Message, rng: np.random.Generator, n: int) -> lis
         metrics[P.LABELS] = [0.0, 3.5]
     elif kind == "loss-list":
         metrics[P.TRAIN_LOSS] = [0.5, 0.4]
-    elif kind in ("compute-nan", "compute-negative", "upload-inf"):
-        key = P.UPLOAD_SECONDS if kind == "upload-inf" else P.COMPUTE_SECONDS
-        metrics[key] = {"compute-nan": float("nan"), "compute-negative": -1.0, "upload-inf": float("inf")}[kind]
+    elif kind in ("passes-nan", "passes-negative", "passes-inf", "passes-half"):
+        metrics[P.SAMPLE_PASSES] = {"passes-nan": float("nan"), "passes-negative": -1.0, "passes-inf": float("inf"),
+                                    "passes-half": 2.5}[kind]
     out = reply(msg, arrays, n, **metrics)
     if kind == "metric-missing":
-        del out.content[P.METRICS][P.MACS]
+        del out.content[P.METRICS][P.SAMPLE_PASSES]
     elif kind == "no-metrics":
         out = Message(RecordDict({P.ARRAYS: out.content[P.ARRAYS]}), reply_to=msg)
     elif kind == "duplicate":

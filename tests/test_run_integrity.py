@@ -191,9 +191,7 @@ def registration(node: int, **over: object) -> Message:
     from strategies.runners.ray_grid import set_task_identity
 
     set_task_identity()
-    values = {P.PARTITION_ID: node - 100, P.NUM_EXAMPLES: 10, P.DEVICE_TIER: 0, P.DEVICE_MACS_PER_S: 1e9,
-              P.DEVICE_MEMORY: 1e9, P.DEVICE_UP_BPS: 1e6, P.DEVICE_DOWN_BPS: 1e6, P.DEVICE_AVAILABILITY: 1.0,
-              P.DEVICE_RANK_FRACTION: 0.0} | over
+    values = {P.PARTITION_ID: node - 100, P.NUM_EXAMPLES: 10} | over
     from flwr.app import ConfigRecord, MessageType
 
     query = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node, message_type=MessageType.QUERY)
@@ -201,22 +199,25 @@ def registration(node: int, **over: object) -> Message:
 
 
 def test_bad_registrations_exclude_their_client_and_never_stop_the_federation() -> None:
-    """Defects 6 and 10: 1e12 examples, negative speed, rank_fraction 7, tier -3, partition 10^6 and two nodes
-    claiming one partition were accepted; num-examples +Inf raised OverflowError out of register."""
+    """Defects 6 and 10: 1e12 examples, partition 10^6 and two nodes claiming one partition were accepted;
+    num-examples +Inf raised OverflowError out of register. A client reports only its partition and examples:
+    its device is the run's population's (a device's own checks: tests/test_budget_and_devices.py)."""
     strategy, _ = fake_strategy("fedlod", [1.0] * 9)
-    strategy.partition_of, strategy.examples_of, strategy.devices = {}, {}, {}
-    strategy.partition_sizes = [10] * 9
+    population = {strategy.partition_of[n]: d for n, d in strategy.devices.items()}
+    strategy.partition_of.clear(), strategy.examples_of.clear(), strategy.devices.clear()
+    strategy.core.partition_sizes = [10] * 9
     bad = {
-        101: {P.NUM_EXAMPLES: 1e12}, 102: {P.DEVICE_MACS_PER_S: -5.0}, 103: {P.DEVICE_RANK_FRACTION: 7.0},
-        104: {P.DEVICE_TIER: -3}, 105: {P.PARTITION_ID: 10**6}, 106: {P.PARTITION_ID: 0},
-        107: {P.NUM_EXAMPLES: math.inf}, 108: {P.DEVICE_TIER: 42},
+        101: {P.NUM_EXAMPLES: 1e12}, 102: {P.PARTITION_ID: -1}, 103: {P.PARTITION_ID: 2.5},
+        104: {P.NUM_EXAMPLES: 0}, 105: {P.PARTITION_ID: 10**6}, 106: {P.PARTITION_ID: 0},
+        107: {P.NUM_EXAMPLES: math.inf}, 108: {P.PARTITION_ID: math.nan},
     }
     strategy.register([registration(100), *(registration(n, **kw) for n, kw in bad.items())])
     assert list(strategy.devices) == [100] and strategy.examples_of == {100: 10}
+    assert strategy.devices[100] == population[0]  # the server's own record of partition 0's device
     reasons = dict(strategy.excluded)
     assert set(reasons) == set(bad)
-    for node, word in ((101, "holds 10"), (102, "macs_per_s must be > 0"), (103, "rank_fraction"), (104, "tier"),
-                       (105, "not in [0, 9)"), (106, "already registered"), (107, "integer > 0"), (108, "tiers")):
+    for node, word in ((101, "holds 10"), (102, "in [0, 9)"), (103, "in [0, 9)"), (104, "integer > 0"),
+                       (105, "in [0, 9)"), (106, "already registered"), (107, "integer > 0"), (108, "in [0, 9)")):
         assert word in reasons[node], (node, reasons[node])
 
 

@@ -13,7 +13,7 @@ As pfl-research's ``FederatedAlgorithm``, one class holds both halves:
   calling the pure functions of :mod:`maestro_fl.aggregation`;
 * **cost model** (:meth:`~FederatedMethod.cost_table`, :attr:`~FederatedMethod.passes`):
   the compute, memory and bytes a budget is checked against, and by which the
-  client reports what it spent.
+  server charges what the client's loop ran (:mod:`maestro_fl.server`).
 
 The Flower side (``strategies.SubModelStrategy`` and the ClientApp) only
 orchestrates: it never branches on the method. Nothing here imports Flower.
@@ -37,7 +37,7 @@ from ..budget import BudgetCheck, Cost, DeviceCapability, affordable, explain_bu
 from ..config import ConfigError, SimConfig
 from ..convert import Ranks
 from ..data import Split
-from ..footprint import Inputs, footprint
+from ..footprint import Inputs
 from ..submodels import Arrays, Index, ModelAtWidth, SubModelFamily
 from ..training import EpochStats, SGDStep, Step, SubModelDraw, run_epoch
 
@@ -180,7 +180,6 @@ class FederatedMethod(ABC):
         torch.manual_seed(cfg.seed)
         self.family: SubModelFamily = self.make_family(torch.Generator().manual_seed(cfg.seed))
         self._tables: dict[int, list[Cost]] = {}
-        self._client_costs: dict[tuple[Any, ...], Cost] = {}
         self._client_models: dict[tuple[Any, ...], nn.Module] = {}
 
     # -- sub-model family ------------------------------------------------------------------
@@ -278,20 +277,6 @@ class FederatedMethod(ABC):
         device: torch.device | str = "cpu",
     ) -> LocalResult:
         """Train the client's sub-model in place (or return a new one of the same shapes)."""
-
-    def client_cost(self, model: nn.Module, assignment: Assignment) -> Cost:
-        """The cost model of the sub-model a client received, measured on the client (cached per assignment).
-
-        The client reports ``3 × macs × (examples × passes)`` of what its loop ran
-        (:attr:`LocalResult.sample_passes`): the server's budget predicted
-        ``cost.train_macs(examples, epochs)`` for the same sub-model.
-        """
-        key = (assignment.fraction, tuple(sorted(assignment.ranks.items())))
-        if key not in self._client_costs:
-            fp = footprint(model, self.inputs, as_deployed=False)
-            self._client_costs[key] = Cost(assignment.fraction, dict(assignment.ranks), fp.params, fp.macs, 0,
-                                           passes=self.passes, live_graphs=self.live_graphs)
-        return self._client_costs[key]
 
     def sgd(self, model: nn.Module, lr: float) -> SGDStep:
         """Local SGD with the run's momentum (reset every round), weight decay and clipping."""
