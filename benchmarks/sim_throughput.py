@@ -62,7 +62,7 @@ from maestro_fl import message_keys as P  # noqa: E402
 from maestro_fl import wire  # noqa: E402
 from maestro_fl.config import SimConfig, resolve  # noqa: E402
 from maestro_fl.federated import federation  # noqa: E402
-from maestro_fl.methods import Assignment  # noqa: E402
+from maestro_fl.methods import Assignment, LocalTraining  # noqa: E402
 from maestro_fl.training import torch_threads  # noqa: E402
 from strategies.runners.launch import load_ref, quiet_flower, run_simulation  # noqa: E402
 from strategies.runners.local_grid import LocalGrid  # noqa: E402
@@ -169,8 +169,8 @@ def tight_loop(cfg: SimConfig, sent: list[tuple[int, dict[str, Any], Any]]) -> f
         started = time.perf_counter()
         for model, state, data, a, epochs, lr, seed in jobs:
             model.load_state_dict(state)
-            method.train(model, data, a, epochs=epochs, lr=lr, generator=torch.Generator().manual_seed(seed),
-                         augment=fed.data.augment)
+            method.train(model, data, a, LocalTraining(epochs, lr, torch.Generator().manual_seed(seed),
+                                                       fed.data.augment))
         return time.perf_counter() - started
 
 

@@ -34,7 +34,7 @@ from maestro_fl import message_keys as P
 from maestro_fl import wire
 from maestro_fl.config import SimConfig, parse_faults, resolve
 from maestro_fl.federated import federation
-from maestro_fl.methods import Assignment
+from maestro_fl.methods import Assignment, LocalTraining
 from maestro_fl.training import torch_threads
 
 
@@ -101,8 +101,7 @@ def _train(msg: Message, context: Context, cfg: SimConfig) -> Message:
     model.to(device)
     # local randomness (data order, sampled sub-models) is a function of (seed, round, client) alone
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, server_round, pid]).generate_state(1)[0]))
-    result = method.train(model, train, assignment, epochs=cfg.local_epochs, lr=cfg.lr, generator=gen,
-                          augment=fed.data.augment, device=device)
+    result = method.train(model, train, assignment, LocalTraining(cfg.local_epochs, cfg.lr, gen, fed.data.augment, device))
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
     _inject_reply_fault(fault, state, fed.layer_names[0] if fed.layer_names else None)
     reply_arrays = ArrayRecord()

@@ -1,9 +1,9 @@
 """The names a config may choose from: a leaf module, so that the config can check them without importing
 what they name.
 
-Each registry keeps its own objects (:data:`maestro_fl.models.MODELS`,
-:data:`maestro_fl.methods.METHODS`, ...) and is keyed by the names here;
-``tests/test_layout.py`` fails when the two drift apart.
+Each registry keeps its own objects (:data:`maestro_fl.models.MODELS`, ...) and
+is keyed by the names here; ``tests/test_layout.py`` fails when the two drift
+apart. The methods' registry is here itself (:data:`METHOD_CLASSES`), by reference.
 """
 
 from __future__ import annotations
@@ -24,6 +24,20 @@ SAMPLERS = ("per_layer", "across_layers", "nested", "tiers", "fixed", "none")
 #: experiment trackers (maestro_fl/tracking.py); '' = the run directory's tables only
 TRACKERS = ("", "tensorboard")
 
-#: the federated methods (maestro_fl/methods/), in the order ``maestro-fl compare`` lists them
-STRATEGIES = ("fedlod", "dlrt", "fedavg_dense", "fedavg_exclusive", "heterofl", "fjord", "fedhm", "fedrolex",
-              "fedrolex_rank", "fiarse", "fiarse_rank", "flanc")
+#: the federated methods, the one registry: ``strategy`` name -> the class, as ``module:Class`` (imported when
+#: first used, so that the config can check a name without importing the methods). Adding a method is its
+#: module and one line here (docs/adding_a_method.md); ``maestro-fl compare`` lists them in this order
+METHOD_CLASSES: dict[str, str] = {
+    "fedlod": "maestro_fl.methods.fedlod:FedLoD",
+    "dlrt": "maestro_fl.methods.dlrt_clients:DLRTClients",
+    "fedavg_dense": "maestro_fl.methods.fedavg:FedAvgDense",
+    "fedavg_exclusive": "maestro_fl.methods.fedavg:FedAvgExclusive",
+    "heterofl": "maestro_fl.methods.heterofl_fjord:HeteroFL",
+    "fjord": "maestro_fl.methods.heterofl_fjord:FjORD",
+    "fedhm": "maestro_fl.methods.fedhm:FedHM",
+    "fedrolex": "maestro_fl.methods.fedrolex:FedRolex",
+    "fedrolex_rank": "maestro_fl.methods.fedrolex:FedRolexRank",
+    "fiarse": "maestro_fl.methods.fiarse:FIARSE",
+    "fiarse_rank": "maestro_fl.methods.fiarse:FIARSERank",
+    "flanc": "maestro_fl.methods.flanc:FLANC",
+}

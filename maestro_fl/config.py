@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 # leaf modules only (each imports nothing of maestro_fl): the config sits below everything it configures
-from .catalog import DATASETS, MODELS, NORMS, SAMPLERS, STRATEGIES, TRACKERS
+from .catalog import DATASETS, METHOD_CLASSES, MODELS, NORMS, SAMPLERS, TRACKERS
 from .population import DEFAULT_TIERS, PopulationError, load_population
 from .references import UnresolvedReference, is_reference
 from .references import resolve as resolve_reference
@@ -26,8 +26,8 @@ from .results import check_name
 
 
 def strategies() -> tuple[str, ...]:
-    """The methods a simulation can run (:data:`maestro_fl.methods.METHODS`, by name)."""
-    return STRATEGIES
+    """The methods a simulation can run (the registry :data:`maestro_fl.catalog.METHOD_CLASSES`, by name)."""
+    return tuple(METHOD_CLASSES)
 
 
 class ConfigError(ValueError):
@@ -245,6 +245,7 @@ def describe(cls: type, width: int = 100) -> str:
 
 # -- resolving --------------------------------------------------------------
 C = TypeVar("C")
+P_ = TypeVar("P_")
 
 
 _KIND = {int: "an integer", float: "a number"}
@@ -322,6 +323,8 @@ def resolve(cls: type[C], file: str | Path | None = None, overrides: Sequence[st
                 raise ConfigError(f"override {item!r} must look like key=value")
             values[key.strip().replace("-", "_")] = raw
             from_file.discard(key.strip().replace("-", "_"))
+    if "method" in names and hints["method"] == tuple[str, ...]:
+        values = fold_method_options(values)
     unknown = sorted(set(values) - set(names))
     if unknown:
         guesses = {k: difflib.get_close_matches(k, names, n=3, cutoff=0.6) for k in unknown}
@@ -332,6 +335,65 @@ def resolve(cls: type[C], file: str | Path | None = None, overrides: Sequence[st
     cfg = cls(**typed)
     validate = getattr(cfg, "validate", None)
     return validate() if validate is not None else cfg
+
+
+def _option_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(_option_text, value))
+    return str(value).strip()
+
+
+def fold_method_options(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``method.NAME=VALUE`` keys, a ``[method]`` table and ``method = ["NAME=VALUE", ...]`` as one sorted
+    ``method`` tuple of ``NAME=VALUE`` items (later ones win), the form :class:`SimConfig` keeps."""
+    out: dict[str, Any] = {}
+    options: dict[str, str] = {}
+    for key, value in values.items():
+        if key == "method":
+            items = value.items() if isinstance(value, Mapping) else (
+                str(item).partition("=")[::2] for item in (
+                    [i for i in value.split(",") if i.strip()] if isinstance(value, str) else value))
+            for name, item in items:
+                options[str(name).strip()] = _option_text(item)
+        elif key.startswith("method."):
+            options[key[len("method."):].strip()] = _option_text(value)
+        else:
+            out[key] = value
+    if options:
+        out["method"] = tuple(f"{k}={v}" for k, v in sorted(options.items()))
+    elif "method" in values:
+        out["method"] = ()
+    return out
+
+
+def parse_options(params: type[P_], items: Sequence[str], owner: str) -> P_:
+    """A method's ``Params`` from a config's ``method`` items (``NAME=VALUE``), each coerced to its field's type.
+
+    Raises a :class:`ConfigError` naming ``method.NAME`` for an unknown option (with the method's options and a
+    guess) or a value of the wrong type; ``params.validate()``, when it exists, checks ranges the same way.
+    """
+    hints = typing.get_type_hints(params)
+    allowed = [f.name for f in dataclasses.fields(params)]  # type: ignore[arg-type]  # params: a dataclass type
+    typed: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise ConfigError(f"method option {item!r} must look like NAME=VALUE (method.NAME=VALUE on the command line)")
+        if name not in allowed:
+            guess = difflib.get_close_matches(name, allowed, n=1, cutoff=0.5)
+            raise ConfigError(f"method.{name}: {owner} has no option {name!r}"
+                              + (f" (did you mean method.{guess[0]}?)" if guess else "")
+                              + (f"; its options: {', '.join(f'method.{a}' for a in allowed)}" if allowed
+                                 else "; it has no options of its own"))
+        typed[name] = _coerce(f"method.{name}", raw, hints[name])
+    out = params(**typed)
+    validate = getattr(out, "validate", None)
+    if validate is not None:
+        validate()
+    return out
 
 
 def to_dict(cfg: object) -> dict[str, Any]:
@@ -345,6 +407,8 @@ class SimConfig:
 
     # -- method --
     strategy: str = "fedlod"  # the method: a name in maestro_fl.methods.METHODS (each module there says what it is)
+    method: tuple[str, ...] = ()  # the method's own options (its Params; `maestro-fl simulate --help` lists each
+    # method's), as method.NAME=VALUE on the command line or a [method] table in TOML; () = the method's defaults
     # -- data and model --
     dataset: str = "digits"  # embedded: the main job runs offline (what else it may be: maestro_fl/data.py)
     data_root: str = "data"  # where torchvision datasets are read from (or downloaded to)
@@ -376,8 +440,6 @@ class SimConfig:
     classes_per_client: int = 2  # for partition='pathological' (McMahan et al.)
     val_fraction: float = 0.1  # each client's held-out validation share
     # -- local training --
-    dlrt_tau: float = 0.1  # DLRT clients' relative truncation tolerance
-    dlrt_lr: float = 0.1  # DLRT clients' K/L/S step size (plain SGD)
     local_epochs: int = 3  # FedLoD's choice on digits and MNIST-1D alike, by validation, over 1 and 3
     # (benchmarks/sweeps/protocol_*.toml, 40 rounds, init svd, 2026-12-01)
     batch_size: int = 16  # 32 loses 14.3 pp of validation on digits and 4.2 on MNIST-1D (defaults check): clients
@@ -404,11 +466,6 @@ class SimConfig:
     # 10 clients but costs 12 pp (FedLoD) and 11 pp (dense) on MNIST-1D at 50 (benchmarks/default_shapes.py)
     lambda_gl: float = 0.0  # group lasso off: budgets, not learned ranks, set the federated footprint
     full_pass: bool = False  # self-distillation (FedLoD, FjORD's KD): 2x client compute, no gain in Maestro's ablation
-    flanc_basis: float = 0.25  # FLANC's basis filters per composed layer, as a share of its output channels
-    # (the official n_basis for its CNN and ResNet-18 runs)
-    flanc_orthogonality: float = 10.0  # FLANC's orthogonality penalty on the bases (the official lambdaR)
-    heterofl_label_mask: bool = False  # HeteroFL's masked classifier loses 1.1 pp of validation on digits and 4.1 on
-    # MNIST-1D at HeteroFL's protocol point (defaults check)
     # -- devices --
     tier_shares: tuple[float, ...] = (0.2, 0.2, 0.2, 0.2, 0.2)  # five tiers in equal shares (FjORD, HeteroFL)
     devices: str = ""  # '' = the built-in tiers in tier_shares; a CSV trace of per-client capabilities
@@ -484,13 +541,9 @@ class SimConfig:
             )
         if self.full_pass and self.strategy not in ("fedlod", "fjord"):
             raise ConfigError(f"full_pass (self-distillation) applies to 'fedlod' and 'fjord', not {self.strategy!r}")
-        check_fraction("dlrt_tau", self.dlrt_tau)
-        check_positive("dlrt_lr", self.dlrt_lr)
-        check_fraction("flanc_basis", self.flanc_basis)
         check_fraction("width_floor_rank", self.width_floor_rank)
         if not 0.0 <= self.level_top_share <= 1.0:
             raise ConfigError(f"level_top_share must be in [0, 1], got {self.level_top_share!r}")
-        check_non_negative("flanc_orthogonality", self.flanc_orthogonality)
         for name in ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "classes_per_client",
                      "client_threads", "server_threads", "eval_every"):
             check_positive(name, getattr(self, name))

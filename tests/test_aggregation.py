@@ -118,8 +118,7 @@ def test_check_reply_names_what_is_wrong(corrupt, reason: str) -> None:
     cost = Cost(0.5, {}, 0, 0, 0)
     task = ClientTask(1, 0, DeviceCapability(0, 1, 1, 1, 1, 1), cost, Assignment(0.5), {},
                       {k: v.shape for k, v in sent.items()}, {k: str(v.dtype) for k, v in sent.items()}, 0)
-    facts = read_metrics({"num-examples": 3, "train-loss": 0.1, "macs": 1.0, "compute-seconds": 1.0,
-                          "download-seconds": 0.0, "upload-seconds": 0.0})
+    facts = read_metrics({"num-examples": 3, "train-loss": 0.1, "sample-passes": 9})
     assert check_reply(sent, facts, task, 3) is None
     reply = {k: v.copy() for k, v in sent.items()}
     corrupt(reply)

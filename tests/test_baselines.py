@@ -125,7 +125,7 @@ def test_heterofl_averages_each_output_row_over_the_clients_holding_that_class()
     Output rows: class 0 only A (1 on A's corner, old values beyond it), class 1 both (2 on the
     corner, 3 beyond), class 2 only B (3), class 3 nobody (old values). Hidden layers as before.
     """
-    strategy, arrays = width_strategy("heterofl", [0.5, 1.0], [10, 30], heterofl_label_mask=True)
+    strategy, arrays = width_strategy("heterofl", [0.5, 1.0], [10, 30], method=("label_mask=true",))
     before = to_numpy(arrays)
     assert strategy.method.classifier == ("2.weight", "2.bias")
     a, b = messages(strategy, arrays)
@@ -348,7 +348,7 @@ def test_baselines_reject_fedlod_only_settings() -> None:
             resolve(SimConfig, overrides={"strategy": strategy, "aggregation": "svd"})
 
 
-@pytest.mark.parametrize("strategy,extra", [("heterofl", {}), ("heterofl", {"heterofl_label_mask": True}),
+@pytest.mark.parametrize("strategy,extra", [("heterofl", {}), ("heterofl", {"method.label_mask": True}),
                                             ("fjord", {}), ("fedhm", {})])
 def test_baseline_runs_end_to_end_on_the_in_process_grid(tmp_path: Path, strategy: str, extra: dict) -> None:
     """Real clients: sub-models of the right size travel, every tier is evaluated, accuracy beats chance."""

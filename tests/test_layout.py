@@ -177,7 +177,8 @@ def test_the_catalog_names_every_registry_entry() -> None:
     from maestro_fl.methods import METHODS
     from maestro_fl.models import MODELS
 
-    assert catalog.STRATEGIES == tuple(METHODS)
+    assert tuple(METHODS) == tuple(catalog.METHOD_CLASSES)
+    assert all(METHODS[name].name == name for name in METHODS)  # each entry names the class of that strategy
     assert set(catalog.MODELS) == set(MODELS)
 
 

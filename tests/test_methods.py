@@ -17,28 +17,16 @@ import pytest
 from maestro_fl.convert import lod_layers
 from maestro_fl.federated import federation
 from maestro_fl.submodels import RankPrefix, RankWidthPrefix
+from strategies.sweeps.compare import METHODS as COMPARED
 from tests.test_simulation import local, small
 
-#: (strategy, config overrides): adding a method to every test below is one line here
+#: (strategy, config overrides): every method and variant ``maestro-fl compare`` runs (derived from the
+#: registry, so a method added there runs every test below), and the options no variant covers
 METHOD_TABLE: list[tuple[str, dict[str, object]]] = [
-    ("fedlod", {}),
+    (str(values.get("strategy", "fedlod")), {k: v for k, v in values.items() if k != "strategy"})
+    for values in COMPARED.values()
+] + [
     ("fedlod", {"full_pass": True}),
-    ("fedlod", {"aggregation": "svd"}),
-    ("fedlod", {"aggregation": "zero_pad"}),
-    ("fedlod", {"sampler": "nested"}),
-    ("dlrt", {}),
-    ("fedavg_dense", {}),
-    ("fedavg_exclusive", {}),
-    ("heterofl", {}),
-    ("heterofl", {"heterofl_label_mask": True}),
-    ("fjord", {}),
-    ("fjord", {"full_pass": True}),
-    ("fedhm", {}),
-    ("fedrolex", {}),
-    ("fedrolex_rank", {}),
-    ("fiarse", {}),
-    ("fiarse_rank", {}),
-    ("flanc", {}),
 ]
 IDS = [s + "".join(f"-{k}={v}" for k, v in extra.items()) for s, extra in METHOD_TABLE]
 
@@ -111,7 +99,8 @@ def test_bytes_are_what_each_tier_holds(finished) -> None:  # type: ignore[no-un
 
 
 def test_the_table_runs_every_registered_method() -> None:
-    """A method added to maestro_fl.methods.METHODS is in this table, so it runs every test here."""
+    """A method added to the registry is in this table, so it runs every test here."""
     from maestro_fl.methods import METHODS
 
     assert set(METHODS) <= {strategy for strategy, _ in METHOD_TABLE}
+    assert len(METHOD_TABLE) == len({(s, tuple(sorted(e.items()))) for s, e in METHOD_TABLE})  # no run twice

@@ -253,8 +253,8 @@ def test_a_big_endian_reply_is_refused_and_never_raises() -> None:
 
 
 def test_heterofl_labels_outside_the_classes_are_refused() -> None:
-    """Defect 9: HeteroFL with heterofl_label_mask and a reply whose labels are [99] raised IndexError."""
-    strategy, arrays = fake_strategy("heterofl", [1.0, 1.0], heterofl_label_mask=True)
+    """Defect 9: HeteroFL with method.label_mask and a reply whose labels are [99] raised IndexError."""
+    strategy, arrays = fake_strategy("heterofl", [1.0, 1.0], method=("label_mask=true",))
     strategy.method.inputs = type("Spec", (), {"num_classes": 5})()  # type: ignore[misc]
     msgs = messages(strategy, arrays)
     strategy.aggregate_train(1, [reply(msgs[0], sent(msgs[0]), 10, **{P.LABELS: [99]}),

@@ -34,7 +34,7 @@ from torch import nn
 from .. import message_keys as P
 from ..aggregation import aggregate_robust
 from ..budget import BudgetCheck, Cost, DeviceCapability, affordable, explain_budget
-from ..config import ConfigError, SimConfig
+from ..config import ConfigError, SimConfig, parse_options
 from ..convert import Ranks
 from ..data import Split
 from ..footprint import Inputs
@@ -122,6 +122,30 @@ class Update:
 
 
 @dataclass(frozen=True)
+class LocalTraining:
+    """What a client's local training is given besides its sub-model, data and assignment: one object, so that
+    every trainer has the same signature and a new setting reaches them all without touching any.
+
+    Attributes
+    ----------
+    epochs, lr : int, float
+        Local epochs and step size (the run's ``local_epochs`` and ``lr``).
+    generator : torch.Generator
+        The client's randomness this round (data order, sampled sub-models): seeded by (seed, round, client).
+    augment : bool
+        Whether the task augments its training inputs.
+    device : torch.device or str
+        Where the client trains.
+    """
+
+    epochs: int
+    lr: float
+    generator: torch.Generator
+    augment: bool = False
+    device: torch.device | str = "cpu"
+
+
+@dataclass(frozen=True)
 class LocalResult:
     """What local training produced: the trained sub-model (same shapes as received) and its statistics."""
 
@@ -141,6 +165,11 @@ class LocalResult:
     def sample_passes(self) -> int:
         """Examples × passes over all epochs: what the cost model charges."""
         return sum(e.sample_passes for e in self.epochs)
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """A method without options of its own."""
 
 
 #: the fields only the LoD methods (FedLoD and the methods built on it) read: how the factors start, and the
@@ -172,9 +201,16 @@ class FederatedMethod(ABC):
     #: SimConfig fields this method never reads: stored runs that differ only in these are the same
     #: experiment (a sweep reuses them when such a default changes)
     unread_fields: ClassVar[frozenset[str]] = frozenset()
+    #: the method's own options: a frozen dataclass whose fields a config sets as ``method.NAME=VALUE`` (or in
+    #: a ``[method]`` table), each default with its one-line reason as a comment, as SimConfig's
+    Params: ClassVar[type] = NoParams
+    #: runs of this method with other options that ``maestro-fl compare`` lists after it: name -> config values
+    #: (a class's own: a subclass does not inherit its parent's)
+    variants: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     def __init__(self, cfg: SimConfig, inputs: Inputs, build: ModelAtWidth) -> None:
         self.cfg = cfg
+        self.params: Any = self.parse_params(cfg)
         self.inputs = inputs
         self.build = build
         torch.manual_seed(cfg.seed)
@@ -264,18 +300,7 @@ class FederatedMethod(ABC):
 
     # -- client trainer --------------------------------------------------------------------
     @abstractmethod
-    def train(
-        self,
-        model: nn.Module,
-        data: Split,
-        assignment: Assignment,
-        *,
-        epochs: int,
-        lr: float,
-        generator: torch.Generator,
-        augment: bool = False,
-        device: torch.device | str = "cpu",
-    ) -> LocalResult:
+    def train(self, model: nn.Module, data: Split, assignment: Assignment, local: LocalTraining) -> LocalResult:
         """Train the client's sub-model in place (or return a new one of the same shapes)."""
 
     def sgd(self, model: nn.Module, lr: float) -> SGDStep:
@@ -284,25 +309,14 @@ class FederatedMethod(ABC):
                               weight_decay=self.cfg.weight_decay)
         return SGDStep(opt, self.cfg.clip_grad_norm)
 
-    def epochs(
-        self,
-        model: nn.Module,
-        data: Split,
-        draw: SubModelDraw,
-        step: Step,
-        *,
-        epochs: int,
-        generator: torch.Generator,
-        augment: bool,
-        device: torch.device | str,
-        **options: Any,
-    ) -> tuple[EpochStats, ...]:
-        """``epochs`` passes of :func:`~maestro_fl.training.run_epoch` over the client's data."""
+    def epochs(self, model: nn.Module, data: Split, draw: SubModelDraw, step: Step, local: LocalTraining,
+               **options: Any) -> tuple[EpochStats, ...]:
+        """``local.epochs`` passes of :func:`~maestro_fl.training.run_epoch` over the client's data."""
         model.train()
         return tuple(
-            run_epoch(data, draw, step, batch_size=self.cfg.batch_size, generator=generator, augment=augment,
-                      device=device, **options)
-            for _ in range(epochs)
+            run_epoch(data, draw, step, batch_size=self.cfg.batch_size, generator=local.generator,
+                      augment=local.augment, device=local.device, **options)
+            for _ in range(local.epochs)
         )
 
     # -- server rule -----------------------------------------------------------------------
@@ -324,8 +338,14 @@ class FederatedMethod(ABC):
         return True
 
     @classmethod
+    def parse_params(cls, cfg: SimConfig) -> Any:
+        """The method's :attr:`Params` from the config's ``method`` options; a ConfigError names a bad one."""
+        return parse_options(cls.Params, cfg.method, f"strategy {cls.name!r}")
+
+    @classmethod
     def check_config(cls, cfg: SimConfig) -> None:
         """Refuse, in one line, options this method cannot honour (run before the method is built)."""
+        cls.parse_params(cfg)
         if cfg.robust_merge != "none" and not cls.elementwise_rule(cfg):
             raise ConfigError(
                 f"robust_merge applies to methods whose server rule averages each element over its holders; "

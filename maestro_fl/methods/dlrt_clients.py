@@ -15,26 +15,39 @@ federation does not have.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import nn
 
 from ..aggregation import aggregate_svd
-from ..config import SimConfig
+from ..config import SimConfig, check_fraction, check_positive
 from ..convert import lod_layers
 from ..data import Split
 from ..dlrt import KLSIntegrator, dlrt_to_lod, lod_to_dlrt
 from ..submodels import Arrays
 from ..training import WholeModel
-from .base import Assignment, LocalResult, Update, corners_weighted
+from .base import Assignment, LocalResult, LocalTraining, Update, corners_weighted
 from .fedlod import FedLoD
+
+
+@dataclass(frozen=True)
+class DLRTParams:
+    """DLRT clients' options (``method.tau=0.2``)."""
+
+    tau: float = 0.1  # relative truncation tolerance of the rank-adaptive step (the authors' CIFAR value)
+    lr: float = 0.1  # the K/L/S step size (plain SGD), the centralized default's
+
+    def validate(self) -> None:
+        check_fraction("method.tau", self.tau)
+        check_positive("method.lr", self.lr)
 
 
 class DLRTClients(FedLoD):
     """Rank prefixes trained by the KLS integrator (two passes per step), SVD re-factoring on the server."""
 
     name = "dlrt"
+    Params = DLRTParams
     rank_allocation = "uniform"  # the paper's rule: one rank fraction for every layer (and the comparison's control)
     runs_on_gpu = False  # the KLS integrator's QR/SVD steps are not checked on a GPU here
 
@@ -50,23 +63,11 @@ class DLRTClients(FedLoD):
     def sampler(self) -> str:
         return "none"  # no ordered dropout: DLRT trains the whole prefix
 
-    def train(
-        self,
-        model: nn.Module,
-        data: Split,
-        assignment: Assignment,
-        *,
-        epochs: int,
-        lr: float,
-        generator: torch.Generator,
-        augment: bool = False,
-        device: torch.device | str = "cpu",
-    ) -> LocalResult:
+    def train(self, model: nn.Module, data: Split, assignment: Assignment, local: LocalTraining) -> LocalResult:
         dl = lod_to_dlrt(model)
-        integrator = KLSIntegrator(dl, lr=self.cfg.dlrt_lr, tau=self.cfg.dlrt_tau, momentum=self.cfg.momentum,
+        integrator = KLSIntegrator(dl, lr=self.params.lr, tau=self.params.tau, momentum=self.cfg.momentum,
                                    weight_decay=self.cfg.weight_decay)
-        stats = self.epochs(dl, data, WholeModel(dl), integrator, epochs=epochs, generator=generator,
-                            augment=augment, device=device)
+        stats = self.epochs(dl, data, WholeModel(dl), integrator, local)
         trained = dlrt_to_lod(dl)
         for name, layer in lod_layers(trained).items():
             layer.pad_(assignment.ranks[name])  # DLRT may have lowered the rank; the reply keeps the shape it was sent

@@ -22,7 +22,7 @@ from ..budget import BudgetCheck, Cost, DeviceCapability
 from ..data import Split
 from ..submodels import Arrays, Dense, SubModelFamily
 from ..training import WholeModel
-from .base import LOD_ONLY_FIELDS, Assignment, FederatedMethod, LocalResult, Update, examples_weighted
+from .base import LOD_ONLY_FIELDS, Assignment, FederatedMethod, LocalResult, LocalTraining, Update, examples_weighted
 
 
 class FedAvgDense(FederatedMethod):
@@ -42,20 +42,8 @@ class FedAvgDense(FederatedMethod):
         check = super().explain_budget(table, device, samples)
         return dataclasses.replace(check, chosen=table[0], binding="ignored")
 
-    def train(
-        self,
-        model: nn.Module,
-        data: Split,
-        assignment: Assignment,
-        *,
-        epochs: int,
-        lr: float,
-        generator: torch.Generator,
-        augment: bool = False,
-        device: torch.device | str = "cpu",
-    ) -> LocalResult:
-        stats = self.epochs(model, data, WholeModel(model), self.sgd(model, lr), epochs=epochs, generator=generator,
-                            augment=augment, device=device)
+    def train(self, model: nn.Module, data: Split, assignment: Assignment, local: LocalTraining) -> LocalResult:
+        stats = self.epochs(model, data, WholeModel(model), self.sgd(model, local.lr), local)
         return LocalResult(model, stats)
 
     def merge(self, current: Mapping[str, np.ndarray], updates: Sequence[Update], server_round: int) -> Arrays:

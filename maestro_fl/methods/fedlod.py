@@ -35,7 +35,7 @@ from ..convert import factorize
 from ..data import Split
 from ..submodels import Arrays, RankPrefix, RankWidthPrefix, SubModelFamily
 from ..training import RankDraw, group_lasso, make_sampler
-from .base import Assignment, FederatedMethod, LocalResult, Update, corners_weighted
+from .base import Assignment, FederatedMethod, LocalResult, LocalTraining, Update, corners_weighted
 
 RULES = {"ordered": aggregate_ordered_factors, "ordered_products": aggregate_ordered_products, "svd": aggregate_svd,
          "zero_pad": aggregate_zero_padded}
@@ -45,6 +45,13 @@ class FedLoD(FederatedMethod):
     """Ordered-factor prefixes per client, ordered dropout within them, per-component averaging."""
 
     name = "fedlod"
+    variants = {
+        "fedlod_nested_sampler": {"sampler": "nested"},
+        "fedlod_svd_aggregation": {"aggregation": "svd"},
+        "fedlod_zero_pad_aggregation": {"aggregation": "zero_pad"},
+        "fedlod_importance_ranks": {"rank_allocation": "importance"},
+        "fedlod_homogeneous": {"ignore_budgets": True},  # a reference row: every device at full rank
+    }
 
     def make_family(self, generator: torch.Generator) -> SubModelFamily:
         model = self.factorized(1.0, generator)
@@ -107,24 +114,12 @@ class FedLoD(FederatedMethod):
         order = sorted(levels)
         return Assignment(cost.fraction, dict(cost.ranks), tuple(order), tuple(dict(levels[p]) for p in order))
 
-    def train(
-        self,
-        model: nn.Module,
-        data: Split,
-        assignment: Assignment,
-        *,
-        epochs: int,
-        lr: float,
-        generator: torch.Generator,
-        augment: bool = False,
-        device: torch.device | str = "cpu",
-    ) -> LocalResult:
-        sampler = make_sampler(self.sampler, model, generator, levels=assignment.level_ranks,
+    def train(self, model: nn.Module, data: Split, assignment: Assignment, local: LocalTraining) -> LocalResult:
+        sampler = make_sampler(self.sampler, model, local.generator, levels=assignment.level_ranks,
                                top_share=self.cfg.level_top_share)
         lam = self.cfg.lambda_gl
         stats = self.epochs(
-            model, data, RankDraw(model, sampler), self.sgd(model, lr), epochs=epochs, generator=generator,
-            augment=augment, device=device, distill=self.cfg.full_pass,
+            model, data, RankDraw(model, sampler), self.sgd(model, local.lr), local, distill=self.cfg.full_pass,
             regularizer=(lambda: lam * group_lasso(model)) if lam > 0 else None,
         )
         return LocalResult(model, stats)

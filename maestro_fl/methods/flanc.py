@@ -10,7 +10,7 @@ coefficients, dense first layer, norms and classifier (its "anchor").
   bases and one anchor per width of the budget grid; a client at width ``p``
   holds the bases' slices over its input channels and width ``p``'s anchor.
 * **Client trainer**: SGD on that model, plus FLANC's orthogonality penalty
-  ``λ·mean((B Bᵀ - I)²)`` on each basis slice it holds (``flanc_orthogonality``).
+  ``λ·mean((B Bᵀ - I)²)`` on each basis slice it holds (``method.orthogonality``).
 * **Server rule** (:func:`~maestro_fl.aggregation.aggregate_flanc`): each basis
   element is averaged over every client that holds it, every anchor over the
   clients of its width, unweighted, as the official ``sync``; an anchor no
@@ -28,7 +28,7 @@ works for any convolution or Linear without a grouping that divides every
 width. The official code keeps one model per width in a short list (widths
 0.25, 0.5, 0.75, 1); here the widths are the budget grid's
 (:data:`~maestro_fl.budget.FRACTION_GRID`), so FLANC's tiers get the same
-choice of sizes as every other method's. ``m`` is ``flanc_basis`` of the
+choice of sizes as every other method's. ``m`` is ``method.basis`` of the
 full layer's output channels (the official ``n_basis``).
 """
 
@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -47,6 +48,7 @@ from torch import nn
 
 from ..aggregation import aggregate_flanc
 from ..budget import FRACTION_GRID, Cost
+from ..config import check_fraction, check_non_negative
 from ..convert import Ranks
 from ..data import Split
 from ..footprint import Footprint, Inputs, footprint
@@ -62,7 +64,7 @@ from ..submodels import (
     width_cost_table,
 )
 from ..training import WholeModel
-from .base import LOD_ONLY_FIELDS, Assignment, FederatedMethod, LocalResult, Update
+from .base import LOD_ONLY_FIELDS, Assignment, FederatedMethod, LocalResult, LocalTraining, Update
 
 COMPOSABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -213,10 +215,24 @@ def orthogonality(model: nn.Module) -> torch.Tensor:
     return total
 
 
+@dataclass(frozen=True)
+class FLANCParams:
+    """FLANC's options (``method.basis=0.5``)."""
+
+    basis: float = 0.25  # basis filters per composed layer, as a share of its output channels (the official
+    # n_basis for its CNN and ResNet-18 runs)
+    orthogonality: float = 10.0  # the orthogonality penalty on the bases (the official lambdaR)
+
+    def validate(self) -> None:
+        check_fraction("method.basis", self.basis)
+        check_non_negative("method.orthogonality", self.orthogonality)
+
+
 class FLANC(FederatedMethod):
     """Shared bases averaged over all clients, per-width coefficients averaged within each width."""
 
     name = "flanc"
+    Params = FLANCParams
     unread_fields = LOD_ONLY_FIELDS
 
     def make_family(self, generator: torch.Generator) -> SubModelFamily:
@@ -230,27 +246,15 @@ class FLANC(FederatedMethod):
         for name in layers:
             layer = modules[name]
             out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-            ranks[name] = max(1, math.ceil(self.cfg.flanc_basis * out))
+            ranks[name] = max(1, math.ceil(self.params.basis * out))
         return ComposedFamily(self.build, self.inputs, layers, ranks, generator)
 
     def assign(self, cost: Cost, tier_costs: Sequence[Cost]) -> Assignment:
         return Assignment(cost.fraction)
 
-    def train(
-        self,
-        model: nn.Module,
-        data: Split,
-        assignment: Assignment,
-        *,
-        epochs: int,
-        lr: float,
-        generator: torch.Generator,
-        augment: bool = False,
-        device: torch.device | str = "cpu",
-    ) -> LocalResult:
-        lam = self.cfg.flanc_orthogonality
-        stats = self.epochs(model, data, WholeModel(model), self.sgd(model, lr), epochs=epochs, generator=generator,
-                            augment=augment, device=device,
+    def train(self, model: nn.Module, data: Split, assignment: Assignment, local: LocalTraining) -> LocalResult:
+        lam = self.params.orthogonality
+        stats = self.epochs(model, data, WholeModel(model), self.sgd(model, local.lr), local,
                             regularizer=(lambda: lam * orthogonality(model)) if lam > 0 else None)
         return LocalResult(model, stats)
 

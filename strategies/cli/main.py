@@ -106,9 +106,12 @@ COMMANDS: dict[str, Command] = {
 
 def choices_text(compare_methods: bool = False) -> str:
     """The names the keys ``strategy``, ``model`` and ``dataset`` (and ``compare``'s ``methods``) take, one line each."""
+    import dataclasses
     import inspect
+    import textwrap
 
     from maestro_fl import catalog
+    from maestro_fl.config import field_docs
     from maestro_fl.methods import METHODS
     from maestro_fl.models import MODELS
 
@@ -118,6 +121,13 @@ def choices_text(compare_methods: bool = False) -> str:
     width = max(map(len, (*METHODS, *MODELS, *catalog.DATASETS)))
     lines = ["strategy (the method):"]
     lines += [f"  {n:<{width}}  {first_line(cls)}" for n, cls in METHODS.items()]
+    with_options = {n: cls for n, cls in METHODS.items() if dataclasses.fields(cls.Params)}
+    if with_options:
+        lines += ["method.NAME=VALUE (a method's own options, its Params; or a [method] table in a config file):"]
+        for n, cls in with_options.items():
+            for doc in field_docs(cls.Params):
+                lines += [f"  {n}: method.{doc.name} ({doc.type}, default {doc.default!r})"]
+                lines += textwrap.wrap(doc.reason, 100, initial_indent="      ", subsequent_indent="      ")
     lines += ["model (or a reference 'package.module:attr' to an nn.Module or a builder of one):"]
     lines += [f"  {n:<{width}}  {first_line(fn)}".rstrip() for n, fn in MODELS.items()]
     lines += ["dataset (or 'hf:NAME', a saved dataset's path, or a reference to a builder):",

@@ -25,32 +25,26 @@ import pandas as pd
 
 from maestro_fl.config import ConfigError, SimConfig
 from maestro_fl.federated import deploy_ladder
+from maestro_fl.methods import METHODS as REGISTERED
 from maestro_fl.results import format_table
 
 from .sweep import build_sweep, format_duration, run_sweep
 
-#: method name -> SimConfig values; every method sees the same data, partitions, devices and budgets
-METHODS: dict[str, dict[str, Any]] = {
-    "fedlod": {},
-    "fedlod_nested_sampler": {"sampler": "nested"},
-    "fedlod_svd_aggregation": {"aggregation": "svd"},
-    "fedlod_zero_pad_aggregation": {"aggregation": "zero_pad"},
-    "fedlod_importance_ranks": {"rank_allocation": "importance"},
-    "dlrt_clients": {"strategy": "dlrt"},
-    "heterofl": {"strategy": "heterofl"},
-    "heterofl_masked": {"strategy": "heterofl", "heterofl_label_mask": True},
-    "fjord": {"strategy": "fjord"},
-    "fjord_kd": {"strategy": "fjord", "full_pass": True},
-    "fedhm": {"strategy": "fedhm"},
-    "fedrolex": {"strategy": "fedrolex"},
-    "fedrolex_rank": {"strategy": "fedrolex_rank"},
-    "fiarse": {"strategy": "fiarse"},
-    "fiarse_rank": {"strategy": "fiarse_rank"},
-    "flanc": {"strategy": "flanc"},
-    "fedavg_dense": {"strategy": "fedavg_dense"},
-    "fedavg_exclusive": {"strategy": "fedavg_exclusive"},
-    "fedlod_homogeneous": {"ignore_budgets": True},
-}
+
+def compared_methods() -> dict[str, dict[str, Any]]:
+    """Every registered method, then the variants it declares (``FederatedMethod.variants``), as ``maestro-fl
+    compare`` lists them: name -> SimConfig values. Every method sees the same data, partitions, devices and
+    budgets; a method added to the registry is compared (and tested) with no other change."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, cls in REGISTERED.items():
+        out[name] = {} if name == SimConfig.strategy else {"strategy": name}
+        for variant, values in vars(cls).get("variants", {}).items():  # its own, not a parent's
+            out[variant] = out[name] | dict(values)
+    return out
+
+
+#: method name -> SimConfig values (:func:`compared_methods`)
+METHODS: dict[str, dict[str, Any]] = compared_methods()
 
 #: the reference rows: what no heterogeneous method is, but each is judged against. Dense FedAvg (budgets
 #: ignored), FedAvg over the devices that afford the full model ("is including the weak devices worth it at

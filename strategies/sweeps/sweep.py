@@ -113,6 +113,15 @@ def load_sweep(path: str | Path, base: dict[str, Any] | None = None) -> Sweep:
                        default_name=path.stem)
 
 
+def flat_options(values: dict[str, Any]) -> dict[str, Any]:
+    """A table's ``method`` sub-table (TOML reads ``method.mu = 1`` so) as ``method.NAME`` keys, so that the
+    options of ``[base]``, a method's table and ``[grid]`` add up rather than replace one another."""
+    nested = values.get("method")
+    if not isinstance(nested, dict):
+        return values
+    return {k: v for k, v in values.items() if k != "method"} | {f"method.{k}": v for k, v in nested.items()}
+
+
 def build_sweep(
     head: dict[str, Any],
     base: dict[str, Any],
@@ -124,7 +133,7 @@ def build_sweep(
     if not isinstance(methods, dict) or not methods or not all(isinstance(m, dict) for m in methods.values()):
         raise ConfigError("[methods] must hold at least one table of config values, e.g. [methods.fedlod]")
     for method, method_values in methods.items():
-        nested = [k for k, v in method_values.items() if isinstance(v, dict)]
+        nested = [k for k, v in method_values.items() if isinstance(v, dict) and k != "method"]  # method.NAME: options
         if nested:  # TOML reads [methods.a.b] as table b inside table a
             raise ConfigError(f"[methods.{method}.{nested[0]}]: a method's name cannot contain a dot; "
                               f"write [methods.{method}_{nested[0]}]")
@@ -135,8 +144,9 @@ def build_sweep(
         raise ConfigError("[grid] is empty: give at least one SimConfig field with a list of values")
     names = {f.name for f in fields(SimConfig)}
     for key, grid_values in grid.items():
-        if key not in names:
-            raise ConfigError(f"[grid]: unknown config key {key!r}; allowed keys: {sorted(names)}")
+        if key not in names and not key.startswith("method."):  # "method.NAME": the method's own option
+            raise ConfigError(f"[grid]: unknown config key {key!r}; allowed keys: {sorted(names)} and a method's "
+                              "options as \"method.NAME\"")
         if not isinstance(grid_values, list) or not grid_values:
             raise ConfigError(f"[grid].{key} must be a non-empty list of values, got {grid_values!r}")
     for where, table in (("[base]", base), ("[grid]", grid), *((f"[methods.{m}]", v) for m, v in methods.items())):
@@ -153,8 +163,9 @@ def build_sweep(
         values = ({"method": method} if method else {}) | dict(zip(grid, combo))
         name = _run_name(values)
         try:
-            overrides = base | methods[method] | dict(zip(grid, combo))
+            overrides = flat_options(base) | flat_options(methods[method]) | dict(zip(grid, combo))
             cfg = resolve(SimConfig, overrides=overrides | {"backend": "local", "progress": False})
+            METHODS[cfg.strategy].check_config(cfg)  # the method's own options, before any run starts
         except ConfigError as err:
             raise ConfigError(f"run {name}: {err}") from None
         runs.append((name, values, cfg))
