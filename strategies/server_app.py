@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from maestro_fl.callbacks import (
@@ -53,7 +53,7 @@ from maestro_fl.server_optimizer import ServerMomentum
 from maestro_fl.training import torch_threads
 
 from .runners.ray_grid import RoundInterrupted
-from .submodel_strategy import SubModelStrategy, to_numpy, to_record
+from .submodel_strategy import SubModelStrategy
 
 
 class RunInterrupted(RuntimeError):
@@ -259,17 +259,17 @@ def _run_server(
                 raise RoundInterrupted("stop requested")
             started = time.perf_counter()
             # 1. configure: sample clients, cut their sub-models
-            messages = list(strategy.configure_train(server_round, to_record(arrays), ConfigRecord(), grid))
+            messages = strategy.train_messages(server_round, arrays)
             configured = time.perf_counter()
             # 2. send and receive
             replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout_s)) if messages else []
             replies += injected_duplicates(replies, cfg, strategy.partition_of, server_round)
             received = time.perf_counter()
             # 3. aggregate the good replies
-            merged, _ = strategy.aggregate_train(server_round, replies)
+            merged = strategy.merge_replies(server_round, replies)
             before = arrays
             if merged is not None:  # a round with no good reply leaves the model and the velocity as they were
-                arrays = optimizer.step(before, to_numpy(merged))
+                arrays = optimizer.step(before, merged)
             done = time.perf_counter()
             # 4. callbacks: evaluation, tables, checkpoint, progress
             result = RoundResult(

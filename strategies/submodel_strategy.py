@@ -154,11 +154,16 @@ class SubModelStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        """Flower's Strategy API: :meth:`train_messages` for the global model in ``arrays``."""
+        return self.train_messages(server_round, to_numpy(arrays))
+
+    def train_messages(self, server_round: int, current: Mapping[str, np.ndarray]) -> list[Message]:
         """One message per sampled client, carrying only its sub-model and its assignment.
 
         The encoded arrays and the ConfigRecord of a budget are made once a round and shared by its clients.
+        The round loop calls this with the global model as NumPy arrays: it is never encoded whole.
         """
-        parts = self.core.configure(server_round, to_numpy(arrays))
+        parts = self.core.configure(server_round, current)
         self._encoded = {}
         records: dict[int, RecordDict] = {}
         messages = []
@@ -174,8 +179,8 @@ class SubModelStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The core checks every reply against what was sent, then merges the good ones by the method's rule."""
-        merged = self.core.receive(server_round, (self._reply(msg) for msg in replies))
+        """Flower's Strategy API: :meth:`merge_replies`, as records."""
+        merged = self.merge_replies(server_round, replies)
         if merged is None:
             return None, None
         ok = [r for r in self.core.client_rounds if r.status == "ok"]
@@ -184,6 +189,10 @@ class SubModelStrategy(Strategy):
             {"train-loss": sum(r.train_loss * r.num_examples for r in ok) / total, "clients-ok": len(ok)}
         )
         return to_record(merged), round_metrics
+
+    def merge_replies(self, server_round: int, replies: Iterable[Message]) -> dict[str, np.ndarray] | None:
+        """The core checks every reply against what was sent, then merges the good ones by the method's rule."""
+        return self.core.receive(server_round, (self._reply(msg) for msg in replies))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
