@@ -160,7 +160,7 @@ class LearningCheck(RoundCallback):
         if first_round > 1 and self.run.has(ROUNDS):  # resumed: the first round's loss, and whether it fired
             rounds = self.run.table(ROUNDS, required=["round", "train_loss"])
             self.first_loss = float(rounds["train_loss"].iloc[0]) if len(rounds) else float("nan")
-            self.done = "learning_check" in rounds and rounds["learning_check"].fillna("").astype(str).ne("").any()
+            self.done = "learning_check" in rounds and bool(rounds["learning_check"].dropna().astype(str).ne("").any())
 
     def after_round(self, result: RoundResult) -> bool:
         ok = [c for c in result.clients if c.status == "ok"]

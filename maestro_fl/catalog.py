@@ -21,8 +21,10 @@ NORMS = ("bn", "sbn", "gn", "none")
 #: ordered-dropout samplers of rank levels (maestro_fl/training.py)
 SAMPLERS = ("per_layer", "across_layers", "nested", "tiers", "fixed", "none")
 
-#: experiment trackers (maestro_fl/tracking.py); '' = the run directory's tables only
-TRACKERS = ("", "tensorboard")
+#: experiment trackers (maestro_fl/tracking.py), each with the packages it imports; ``tracking`` names none
+#: ('' = the run directory's tables only), one or several (``tensorboard,mlflow``). MLflow's default store is a
+#: SQLite database, which needs SQLAlchemy and Alembic (a server named by MLFLOW_TRACKING_URI does not)
+TRACKERS: dict[str, tuple[str, ...]] = {"tensorboard": ("tensorboard",), "mlflow": ("mlflow", "sqlalchemy", "alembic")}
 
 #: the federated methods, the one registry: ``strategy`` name -> the class, as ``module:Class`` (imported when
 #: first used, so that the config can check a name without importing the methods). Adding a method is its

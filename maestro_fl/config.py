@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import os
 import tomllib
 import typing
 from collections.abc import Mapping, Sequence
@@ -156,6 +157,22 @@ def check_run_name(name: str) -> None:
 def check_one_of(name: str, value: object, allowed: Sequence[object]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def check_tracking(tracking: str) -> None:
+    """``tracking``: '' or trackers of :data:`~maestro_fl.catalog.TRACKERS`, comma-separated, each installed."""
+    names = [name.strip() for name in tracking.split(",") if name.strip()]
+    for name in names:
+        check_one_of("tracking", name, list(TRACKERS))
+    if len(set(names)) < len(names):
+        raise ConfigError(f"tracking names a tracker twice: {tracking!r}")
+    for name in names:
+        packages = TRACKERS[name]
+        if name == "mlflow" and os.environ.get("MLFLOW_TRACKING_URI"):
+            packages = packages[:1]  # a tracking server: the local SQLite store's packages are not needed
+        missing = [p for p in packages if importlib.util.find_spec(p) is None]
+        if missing:
+            raise ConfigError(f"tracking={name!r} needs {', '.join(missing)}: pip install 'maestro-fl[tracking]'")
 
 
 def check_fraction(name: str, value: float) -> None:
@@ -511,7 +528,7 @@ class SimConfig:
     run_name: str = ""  # '' = sim-dataset-model-seed-timestamp
     resume: str = ""  # a run directory to continue from its last checkpoint
     progress: bool = True  # one line per round
-    tracking: str = ""  # '' = the tables only; 'tensorboard' mirrors them to RUN_DIR/tensorboard (extra [tracking])
+    tracking: str = ""  # '' = the tables only; 'tensorboard' and/or 'mlflow' (comma-separated) mirror them (extra [tracking])
     eval_every: int = 1  # central test (and validation) evaluation of every tier every N rounds and at the last;
     # it never changes training: 1 keeps every round's curve, and each evaluation costs ~tiers x test-set passes
     diagnostics_every: int = 0  # LoD runs: components.csv every round, the whole rank ladder and per-layer cuts
@@ -558,9 +575,7 @@ class SimConfig:
         for name in ("server_shrink_eps", "num_gpus_per_client", "max_update_norm", "diagnostics_every"):
             check_non_negative(name, getattr(self, name))
         check_one_of("robust_merge", self.robust_merge, ("none", "median", "trimmed_mean"))
-        check_one_of("tracking", self.tracking, TRACKERS)
-        if self.tracking == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-            raise ConfigError("tracking='tensorboard' needs TensorBoard: pip install 'maestro-fl[tracking]'")
+        check_tracking(self.tracking)
         if not 0.0 <= self.server_momentum < 1.0:
             raise ConfigError(f"server_momentum must be in [0, 1), got {self.server_momentum!r}")
         if not 0.0 <= self.trim_fraction < 0.5:

@@ -121,10 +121,10 @@ def default_callbacks(cfg: SimConfig, run: RunDir, strategy: SubModelStrategy, t
         RoundTables(run, cfg.round_deadline_s),
         Checkpointing(run, fingerprint),
     ]
-    if cfg.tracking == "tensorboard":  # after the tables: it mirrors their row
-        from maestro_fl.tracking import TensorBoardTracking
+    if cfg.tracking:  # after the tables: a tracker mirrors their row
+        from maestro_fl.tracking import make_trackers
 
-        callbacks.insert(3, TensorBoardTracking(run.path))
+        callbacks[3:3] = make_trackers(cfg.tracking, run.path, to_dict(cfg))
     if cfg.diagnostics_every > 0:  # before the checkpoint: its rows are then never behind it
         callbacks.insert(len(callbacks) - 1, LoDDiagnostics(strategy.method, run, test, validation, inputs, cfg.diagnostics_every,
                                            cfg.rounds))

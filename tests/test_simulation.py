@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -9,7 +10,7 @@ import pytest
 
 from maestro_fl import message_keys as P
 from maestro_fl.callbacks import RoundCallback, RoundResult
-from maestro_fl.config import SimConfig, resolve
+from maestro_fl.config import ConfigError, SimConfig, resolve
 from strategies.runners.launch import load_ref, quiet_flower, run_simulation
 from strategies.runners.local_grid import LocalGrid
 from strategies.server_app import run_server
@@ -263,3 +264,49 @@ def test_tensorboard_tracking_writes_every_rounds_tier_accuracies_as_the_tables_
         assert [e.value for e in logged] == pytest.approx(rows["accuracy"].tolist(), abs=1e-6)
     losses = events.Scalars("round/train_loss")
     assert [e.value for e in losses] == pytest.approx(pd.read_csv(run / "rounds.csv")["train_loss"].tolist(), rel=1e-5)  # the CSV keeps 6 digits
+
+
+def test_mlflow_and_tensorboard_tracking_continue_a_resumed_run_without_a_duplicate_round(tmp_path: Path) -> None:
+    """Both trackers at once, through an interrupt and a resume: every round is logged once, as the tables
+    hold it; the MLflow run is the same one, with the config as its parameters."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from maestro_fl.tracking import MLFLOW_RUN_FILE, MLflowTracking
+
+    cfg = small(tmp_path, rounds=3, backend="local", tracking="tensorboard,mlflow")
+
+    class StopAfterTwo(RoundCallback):
+        def after_round(self, result: RoundResult) -> bool:
+            if result.round == 2:
+                raise Interrupt
+            return False
+
+    run = tmp_path / "tracked"
+    with pytest.raises(Interrupt):
+        local(cfg, run, extra_callbacks=[StopAfterTwo()])
+    record = json.loads((run / MLFLOW_RUN_FILE).read_text())
+    assert record["tracking_uri"].startswith("sqlite:///")  # beside the run directory, as no server is named
+    # a tracker opened on the run again skips the rounds its MLflow run holds (an uncheckpointed round rerun)
+    again = MLflowTracking(run, {})
+    assert again.run_id == record["run_id"] and again.logged_up_to == 2
+    local(cfg, run)  # resumes at round 3
+    tiers = pd.read_csv(run / "tiers.csv")
+    client = MlflowClient(tracking_uri=record["tracking_uri"])
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    for tier, rows in tiers.groupby("tier"):
+        logged = sorted(client.get_metric_history(record["run_id"], f"tier_{tier}/accuracy"), key=lambda m: m.step)
+        assert [m.step for m in logged] == rows["round"].tolist() == [1, 2, 3]
+        assert [m.value for m in logged] == pytest.approx(rows["accuracy"].tolist(), abs=1e-6)
+        assert [e.step for e in events.Scalars(f"tier_{tier}/accuracy")] == [1, 2, 3]
+    mlflow_run = client.get_run(record["run_id"])
+    assert mlflow_run.data.params["lr"] == str(cfg.lr) and mlflow_run.data.tags["strategy"] == cfg.strategy
+    assert mlflow_run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("tracking,message", [("wandb", "tracking must be one of"),
+                                              ("mlflow,mlflow", "names a tracker twice")])
+def test_a_tracker_that_does_not_exist_or_is_named_twice_is_refused(tmp_path: Path, tracking: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        small(tmp_path, tracking=tracking)
