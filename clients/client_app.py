@@ -33,14 +33,9 @@ from flwr.clientapp import ClientApp
 from maestro_fl import message_keys as P
 from maestro_fl import wire
 from maestro_fl.config import SimConfig, parse_faults, resolve
-from maestro_fl.federated import federation
+from maestro_fl.federated import federation, run_device
 from maestro_fl.methods import Assignment, LocalTraining
 from maestro_fl.training import torch_threads
-
-
-def training_device(cfg: SimConfig) -> torch.device:
-    """CUDA when the run gives each client a GPU share (``num_gpus_per_client > 0``) and one is visible."""
-    return torch.device("cuda" if cfg.num_gpus_per_client > 0 and torch.cuda.is_available() else "cpu")
 
 
 @lru_cache(maxsize=4)
@@ -97,7 +92,7 @@ def _train(msg: Message, context: Context, cfg: SimConfig) -> Message:
     model.load_state_dict({k: torch.from_numpy(wire.decode(v.stype, v.data).copy()) for k, v in received.items()})
 
     train, _ = fed.client_split(pid)
-    device = training_device(cfg) if method.runs_on_gpu else torch.device("cpu")
+    device = run_device(cfg) if method.runs_on_gpu else torch.device("cpu")
     model.to(device)
     # local randomness (data order, sampled sub-models) is a function of (seed, round, client) alone
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, server_round, pid]).generate_state(1)[0]))

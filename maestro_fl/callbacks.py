@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from .budget import Cost
 from .convert import lod_layers
@@ -78,8 +79,9 @@ class CentralEvaluation(RoundCallback):
     """
 
     def __init__(self, method: FederatedMethod, test: Split, inputs: Inputs, validation: Split | None = None,
-                 every: int = 1) -> None:
+                 every: int = 1, device: torch.device | str = "cpu") -> None:
         self.method, self.test, self.inputs, self.every = method, test, inputs, every
+        self.device = torch.device(device)
         self.last_round = 0
         self.validation = validation if validation is not None and len(validation) else None
         self.layer_names = tuple(lod_layers(method.template))
@@ -101,12 +103,20 @@ class CentralEvaluation(RoundCallback):
             return False
         reference = self.method.family.reference
         global_model = self.method.family.global_model(result.arrays)
+        scores: dict[tuple[Any, ...], tuple[float, float, float]] = {}
         for tier, cost in result.tier_costs.items():
             model, ranks = self.method.deploy(global_model, cost)
-            loss, acc = evaluate(model, self.test, ranks)
-            # the clients' held-out examples: what a tuning protocol scores, so it never sees the test set
-            val_acc = evaluate(model, self.validation, ranks)[1] if self.validation is not None else float("nan")
             fp = self.footprint(model, ranks)
+            # tiers with one budget deploy one sub-model (tiers 3 and 4 at full rank): it is evaluated once
+            key = (cost.fraction, tuple(sorted(cost.ranks.items())), cost.params, cost.macs)
+            if key not in scores:
+                model.to(self.device)  # the clients' device where they have one (a GPU), else the CPU
+                loss, acc = evaluate(model, self.test, ranks, device=self.device)
+                # the clients' held-out examples: what a tuning protocol scores, so it never sees the test set
+                val_acc = (evaluate(model, self.validation, ranks, device=self.device)[1]
+                           if self.validation is not None else float("nan"))
+                scores[key] = (loss, acc, val_acc)
+            loss, acc, val_acc = scores[key]
             result.tiers.append(
                 {
                     "round": result.round,

@@ -64,6 +64,12 @@ class Federation:
         return self.data.train.subset(train_idx), self.data.train.subset(val_idx)
 
 
+def run_device(cfg: SimConfig) -> torch.device:
+    """Where a run's clients train and its server evaluates: CUDA when the run gives each client a GPU share
+    (``num_gpus_per_client > 0``) and one is visible, else the CPU."""
+    return torch.device("cuda" if cfg.num_gpus_per_client > 0 and torch.cuda.is_available() else "cpu")
+
+
 def model_builder(cfg: SimConfig, spec: InputSpec, static_batchnorm: bool = False) -> Callable[..., nn.Module]:
     """``build(p)``: the run's dense model at hidden-width fraction ``p`` (1.0 = full).
 

@@ -38,7 +38,7 @@ from maestro_fl.callbacks import (
 from maestro_fl.config import SimConfig, parse_faults, resolve, to_dict
 from maestro_fl.data import Split
 from maestro_fl.diagnostics import LoDDiagnostics
-from maestro_fl.federated import check_resume, federation, run_fingerprint
+from maestro_fl.federated import check_resume, federation, run_device, run_fingerprint
 from maestro_fl.footprint import Inputs
 from maestro_fl.results import (
     DEVICES,
@@ -116,7 +116,7 @@ def default_callbacks(cfg: SimConfig, run: RunDir, strategy: SubModelStrategy, t
                       validation: Split | None = None, fingerprint: dict[str, Any] | None = None) -> list[RoundCallback]:
     """Evaluation, then the tables, then the checkpoint (never ahead of the tables), then progress."""
     callbacks: list[RoundCallback] = [
-        CentralEvaluation(strategy.method, test, inputs, validation, cfg.eval_every),
+        CentralEvaluation(strategy.method, test, inputs, validation, cfg.eval_every, run_device(cfg)),
         LearningCheck(run, chance_rate(test), cfg.rounds, cfg.lr, cfg.momentum),
         RoundTables(run, cfg.round_deadline_s),
         Checkpointing(run, fingerprint),

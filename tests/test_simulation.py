@@ -199,13 +199,13 @@ def test_dlrt_clients_with_svd_aggregation(tmp_path: Path) -> None:
 def test_clients_train_on_a_gpu_only_when_given_a_share_of_one(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from clients.client_app import training_device
+    from maestro_fl.federated import run_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert training_device(resolve(SimConfig, overrides={"num_gpus_per_client": 0.25})).type == "cuda"
-    assert training_device(resolve(SimConfig)).type == "cpu"
+    assert run_device(resolve(SimConfig, overrides={"num_gpus_per_client": 0.25})).type == "cuda"
+    assert run_device(resolve(SimConfig)).type == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert training_device(resolve(SimConfig, overrides={"num_gpus_per_client": 0.25})).type == "cpu"
+    assert run_device(resolve(SimConfig, overrides={"num_gpus_per_client": 0.25})).type == "cpu"
 
 
 def test_eval_every_changes_only_which_rounds_are_evaluated(tmp_path: Path) -> None:
