@@ -14,8 +14,11 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt  # headless, matplotlib picks Agg itself; in a notebook, inline
 import pandas as pd
+from matplotlib.artist import Artist
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.legend import Legend
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from maestro_fl.results import RunDir, RunDirError
 
@@ -34,8 +37,11 @@ def _save(fig: Figure, out: str | Path | None) -> Figure:
         if out.suffix in (".png", ".svg"):
             out = out.with_suffix("")
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out.with_name(out.name + ".png"), dpi=150, bbox_inches="tight")  # not with_suffix: 'tau0.2'
-        fig.savefig(out.with_name(out.name + ".svg"), bbox_inches="tight")
+        # every legend inside the saved area, also one placed beside the axes with add_artist (a tier legend)
+        extra = [c for ax in fig.axes for c in ax.get_children() if isinstance(c, Legend)]
+        fig.savefig(out.with_name(out.name + ".png"), dpi=150, bbox_inches="tight",  # not with_suffix: 'tau0.2'
+                    bbox_extra_artists=extra)
+        fig.savefig(out.with_name(out.name + ".svg"), bbox_inches="tight", bbox_extra_artists=extra)
     return fig
 
 
@@ -110,33 +116,28 @@ def sweep_runs(sweep_dir: str | Path) -> tuple[list[Path], list[str]]:
     return [root / r for r in finished["run"]], labels
 
 
-#: a single run's spread: the standard deviation of each tier's accuracy over its last rounds
-LAST_ROUNDS = 5
-#: accuracy axes span at least this many percentage points, so that noise does not read as an effect
-MIN_ACCURACY_SPAN = 5.0
+#: accuracy axes span at least this many percentage points, so that a difference of a few test examples does not
+#: fill the figure (one digits test image is 0.28 pp; the tiers of a run often differ by 1-2 pp)
+MIN_ACCURACY_SPAN = 10.0
 
 
 def footprint_points(run_dir: str | Path, x: str = "params") -> pd.DataFrame:
-    """One row per tier (federated: final round) or rank fraction (centralized): x, accuracy, point label,
-    and ``spread``: for a federated run, the standard deviation of the tier's accuracy over its last
-    :data:`LAST_ROUNDS` rounds (how much the last round's number is noise)."""
+    """One row per tier (federated: final round) or rank fraction (centralized): x, accuracy, point label."""
     if x not in ("params", "macs", "bytes"):
         raise ValueError(f"x must be one of ['params', 'macs', 'bytes'], got {x!r}")
     if run_kind(run_dir) == "federated":
         tiers = read_table(run_dir, "tiers.csv", ("round", "tier", "accuracy", "params", "macs"))
         last = tiers[tiers["round"] == tiers["round"].max()].copy()
-        recent = tiers[tiers["round"] > tiers["round"].max() - LAST_ROUNDS]
-        last["spread"] = last["tier"].map(recent.groupby("tier")["accuracy"].std()).fillna(0.0)
         if x == "bytes":
             clients = read_table(run_dir, "clients.csv", ("tier", "status", "bytes_down", "bytes_up"))
             ok = clients[clients["status"] == "ok"]
             per_tier = (ok["bytes_down"] + ok["bytes_up"]).groupby(ok["tier"]).mean()
             last["bytes"] = last["tier"].map(per_tier)
         last["label"] = "t" + last["tier"].astype(str)
-        return last[[x, "accuracy", "spread", "label", "tier"]].rename(columns={x: "x"})
+        return last[[x, "accuracy", "label", "tier"]].rename(columns={x: "x"})
     ladder = read_table(run_dir, "ladder.csv", ("rank_fraction", "test_accuracy", "params", "macs"))
     col = "bytes_fp32" if x == "bytes" else x
-    out = pd.DataFrame({"x": ladder[col], "accuracy": ladder["test_accuracy"], "spread": 0.0,
+    out = pd.DataFrame({"x": ladder[col], "accuracy": ladder["test_accuracy"],
                         "label": "p=" + ladder["rank_fraction"].astype(str)})
     out["tier"] = range(len(out))
     return out
@@ -200,19 +201,48 @@ def _short_number(value: float, _: object) -> str:
     return f"{value:g}"
 
 
+#: how far apart (log-x, natural units) the points of methods that deploy one size are drawn, so that none hides
+#: another: 3 % per method, small beside the factor of ~1.5 between tiers
+DODGE = 0.03
+
+
+#: one marker per tier (or ladder point), the same in every figure
+TIER_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def tier_marker(label: str) -> str:
+    """The marker of a point labelled ``t3`` (or ``t3,t4``: the smallest tier's); other labels cycle by hash."""
+    first = label.split(",")[0]
+    index = int(first[1:]) if first.startswith("t") and first[1:].isdigit() else sum(map(ord, first))
+    return TIER_MARKERS[index % len(TIER_MARKERS)]
+
+
+def dodged(points: pd.DataFrame) -> pd.Series:
+    """The x at which to draw each point: methods whose points share one size are spread sideways around it,
+    in their order, by :data:`DODGE` on the log axis; a size only one method deploys stays where it is."""
+    out = points["x"].astype(float).copy()
+    for _, same in points.groupby(points["x"].round(6), sort=False):
+        methods = list(dict.fromkeys(same["method"]))
+        if len(methods) > 1:
+            for j, method in enumerate(methods):
+                rows = same.index[same["method"] == method]
+                out[rows] = same.loc[rows, "x"] * math.exp(DODGE * (j - (len(methods) - 1) / 2))
+    return out
+
+
 def accuracy_vs_footprint(
     run_dirs: Sequence[str | Path],
     labels: Sequence[str] | None = None,
     x: str = "params",
     out: str | Path | None = None,
 ) -> Figure:
-    """The Pareto view: accuracy against a footprint, one curve per method (label), points per tier
-    or rank fraction.
+    """The Pareto view: accuracy against a footprint, one marker per method (label) and tier or rank fraction.
 
-    Runs sharing a label (seeds) are averaged, with their standard deviation as
-    error bars; a label with one run shows the spread of its last rounds
-    (:data:`LAST_ROUNDS`). A reference run (:func:`reference_kind`: dense FedAvg, FedAvg over the
-    devices that afford the full model, a homogeneous bound) is a line with its spread as a band, not a curve.
+    Runs sharing a label (seeds) are averaged, with their standard deviation as error bars; a label with
+    one run is drawn as markers only and said to be one run. Tiers are points, not a curve: sizes that a
+    method does not deploy are not interpolated. Methods whose points share one size are spread sideways
+    (:func:`dodged`) and the figure says so. A reference run (:func:`reference_kind`: dense FedAvg, FedAvg
+    over the devices that afford the full model, a homogeneous bound) is a line with its spread as a band.
     """
     labels = list(labels) if labels is not None else [Path(r).name for r in run_dirs]
     frames = [footprint_points(r, x).assign(method=m, run=str(r), reference=reference_kind(r))
@@ -224,42 +254,71 @@ def accuracy_vs_footprint(
     cmap = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
     grays = {7} if cmap.N == 10 else {14, 15}  # grays are the reference lines'
     palette = [cmap(k) for k in range(cmap.N) if k not in grays]
+    points = []
     for i, (method, group) in enumerate(data.groupby("method", sort=False)):
         seeds = group["run"].nunique()
         kind = group["reference"].iloc[0]
         if kind:  # a reference: one model for every tier, a line with its spread as a band
             finals = group.groupby("run")["accuracy"].mean()
             mean = 100 * finals.mean()
-            sd = 100 * (finals.std() if seeds > 1 else group["spread"].mean())
             what, style, shade = REFERENCE_LINES[kind]
-            ax.axhline(mean, color=shade, linestyle=style, linewidth=1.2, label=f"{method}: {what}")
-            ax.axhspan(mean - sd, mean + sd, color=shade, alpha=0.10, linewidth=0)
+            ax.axhline(mean, color=shade, linestyle=style, linewidth=1.2,
+                       label=f"{method}: {what}" + ("" if seeds > 1 else ", one run"))
+            if seeds > 1:
+                sd = 100 * finals.std()
+                ax.axhspan(mean - sd, mean + sd, color=shade, alpha=0.10, linewidth=0)
             continue
         stats = group.groupby("tier").agg(x=("x", "mean"), acc=("accuracy", "mean"), sd=("accuracy", "std"),
-                                          spread=("spread", "mean"), label=("label", "first"))
-        err = stats["sd"].fillna(0.0) if seeds > 1 else stats["spread"]
-        how = f"{seeds} seeds" if seeds > 1 else f"last {LAST_ROUNDS} rounds"
-        ax.errorbar(stats["x"], 100 * stats["acc"], yerr=100 * err, marker="o", capsize=3,
-                    label=f"{method} (± std over {how})", color=palette[i % len(palette)])
-        if len(methods) <= 4:  # more curves than that: the labels would cover the points
-            # tiers that deploy the same sub-model share a point, and one label ("t3,t4")
-            for (px, acc), same in stats.groupby(["x", "acc"], sort=False):
-                ax.annotate(",".join(same["label"]), (px, 100 * acc), textcoords="offset points",
-                            xytext=(3, -10), fontsize=7)
+                                          label=("label", "first"))
+        # tiers that deploy one sub-model are one point with one label ("t3,t4")
+        merged = stats.groupby(["x", "acc"], sort=False).agg(sd=("sd", "first"), label=("label", ",".join))
+        points.append(merged.reset_index().assign(method=method, seeds=seeds, color=[palette[i % len(palette)]] * len(merged)))
+    dodge = False
+    method_handles: list[Patch] = []
+    if points:
+        drawn = pd.concat(points, ignore_index=True)
+        drawn["at"] = dodged(drawn)
+        dodge = bool((drawn["at"] != drawn["x"]).any())
+        for method, group in drawn.groupby("method", sort=False):
+            seeds = int(group["seeds"].iloc[0])
+            how = f"± std over {seeds} seeds" if seeds > 1 else "one run"
+            err = 100 * group["sd"].fillna(0.0) if seeds > 1 else None
+            color = group["color"].iloc[0]
+            ax.errorbar(group["at"], 100 * group["acc"], yerr=err, marker="none", linestyle="none", capsize=3,
+                        color=color)
+            method_handles.append(Patch(color=color, label=f"{method} ({how})"))  # the method's legend entry: its colour
+            # the tier is the marker's shape (text labels of nearby points collide); tiers deploying one model
+            # share a point, drawn with the smallest such tier's marker and listed in the tier legend
+            for at, acc, label in zip(group["at"], group["acc"], group["label"]):
+                ax.scatter([at], [100 * acc], marker=tier_marker(label), color=color, s=36, zorder=3)
     ax.set_xscale("log")
     # plain numbers at the ticks (30k, 100k, 1M): log-scale minor labels like 3×10⁴ collide
     ax.xaxis.set_major_formatter(FuncFormatter(_short_number))
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: _short_number(v, None) if _leading(v) in (2, 3, 5) else ""))
-    ax.set_xlabel(X_LABELS[x] + " (log scale)")
+    xlabel = X_LABELS[x] + " (log scale)"
+    if dodge:
+        xlabel += f"\nmethods at one size are drawn {100 * DODGE:g} % apart so that none hides another"
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Test accuracy vs {X_TITLES[x]}, per tier")
     keep_accuracy_span(ax)
+    if points:  # which marker is which tier, in a legend of its own
+        labels_drawn = list(pd.concat(points)["label"])
+        shapes = list(dict.fromkeys(one for lab in labels_drawn for one in lab.split(",")))
+        shared = any("," in lab for lab in labels_drawn)
+        tier_handles = [plt.Line2D([], [], marker=tier_marker(lab), color="0.3", linestyle="none", label=lab)
+                        for lab in shapes]
+        ax.add_artist(ax.legend(handles=tier_handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                                title_fontsize=7,
+                                title="tier" + ("\n(tiers of one model:\nthe smallest's)" if shared else ""),
+                                ncol=1 if len(tier_handles) <= 6 else 2))
+    handles: list[Artist] = [*ax.get_legend_handles_labels()[0], *method_handles]  # the reference lines, then the methods
     if many:
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+        ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2 if dodge else -0.16), ncol=2)
     elif (data["reference"] != "").any():  # reference lines cross the whole axes: the legend goes below them
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16))
+        ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2 if dodge else -0.16))
     else:
-        ax.legend(fontsize=8)
+        ax.legend(handles=handles, fontsize=8)
     ax.grid(alpha=0.3, which="both")
     return _save(fig, out)
 
@@ -286,18 +345,25 @@ def ladder_vs_tiers(
         raise ValueError(f"x must be one of ['params', 'macs'], got {x!r}")
     ladder = pd.concat([pd.DataFrame(deploy_ladder(r, fractions)) for r in ladder_runs])
     curve = ladder.groupby("fraction").agg(x=(x, "mean"), acc=("accuracy", "mean"), sd=("accuracy", "std"))
-    curve = curve.fillna(0.0)
+    seeds = len(set(map(str, ladder_runs)))
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot(curve["x"], 100 * curve["acc"], color="black", label="FedLoD, cut at any rank")
-    ax.fill_between(curve["x"], 100 * (curve["acc"] - curve["sd"]), 100 * (curve["acc"] + curve["sd"]),
-                    color="black", alpha=0.15, linewidth=0)
-    frames = [footprint_points(r, x).assign(method=m) for r, m in zip(tier_runs, tier_labels)]
+    # the ladder is one model cut at every rank: a curve; its band is over seeds, and there is none for one run
+    ax.plot(curve["x"], 100 * curve["acc"], color="black",
+            label="FedLoD, cut at any rank" + (f" (band: ± std over {seeds} seeds)" if seeds > 1 else " (one run)"))
+    if seeds > 1:
+        ax.fill_between(curve["x"], 100 * (curve["acc"] - curve["sd"]), 100 * (curve["acc"] + curve["sd"]),
+                        color="black", alpha=0.15, linewidth=0)
+    frames = [footprint_points(r, x).assign(method=m, run=str(r)) for r, m in zip(tier_runs, tier_labels)]
     if frames:
         for method, group in pd.concat(frames).groupby("method", sort=False):
+            n = group["run"].nunique()
             stats = group.groupby("tier").agg(x=("x", "mean"), acc=("accuracy", "mean"), sd=("accuracy", "std"))
-            ax.errorbar(stats["x"], 100 * stats["acc"], yerr=100 * stats["sd"].fillna(0.0), marker="o",
-                        linestyle="none", capsize=3, label=f"{method} tiers")
+            ax.errorbar(stats["x"], 100 * stats["acc"], yerr=100 * stats["sd"] if n > 1 else None, marker="o",
+                        linestyle="none", capsize=3,
+                        label=f"{method} tiers" + (f" (± std over {n} seeds)" if n > 1 else " (one run)"))
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(_short_number))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: _short_number(v, None) if _leading(v) in (2, 3, 5) else ""))
     ax.set_xlabel(X_LABELS[x] + " (log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("One FedLoD model at every budget vs per-tier sub-models")
@@ -467,6 +533,8 @@ def methods_vs_round(runs: Sequence[str | Path], labels: Sequence[str], out: str
     for ax, which in zip(axes, ("each method's top tier", "each method's bottom tier")):
         ax.set_title(f"{which}: test accuracy vs " + ("simulated time" if time_axis else "round"), fontsize=10)
         ax.set_xlabel("simulated wall-clock (minutes)" if time_axis else "round")
+        if not time_axis:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole: no tick at round 2.5
         ax.grid(alpha=0.3)
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, -0.02 - 0.045 *

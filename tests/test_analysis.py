@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -80,15 +81,25 @@ def test_federated_figures_have_their_axes_and_series(fl_run: Path, tmp_path: Pa
     from analysis import plots
 
     fig = plots.accuracy_vs_footprint([fl_run], ["FedLoD"], x="params", out=tmp_path / "pareto")
-    (series,) = fig.axes[0].containers  # one error-bar series per method
+    (series,) = fig.axes[0].containers  # one series per method
     assert len(series.lines[0].get_xdata()) == 2 and fig.axes[0].get_xscale() == "log"
-    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["FedLoD (± std over last 5 rounds)"]
+    assert series.lines[0].get_linestyle() == "None"  # tiers are points: no line between them
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["FedLoD (one run)"]
+    markers = [c.get_paths()[0].vertices.shape for c in fig.axes[0].collections]  # a marker shape per tier
+    assert len(markers) == 2 and markers[0] != markers[1]
+    assert (tmp_path / "pareto.png").is_file()
     low, high = fig.axes[0].get_ylim()
     assert high - low >= plots.MIN_ACCURACY_SPAN  # noise is not magnified
-    bars = series.lines[2][0].get_segments()  # a single run's spread over its last rounds, as error bars
-    assert len(bars) == 2 and any(seg[1][1] > seg[0][1] for seg in bars)
-    fig = plots.accuracy_vs_footprint([fl_run, fl_run], ["A", "A"], x="bytes")  # two seeds: one curve
-    assert len(fig.axes[0].containers) == 1
+    assert not series.has_yerr  # one run: markers only, no spread that is not over seeds
+    twin = tmp_path / "seed1"
+    shutil.copytree(fl_run, twin)
+    fig = plots.accuracy_vs_footprint([fl_run, twin], ["A", "A"], x="bytes")  # two seeds: one series
+    (series,) = fig.axes[0].containers
+    assert series.has_yerr and "± std over 2 seeds" in fig.axes[0].get_legend().get_texts()[0].get_text()
+    # two methods at the same sizes: drawn apart, and the figure says so
+    fig = plots.accuracy_vs_footprint([fl_run, fl_run], ["A", "B"], x="params")
+    a, b = (c.lines[0].get_xdata() for c in fig.axes[0].containers)
+    assert all(xa < xb for xa, xb in zip(a, b)) and "apart" in fig.axes[0].get_xlabel()
     fig = plots.accuracy_vs_round(fl_run)
     assert len(fig.axes[0].get_lines()) == 2 and list(fig.axes[0].get_lines()[0].get_xdata()) == [1, 2, 3]
     fig = plots.accuracy_vs_round(fl_run, time_axis=True)
@@ -120,10 +131,11 @@ def test_ladder_vs_tiers_draws_the_rank_curve_and_each_methods_tiers(fl_run: Pat
     dense = [r for r, m in zip(runs, labels) if m == "dense"]
     fig = plots.ladder_vs_tiers([fl_run], dense, ["dense"] * len(dense), fractions=(0.1, 0.5, 1.0))
     ax = fig.axes[0]
-    (curve,) = [line for line in ax.get_lines() if line.get_label() == "FedLoD, cut at any rank"]
+    (curve,) = [line for line in ax.get_lines() if line.get_label() == "FedLoD, cut at any rank (one run)"]
     xs = list(curve.get_xdata())
     assert len(xs) == 3 and xs == sorted(xs)
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["FedLoD, cut at any rank", "dense tiers"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["FedLoD, cut at any rank (one run)",
+                                                                    "dense tiers (± std over 2 seeds)"]
     assert len(ax.containers) == 1 and ax.get_xscale() == "log"
 
 
