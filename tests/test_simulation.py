@@ -72,18 +72,21 @@ class Interrupt(Exception):
     pass
 
 
+class StopAfterTwo(RoundCallback):
+    """Interrupts a run after its second round (after the round's tables and checkpoint)."""
+
+    def after_round(self, result: RoundResult) -> bool:
+        if result.round == 2:
+            raise Interrupt
+        return False
+
+
 @pytest.mark.parametrize("strategy,extra", [("fedlod", {}), ("heterofl", {}), ("fjord", {}), ("fedhm", {}),
                                             ("fedlod", {"server_momentum": 0.7})])  # its velocity is in the checkpoint
 def test_interrupted_run_resumes_from_its_checkpoint(tmp_path: Path, strategy: str, extra: dict[str, object]) -> None:
     cfg = small(tmp_path, rounds=4, backend="local", strategy=strategy, **extra)
     full = tmp_path / "full"
     local(cfg, full)
-
-    class StopAfterTwo(RoundCallback):
-        def after_round(self, result: RoundResult) -> bool:
-            if result.round == 2:
-                raise Interrupt
-            return False
 
     cut = tmp_path / "cut"
     with pytest.raises(Interrupt):
@@ -275,12 +278,6 @@ def test_mlflow_and_tensorboard_tracking_continue_a_resumed_run_without_a_duplic
     from maestro_fl.tracking import MLFLOW_RUN_FILE, MLflowTracking
 
     cfg = small(tmp_path, rounds=3, backend="local", tracking="tensorboard,mlflow")
-
-    class StopAfterTwo(RoundCallback):
-        def after_round(self, result: RoundResult) -> bool:
-            if result.round == 2:
-                raise Interrupt
-            return False
 
     run = tmp_path / "tracked"
     with pytest.raises(Interrupt):
