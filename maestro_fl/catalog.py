@@ -26,6 +26,11 @@ SAMPLERS = ("per_layer", "across_layers", "nested", "tiers", "fixed", "none")
 #: SQLite database, which needs SQLAlchemy and Alembic (a server named by MLFLOW_TRACKING_URI does not)
 TRACKERS: dict[str, tuple[str, ...]] = {"tensorboard": ("tensorboard",), "mlflow": ("mlflow", "sqlalchemy", "alembic")}
 
+
+def tracker_names(tracking: str) -> tuple[str, ...]:
+    """The trackers a ``tracking`` value names (``'tensorboard,mlflow'`` → both; ``''`` → none)."""
+    return tuple(name.strip() for name in tracking.split(",") if name.strip())
+
 #: the federated methods, the one registry: ``strategy`` name -> the class, as ``module:Class`` (imported when
 #: first used, so that the config can check a name without importing the methods). Adding a method is its
 #: module and one line here (docs/adding_a_method.md); ``maestro-fl compare`` lists them in this order

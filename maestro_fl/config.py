@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 # leaf modules only (each imports nothing of maestro_fl): the config sits below everything it configures
-from .catalog import DATASETS, METHOD_CLASSES, MODELS, NORMS, SAMPLERS, TRACKERS
+from .catalog import DATASETS, METHOD_CLASSES, MODELS, NORMS, SAMPLERS, TRACKERS, tracker_names
 from .population import DEFAULT_TIERS, PopulationError, load_population
 from .references import UnresolvedReference, is_reference
 from .references import resolve as resolve_reference
@@ -161,7 +161,7 @@ def check_one_of(name: str, value: object, allowed: Sequence[object]) -> None:
 
 def check_tracking(tracking: str) -> None:
     """``tracking``: '' or trackers of :data:`~maestro_fl.catalog.TRACKERS`, comma-separated, each installed."""
-    names = [name.strip() for name in tracking.split(",") if name.strip()]
+    names = tracker_names(tracking)
     for name in names:
         check_one_of("tracking", name, list(TRACKERS))
     if len(set(names)) < len(names):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .callbacks import RoundCallback, RoundResult
+from .catalog import tracker_names
 
 LOG = logging.getLogger("maestro_fl")
 
@@ -38,11 +39,6 @@ ROUND_KEYS = ("train_loss", "bytes_down", "bytes_up", "sim_seconds_total", "wall
               "timeout", "malformed", "dropped", "unaffordable")
 #: the tier-table columns a tracker mirrors (``tier_<T>/<column>``)
 TIER_KEYS = ("accuracy", "loss", "val_accuracy")
-
-
-def trackers(tracking: str) -> tuple[str, ...]:
-    """The trackers a ``tracking`` value names (``'tensorboard,mlflow'`` → both; ``''`` → none)."""
-    return tuple(name.strip() for name in tracking.split(",") if name.strip())
 
 
 def round_metrics(result: RoundResult) -> dict[str, float]:
@@ -171,4 +167,4 @@ TRACKER_CLASSES = {"tensorboard": TensorBoardTracking, "mlflow": MLflowTracking}
 
 def make_trackers(tracking: str, run_dir: str | Path, config: Mapping[str, Any]) -> list[RoundCallback]:
     """The callbacks ``tracking`` names, in its order, for the run at ``run_dir`` with resolved ``config``."""
-    return [TRACKER_CLASSES[name](run_dir, config) for name in trackers(tracking)]
+    return [TRACKER_CLASSES[name](run_dir, config) for name in tracker_names(tracking)]
