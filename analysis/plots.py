@@ -37,8 +37,9 @@ def _save(fig: Figure, out: str | Path | None) -> Figure:
         if out.suffix in (".png", ".svg"):
             out = out.with_suffix("")
         out.parent.mkdir(parents=True, exist_ok=True)
-        # every legend inside the saved area, also one placed beside the axes with add_artist (a tier legend)
-        extra = [c for ax in fig.axes for c in ax.get_children() if isinstance(c, Legend)]
+        # every legend inside the saved area: one placed beside the axes with add_artist (a tier legend) and a
+        # figure legend below the panels are both outside what bbox_inches="tight" measures by default
+        extra = list(fig.legends) + [c for ax in fig.axes for c in ax.get_children() if isinstance(c, Legend)]
         fig.savefig(out.with_name(out.name + ".png"), dpi=150, bbox_inches="tight",  # not with_suffix: 'tau0.2'
                     bbox_extra_artists=extra)
         fig.savefig(out.with_name(out.name + ".svg"), bbox_inches="tight", bbox_extra_artists=extra)
