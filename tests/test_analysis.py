@@ -201,6 +201,15 @@ def test_sweep_figures_average_seeds_per_method(small_sweep: Path, tmp_path: Pat
     assert len(rows) == 4 and all(" ± " in row and "| 2 |" in row for row in rows)
     assert (tmp_path / "rep" / "methods_vs_round.png").is_file() and "(methods_vs_round.png)" in text
     assert (tmp_path / "rep" / "methods_vs_time.png").is_file()
+    # the methods' legend sits below the panels: the saved image must hold it, not cut it off
+    from PIL import Image
+
+    fig = plots.methods_vs_round(runs, labels, out=tmp_path / "mvr")
+    (legend,) = fig.legends
+    holds_all = fig.get_tightbbox()  # matplotlib's own tight box: every artist, this legend included
+    assert legend.get_window_extent().y0 / fig.dpi == pytest.approx(holds_all.y0)  # (the legend is lowest)
+    saved_height_in = Image.open(tmp_path / "mvr.png").size[1] / 150  # (_save writes png at 150 dpi)
+    assert saved_height_in == pytest.approx(holds_all.height + 2 * 0.1, abs=0.05)  # (+ tight's padding)
 
 
 @pytest.mark.slow
