@@ -13,7 +13,7 @@ import importlib.util
 import os
 import tomllib
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -117,7 +117,8 @@ def check_dataset(cfg: TrainConfig | SimConfig) -> None:
         check_reference("dataset", name)
     elif not Path(name).exists():
         raise ConfigError(f"dataset must be one of {list(DATASETS)}, 'hf:NAME', an existing path (a saved dataset, "
-                          f"a .parquet file, an image folder) or a reference 'package.module:attr'; got {name!r}")
+                          f"a .parquet file, an image folder) or a reference 'package.module:attr'; got {name!r}"
+                          + did_you_mean(name, DATASETS))
     if name in ("mnist", "fashion_mnist", "cifar10") and not cfg.download and not Path(cfg.data_root).exists():
         raise ConfigError(
             f"data_root: {cfg.data_root!r} does not exist; dataset {name!r} is read from there "
@@ -132,7 +133,7 @@ def check_model(name: str) -> None:
         return
     if not is_reference(name):
         raise ConfigError(f"model must be one of {sorted(MODELS)} or a reference 'package.module:attr' "
-                          f"(an nn.Module, or a function building one), got {name!r}")
+                          f"(an nn.Module, or a function building one), got {name!r}{did_you_mean(name, MODELS)}")
     obj = check_reference("model", name)
     if not callable(obj):
         raise ConfigError(f"model: {name!r} is a {type(obj).__name__}, not an nn.Module or a function building one")
@@ -154,9 +155,15 @@ def check_run_name(name: str) -> None:
             raise ConfigError(str(err)) from None
 
 
+def did_you_mean(value: object, allowed: Iterable[object]) -> str:
+    """`` (did you mean 'x'?)`` for a misspelled name close to an allowed one, else an empty string."""
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+
+
 def check_one_of(name: str, value: object, allowed: Sequence[object]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}{did_you_mean(value, allowed)}")
 
 
 def check_tracking(tracking: str) -> None:

@@ -103,6 +103,11 @@ def test_bad_config_names_the_field(overrides: list[str], field: str) -> None:
         (["lr=fast"], r"^lr must be a number, got 'fast'$"),
         (["tier_shares=0.5,0.5,0.5"], r"^tier_shares must be non-negative shares of the clients that sum to 1"),
         (["tier_shares=0.5,-0.5,1"], r"^tier_shares must be non-negative"),
+        (["strategy=fedlodd"], r"^strategy must be one of .*, got 'fedlodd' \(did you mean 'fedlod'\?\)$"),
+        (["model=cnnn"], r"^model must be one of .*, got 'cnnn' \(did you mean 'cnn' or 'cnn1d'\?\)$"),
+        (["dataset=digit"], r"^dataset must be one of .*; got 'digit' \(did you mean 'digits'\?\)$"),
+        (["partition=dirichlett"], r"\(did you mean 'dirichlet'\?\)$"),
+        (["strategy=zzz"], r"^strategy must be one of .*, got 'zzz'$"),  # nothing close: no guess
     ],
 )
 def test_a_bad_simulate_key_or_value_gets_one_line_that_helps(overrides: list[str], message: str) -> None:
