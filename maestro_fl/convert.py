@@ -20,7 +20,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import Init, LoDLayer, ceil_rank, dense_is_smaller, lod_from_dense, singular_values
+from .layers import (
+    Init,
+    LoDLayer,
+    LoDMultiheadAttention,
+    attention_projections,
+    ceil_rank,
+    dense_is_smaller,
+    lod_from_dense,
+)
 
 Ranks = dict[str, int]
 
@@ -136,10 +144,11 @@ class FactorizationPlan:
 
     def __str__(self) -> str:
         width = max((len(d.name) for d in self.decisions), default=4)
-        lines = [f"{'layer':<{width}}  {'kind':<14}  decision"]
+        kinds = max((len(d.kind) for d in self.decisions), default=4)
+        lines = [f"{'layer':<{width}}  {'kind':<{kinds}}  decision"]
         for d in self.decisions:
             what = f"LoD rank {d.rank}" if d.factorized else f"dense: {d.reason}"
-            lines.append(f"{d.name:<{width}}  {d.kind:<14}  {what}")
+            lines.append(f"{d.name:<{width}}  {d.kind:<{kinds}}  {what}")
         return "\n".join(lines)
 
 
@@ -183,71 +192,103 @@ def plan_factorization(
     for name, module in _walk(model, every_name=True):
         names.setdefault(id(module), []).append(name)
         modules[id(module)] = module
+    inside_attention = {id(c) for m in modules.values() if type(m) is nn.MultiheadAttention for c in m.modules()
+                        if c is not m}  # (its out_proj is one of its four projections, decided with it)
     owners: dict[int, set[int]] = {}  # parameter -> the modules holding it directly
     for key, module in modules.items():
         for p in module.parameters(recurse=False):
             owners.setdefault(id(p), set()).add(key)
-    candidates = [k for k, m in modules.items() if type(m) in FACTORIZABLE]
+    # every factorizable weight, in definition order: (module key, projection or None, its 2-D weight)
+    candidates: list[tuple[int, str | None, torch.Tensor]] = []
+    for key, module in modules.items():
+        if isinstance(module, FACTORIZABLE) and type(module) in FACTORIZABLE and key not in inside_attention:
+            weight = module.weight.detach()
+            candidates.append((key, None, weight.reshape(weight.shape[0], -1)))
+        elif isinstance(module, nn.MultiheadAttention) and type(module) is nn.MultiheadAttention \
+                and attention_refusal(module) is None:
+            candidates.extend((key, proj, w) for proj, (w, _) in attention_projections(module).items())
+
+    def labels(key: int, proj: str | None) -> list[str]:
+        return names[key] if proj is None else [f"{n}.{proj}" for n in names[key]]
+
     if isinstance(rank, Mapping):
-        known = {n for k in candidates for n in names[k]}
+        known = {n for key, proj, _ in candidates for n in labels(key, proj)}
         unknown = sorted(set(rank) - known)
         if unknown:
             raise ValueError(f"rank: unknown layers {unknown}; factorizable layers are {sorted(known)}")
-    classifier = next((k for k in reversed(candidates) if type(modules[k]) is nn.Linear), None)
+    classifier = next((k for k, proj, _ in reversed(candidates) if proj is None and type(modules[k]) is nn.Linear),
+                      None)
     decisions: list[LayerDecision] = []
     for key, module in modules.items():
         label, kind = " = ".join(names[key]), type(module).__name__
-        if isinstance(module, LoDLayer):
+        if isinstance(module, LoDLayer | LoDMultiheadAttention) or key in inside_attention:
             continue
-        if isinstance(module, FACTORIZABLE) and type(module) not in FACTORIZABLE:
+        if type(module) is nn.MultiheadAttention and (refusal := attention_refusal(module)) is not None:
+            decisions.append(LayerDecision(label, kind, None, refusal))
+            continue
+        if isinstance(module, FACTORIZABLE + (nn.MultiheadAttention,)) and type(module) not in FACTORIZABLE + (
+                nn.MultiheadAttention,):
             decisions.append(LayerDecision(label, kind, None, f"a subclass of {type(module).__mro__[1].__name__}"))
             continue
-        if key not in candidates:
+        own = [(i, c) for i, c in enumerate(candidates) if c[0] == key]
+        if not own:
             for pname, p in module.named_parameters(recurse=False):
                 if p.ndim >= 2:
                     decisions.append(LayerDecision(f"{label}.{pname}", "parameter", None,
                                                    f"a raw {tuple(p.shape)} parameter of {kind}: not factorizable"))
             continue
-        assert isinstance(module, FACTORIZABLE)  # the candidates are FACTORIZABLE's exact types
-        w = module.weight
-        m, n = w.shape[0], w[0].numel()
-        full = min(m, n)
-        index = candidates.index(key)
-        reason = ""
-        if len(owners.get(id(w), ())) > 1:
-            others = sorted(" = ".join(names[o]) for o in owners[id(w)] if o != key)
-            reason = f"its weight is tied to {others}"
-        elif isinstance(module, (nn.Conv1d, nn.Conv2d)) and (module.groups != 1 or module.padding_mode != "zeros"):
-            reason = "grouped or non-zero-padded convolution"
-        elif m + n >= m * n:
-            reason = f"vector-like ({m}x{n}): factors would be no smaller"
-        elif index < keep_first:
-            reason = f"keep_first={keep_first}"
-        elif keep_classifier and key == classifier:
-            reason = "keep_classifier"
-        if reason:
-            decisions.append(LayerDecision(label, kind, None, reason))
-            continue
-        if rank is None and energy is None:
-            r = full
-        elif energy is not None:
-            sq = singular_values(module).double().pow(2)
-            kept = sq.cumsum(0) / sq.sum()
-            r = int((kept < energy - 1e-12).sum().item()) + 1
-        elif isinstance(rank, Mapping):
-            given = [rank[n] for n in names[key] if n in rank]
-            r = int(given[0]) if given else full
-            if not 1 <= r <= full:
-                raise ValueError(f"rank[{names[key][0]!r}] = {r}; allowed: an integer in [1, {full}] (min(out, in·∏k))")
-        else:
-            assert rank is not None  # rank None with energy None is the first branch
-            r = ceil_rank(float(rank), full)
-        r = min(r, full)
-        if skip_unprofitable and r * (m + n) >= m * n:
-            decisions.append(LayerDecision(label, kind, None, f"rank {r} saves nothing (skip_unprofitable)"))
-            continue
-        decisions.append(LayerDecision(label, kind, r, ""))
+        for index, (_, proj, w) in own:
+            decisions.append(_decide(module, key, proj, w, index, labels(key, proj), rank, energy, keep_first,
+                                     keep_classifier and key == classifier, skip_unprofitable, owners, names))
     return FactorizationPlan(tuple(decisions))
+
+
+def attention_refusal(mha: nn.MultiheadAttention) -> str | None:
+    """Why an attention module stays dense, or ``None`` when its projections can be factorized."""
+    if mha.bias_k is not None or mha.add_zero_attn:
+        return "add_bias_kv / add_zero_attn: not supported by LoD attention"
+    return None
+
+
+def _decide(module: nn.Module, key: int, proj: str | None, w: torch.Tensor, index: int, label_names: list[str],
+            rank: float | Mapping[str, int] | None, energy: float | None, keep_first: int, is_kept_classifier: bool,
+            skip_unprofitable: bool, owners: Mapping[int, set[int]], names: Mapping[int, list[str]]) -> LayerDecision:
+    """One factorizable weight's decision (see :func:`plan_factorization` for the rule)."""
+    label, kind = " = ".join(label_names), type(module).__name__
+    m, n = w.shape
+    full = min(m, n)
+    reason = ""
+    if proj is None and len(owners.get(id(module.weight), ())) > 1:
+        others = sorted(" = ".join(names[o]) for o in owners[id(module.weight)] if o != key)
+        reason = f"its weight is tied to {others}"
+    elif isinstance(module, (nn.Conv1d, nn.Conv2d)) and (module.groups != 1 or module.padding_mode != "zeros"):
+        reason = "grouped or non-zero-padded convolution"
+    elif m + n >= m * n:
+        reason = f"vector-like ({m}x{n}): factors would be no smaller"
+    elif index < keep_first:
+        reason = f"keep_first={keep_first}"
+    elif is_kept_classifier:
+        reason = "keep_classifier"
+    if reason:
+        return LayerDecision(label, kind, None, reason)
+    if rank is None and energy is None:
+        r = full
+    elif energy is not None:
+        sq = torch.linalg.svdvals(w.double()).pow(2)
+        kept = sq.cumsum(0) / sq.sum()
+        r = int((kept < energy - 1e-12).sum().item()) + 1
+    elif isinstance(rank, Mapping):
+        given = [rank[n] for n in label_names if n in rank]
+        r = int(given[0]) if given else full
+        if not 1 <= r <= full:
+            raise ValueError(f"rank[{label_names[0]!r}] = {r}; allowed: an integer in [1, {full}] (min(out, in·∏k))")
+    else:
+        assert rank is not None  # rank None with energy None is the first branch
+        r = ceil_rank(float(rank), full)
+    r = min(r, full)
+    if skip_unprofitable and r * (m + n) >= m * n:
+        return LayerDecision(label, kind, None, f"rank {r} saves nothing (skip_unprofitable)")
+    return LayerDecision(label, kind, r, "")
 
 
 def factorize(
@@ -300,11 +341,24 @@ def factorize(
     if verbose:
         print(plan)
     by_name = {n: m for n, m in _walk(model, every_name=True)}
+    attention: dict[str, dict[str, int]] = {}  # an attention module's first name -> its factorized projections
     for decision in plan.factorized:
         names = decision.name.split(" = ")
-        lod = lod_from_dense(by_name[names[0]], decision.rank, init=init, generator=generator)  # type: ignore[arg-type]  # a factorized decision is a FACTORIZABLE layer
+        assert decision.rank is not None
+        parent, _, proj = names[0].rpartition(".")
+        if type(by_name.get(parent)) is nn.MultiheadAttention:  # one of an attention's four projections
+            attention.setdefault(parent, {})[proj] = decision.rank
+            continue
+        lod = lod_from_dense(by_name[names[0]], decision.rank, init=init, generator=generator)
         if lod is not None:
             for name in names:
+                _set_module(model, name, lod)
+    for first, ranks in attention.items():
+        mha = by_name[first]
+        lod = lod_from_dense(mha, ranks, init=init, generator=generator)
+        assert lod is not None  # an attention the plan factorizes always has its LoD form
+        for name, module in by_name.items():
+            if module is mha:
                 _set_module(model, name, lod)
     return model
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .convert import _walk, active_ranks
 from .layers import LoDLayer, dense_is_smaller
@@ -156,6 +156,17 @@ def _steps(module: nn.RNNBase, args: tuple[object, ...]) -> int:
     return int(x.shape[1] if module.batch_first else x.shape[0])
 
 
+def _cpu_attention_flops(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size, *args: object,
+                         out_shape: object = None, **kwargs: object) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+#: formulas for operations the counter's own registry lacks: the CPU kernel of scaled_dot_product_attention
+#: (``nn.MultiheadAttention`` and LoD attention run it) counted 0 FLOPs in torch 2.14, so attention's
+#: ``2·L·S·d`` per head went uncounted on a CPU; the formula is the counter's own one for the GPU kernels
+MISSING_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
 def count_flops(model: nn.Module, inputs: Inputs, ranks: Mapping[str, int] | None = None) -> dict[str, int]:
     """FLOPs of one sample's forward pass per module path (inclusive of children; ``""`` is the whole model).
 
@@ -176,7 +187,8 @@ def count_flops(model: nn.Module, inputs: Inputs, ranks: Mapping[str, int] | Non
     try:
         # no fused attention path: it would read every LoD layer's ``.weight`` (a U Vᵀ product) to decide
         torch.backends.mha.set_fastpath_enabled(False)
-        with active_ranks(model, ranks), torch.enable_grad(), FlopCounterMode(display=False) as counter:
+        with (active_ranks(model, ranks), torch.enable_grad(),
+              FlopCounterMode(display=False, custom_mapping=MISSING_FLOP_FORMULAS) as counter):
             model(x)
     finally:
         for h in handles:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from abc import ABCMeta, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import torch
@@ -347,17 +347,26 @@ def singular_values(layer: nn.Linear | nn.Conv1d | nn.Conv2d) -> torch.Tensor:
 
 
 def lod_from_dense(
-    layer: nn.Module, rank: int, init: Init = "svd", generator: torch.Generator | None = None
-) -> LoDLayer | None:
+    layer: nn.Module, rank: int | Mapping[str, int], init: Init = "svd", generator: torch.Generator | None = None
+) -> nn.Module | None:
     """Build the LoD counterpart of ``layer``, or ``None`` if it has none.
 
-    The single dispatch point on layer type (PEFT style). ``init="svd"`` sets
+    The single dispatch point on layer type (PEFT style): an :class:`LoDLinear`,
+    :class:`LoDConv1d` or :class:`LoDConv2d` for a Linear or convolution; for an
+    ``nn.MultiheadAttention``, an :class:`LoDMultiheadAttention` whose
+    projections named in ``rank`` (a mapping; an int: all four) are factorized.
+    ``init="svd"`` sets
     ``U = P_r √Σ_r`` and ``Vᵀ = √Σ_r Q_rᵀ`` from the SVD of the layer's
     weights, so that at full rank the outputs are unchanged; ``"random"``
     draws fresh factors whose product has the variance of PyTorch's default
     initialization.
     """
     lod: LoDLayer
+    if type(layer) is nn.MultiheadAttention:
+        ranks = dict(rank) if isinstance(rank, Mapping) else dict.fromkeys(ATTENTION_PROJECTIONS, rank)
+        return LoDMultiheadAttention.from_dense(layer, ranks, init=init, generator=generator)
+    if isinstance(rank, Mapping):
+        raise TypeError(f"rank: one integer for a {type(layer).__name__}, got a mapping")
     if isinstance(layer, nn.Linear):
         lod = LoDLinear(layer.in_features, layer.out_features, rank, bias=layer.bias is not None)
     elif isinstance(layer, (nn.Conv1d, nn.Conv2d)):
@@ -410,3 +419,146 @@ def dense_is_smaller(fan_out: int, fan_in: int, rank: int) -> bool:
 def ceil_rank(fraction: float, max_rank: int) -> int:
     """``⌈p·r⌉`` clamped to [1, r], the ordered-dropout rank at fraction p."""
     return max(1, min(max_rank, math.ceil(fraction * max_rank - 1e-9)))
+
+
+#: an attention's projections, in the order PyTorch stacks them in ``in_proj_weight`` (then the output)
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+class LoDMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` whose Q, K, V and output projections are separate, ordered low-rank layers.
+
+    PyTorch keeps Q, K and V stacked in one raw ``in_proj_weight`` and calls
+    the output projection's ``.weight`` directly, so neither is a layer that
+    factorization can reach. Here each of the four is its own module
+    (:data:`ATTENTION_PROJECTIONS`): an :class:`LoDLinear` when factorized, a
+    plain ``nn.Linear`` otherwise, and the rank budget reaches attention as it
+    reaches every other layer (Maestro factorizes a transformer's attention
+    projections the same way; Horváth et al., arXiv 2308.14929, §5).
+
+    The forward pass is ``nn.MultiheadAttention``'s: the same masks
+    (``key_padding_mask``, ``attn_mask``, ``is_causal``), head averaging,
+    dropout on the attention weights, ``batch_first`` and unbatched inputs,
+    and after SVD initialization at full rank the same outputs.
+    ``add_bias_kv`` and ``add_zero_attn`` are not supported
+    (:func:`maestro_fl.convert.plan_factorization` leaves such a module dense).
+    """
+
+    q_proj: nn.Module
+    k_proj: nn.Module
+    v_proj: nn.Module
+    out_proj: nn.Module
+
+    def __init__(self, embed_dim: int, num_heads: int, projections: dict[str, nn.Module], dropout: float = 0.0,
+                 batch_first: bool = False) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+        if sorted(projections) != sorted(ATTENTION_PROJECTIONS):
+            raise ValueError(f"projections must be exactly {ATTENTION_PROJECTIONS}, got {sorted(projections)}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.dropout, self.batch_first = dropout, batch_first
+        for name in ATTENTION_PROJECTIONS:
+            self.add_module(name, projections[name])
+
+    @classmethod
+    def from_dense(cls, mha: nn.MultiheadAttention, ranks: dict[str, int], init: Init = "svd",
+                   generator: torch.Generator | None = None) -> LoDMultiheadAttention:
+        """Split ``mha``'s projections and factorize those named in ``ranks`` at their rank (others stay dense)."""
+        projections: dict[str, nn.Module] = {}
+        for name, (w, b) in attention_projections(mha).items():
+            dense = nn.Linear(w.shape[1], w.shape[0], bias=b is not None).to(device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                dense.weight.copy_(w)
+                if b is not None and dense.bias is not None:
+                    dense.bias.copy_(b)
+            lod = lod_from_dense(dense, ranks[name], init=init, generator=generator) if name in ranks else None
+            projections[name] = dense if lod is None else lod
+        return cls(mha.embed_dim, mha.num_heads, projections, dropout=mha.dropout, batch_first=mha.batch_first)
+
+    # -- what PyTorch's fused inference paths read from an attention module (TransformerEncoderLayer's and
+    # TransformerEncoder's eval-mode fast paths): the dense weights at the active ranks, never parameters
+    _qkv_same_embed_dim = True  # (q, k and v all map embed_dim to embed_dim: their stack is in_proj_weight)
+    merge_masks = nn.MultiheadAttention.merge_masks  # (reads only num_heads)
+
+    @property
+    def in_proj_weight(self) -> torch.Tensor:
+        return torch.cat([_dense_of(getattr(self, n)) for n in ATTENTION_PROJECTIONS[:3]])
+
+    @property
+    def in_proj_bias(self) -> torch.Tensor | None:
+        biases = [getattr(self, n).bias for n in ATTENTION_PROJECTIONS[:3]]
+        return None if any(b is None for b in biases) else torch.cat(biases)
+
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True, is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batched = query.dim() == 3
+        if not batched:  # (L, E): one sequence
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:  # (L, N, E) -> (N, L, E)
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        n, tgt, src, h, d = query.shape[0], query.shape[1], key.shape[1], self.num_heads, self.head_dim
+        key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                             other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                                             target_type=query.dtype)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("is_causal is a hint and needs attn_mask (as nn.MultiheadAttention does)")
+        if is_causal and key_padding_mask is None and not need_weights:
+            attn_mask = None  # the fused kernel applies the causal mask itself
+        else:
+            attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                          target_type=query.dtype, check_other=False)
+            is_causal = is_causal and key_padding_mask is None
+        mask = None  # one additive float mask of shape (N, H, L, S), or broadcastable to it
+        if attn_mask is not None:
+            mask = attn_mask.view(1, 1, tgt, src) if attn_mask.dim() == 2 else attn_mask.view(n, h, tgt, src)
+        if key_padding_mask is not None:
+            padding = key_padding_mask.view(n, 1, 1, src)
+            mask = padding if mask is None else mask + padding
+        q = self.q_proj(query).view(n, tgt, h, d).transpose(1, 2)
+        k = self.k_proj(key).view(n, src, h, d).transpose(1, 2)
+        v = self.v_proj(value).view(n, src, h, d).transpose(1, 2)
+        p = self.dropout if self.training else 0.0
+        weights: torch.Tensor | None = None
+        if need_weights:  # the weights themselves are asked for: the explicit softmax(QKᵀ/√d + mask)
+            scores = (q * d ** -0.5) @ k.transpose(-2, -1)
+            weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+            out = F.dropout(weights, p) @ v if p > 0 else weights @ v
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
+        out = self.out_proj(out.transpose(1, 2).reshape(n, tgt, self.embed_dim))
+        if not batched:
+            return out.squeeze(0), None if weights is None else weights.squeeze(0)
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
+
+
+def attention_projections(mha: nn.MultiheadAttention) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """``mha``'s four projections as ``(weight, bias)`` (detached views), by :data:`ATTENTION_PROJECTIONS` name."""
+    if mha.bias_k is not None or mha.add_zero_attn:
+        raise ValueError("add_bias_kv and add_zero_attn are not supported by LoDMultiheadAttention")
+    e = mha.embed_dim
+    if mha._qkv_same_embed_dim:
+        assert mha.in_proj_weight is not None
+        weights = list(mha.in_proj_weight.detach().split(e))
+    else:
+        weights = [w.detach() for w in (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)]
+    biases: list[torch.Tensor | None] = (list(mha.in_proj_bias.detach().split(e)) if mha.in_proj_bias is not None
+                                         else [None, None, None])
+    weights.append(mha.out_proj.weight.detach())
+    biases.append(None if mha.out_proj.bias is None else mha.out_proj.bias.detach())
+    return dict(zip(ATTENTION_PROJECTIONS, zip(weights, biases, strict=True), strict=True))
+
+
+def _dense_of(layer: nn.Module) -> torch.Tensor:
+    assert isinstance(layer, LoDLayer | nn.Linear)  # an attention's projections are one or the other
+    return layer.dense_weight() if isinstance(layer, LoDLayer) else layer.weight

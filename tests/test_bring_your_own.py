@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 import textwrap
 from collections.abc import Callable
 from contextlib import redirect_stderr
@@ -20,7 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from maestro_fl.convert import active_ranks, extract, factorize, lod_layers, plan_factorization, ranks_at_fraction
-from maestro_fl.footprint import footprint
+from maestro_fl.footprint import MISSING_FLOP_FORMULAS, footprint
 from maestro_fl.models import InputSpec, build_model
 from strategies.api import RunResult, simulate
 
@@ -98,8 +99,8 @@ def inputs(spec: InputSpec, n: int, seed: int = 0) -> torch.Tensor:
 
 def training_macs(model: nn.Module, x: torch.Tensor) -> int:
     """MACs per sample of the forward pass training runs (train mode), counted by FlopCounterMode."""
-    model.train()
-    with FlopCounterMode(display=False) as counter:
+    model.train()  # (with the formula for CPU attention the counter's registry lacks: tests/test_lod_attention.py)
+    with FlopCounterMode(display=False, custom_mapping=MISSING_FLOP_FORMULAS) as counter:
         model(x)
     return counter.get_total_flops() // 2 // len(x)
 
@@ -167,8 +168,9 @@ def test_shared_modules_and_tied_weights_stay_shared_and_the_plan_says_why() -> 
     assert fp.macs == 16 * 16 * 4 + 16 * 3 and fp.params == 3 * (16 * 16 + 16) - 16 * 16 + 16 * 3 + 3
 
     text_plan = str(plan_factorization(TextTransformer(InputSpec((12,), 4, "int64", 50))))
-    assert "in_proj_weight" in text_plan and "not factorizable" in text_plan  # listed, not skipped silently
-    assert "a subclass of Linear" in text_plan  # MultiheadAttention's out_proj
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):  # attention is factorized, one projection at a time
+        assert re.search(rf"^encoder\.layers\.0\.self_attn\.{proj} +MultiheadAttention +LoD rank 32$", text_plan, re.M)
+    assert "embed.weight" in text_plan and "not factorizable" in text_plan  # listed, not skipped silently
 
 
 @pytest.fixture(scope="module")

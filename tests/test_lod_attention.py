@@ -1,0 +1,169 @@
+"""LoD attention: nn.MultiheadAttention (and so PyTorch's transformer layers) factorized, with unchanged outputs
+and counted footprints (issue "Language: ... LoD transformers")."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from maestro_fl.convert import active_ranks, extract, factorize, lod_layers, plan_factorization, ranks_at_fraction
+from maestro_fl.footprint import MISSING_FLOP_FORMULAS, footprint
+from maestro_fl.layers import ATTENTION_PROJECTIONS, LoDLinear, LoDMultiheadAttention
+from maestro_fl.models import InputSpec
+
+E, HEADS, FFN, L, N = 16, 4, 32, 5, 3
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def sequence(batch_first: bool, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((N, L, E) if batch_first else (L, N, E), generator=g)
+
+
+CALLS = {  # nn.MultiheadAttention's keyword arguments, every mask path
+    "weights averaged": {},
+    "no weights (fused kernel)": {"need_weights": False},
+    "causal hint": {"attn_mask": nn.Transformer.generate_square_subsequent_mask(L), "is_causal": True,
+                    "need_weights": False},
+    "padding": {"key_padding_mask": torch.tensor([[False] * 3 + [True] * 2] + [[False] * L] * (N - 1))},
+    "bool mask, weights per head": {"attn_mask": torch.ones(L, L, dtype=torch.bool).triu(1),
+                                    "average_attn_weights": False},
+}
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_attention_factorized_at_full_rank_gives_the_same_outputs_and_weights(batch_first: bool, mode: str,
+                                                                              call: str) -> None:
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.MultiheadAttention(E, HEADS, batch_first=batch_first))
+    lod = factorize(copy.deepcopy(dense))
+    assert isinstance(lod[0], LoDMultiheadAttention)
+    assert sorted(lod_layers(lod)) == sorted(f"0.{p}" for p in ATTENTION_PROJECTIONS)
+    dense.train(mode == "train")
+    lod.train(mode == "train")
+    x = sequence(batch_first)
+    (out, weights), (want, want_weights) = lod[0](x, x, x, **CALLS[call]), dense[0](x, x, x, **CALLS[call])
+    close(out, want)
+    assert (weights is None) == (want_weights is None)
+    if want_weights is not None:
+        assert weights is not None
+        close(weights, want_weights)
+
+
+def test_an_unbatched_sequence_and_separate_key_value_inputs_match() -> None:
+    torch.manual_seed(1)
+    dense = nn.Sequential(nn.MultiheadAttention(E, HEADS, kdim=8, vdim=12)).eval()
+    lod = factorize(copy.deepcopy(dense)).eval()
+    q, k, v = torch.randn(L, E), torch.randn(7, 8), torch.randn(7, 12)
+    out, weights = lod[0](q, k, v)
+    want, want_weights = dense[0](q, k, v)
+    close(out, want)
+    assert weights is not None and want_weights is not None
+    close(weights, want_weights)
+    assert lod[0].k_proj.in_features == 8 and lod[0].v_proj.in_features == 12
+
+
+def encoder(batch_first: bool) -> nn.Module:
+    layer = nn.TransformerEncoderLayer(E, HEADS, FFN, dropout=0.0, batch_first=batch_first)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+
+def decoder(batch_first: bool) -> nn.Module:
+    return nn.TransformerDecoderLayer(E, HEADS, FFN, dropout=0.0, batch_first=batch_first)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("build", [encoder, decoder], ids=["encoder", "decoder"])
+def test_transformer_layers_are_factorized_everywhere_with_unchanged_outputs(build, batch_first: bool) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(2)
+    dense = build(batch_first)
+    lod = factorize(copy.deepcopy(dense))
+    attentions = [m for m in dense.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert attentions and not any(isinstance(m, nn.MultiheadAttention) for m in lod.modules())
+    linears = [m for m in dense.modules() if type(m) is nn.Linear]
+    assert len(lod_layers(lod)) == 4 * len(attentions) + len(linears)  # attention's four and the FFN's two
+    x = sequence(batch_first)
+    args = (x,) if build is encoder else (x, sequence(batch_first, seed=1))
+    mask = nn.Transformer.generate_square_subsequent_mask(L)
+    kwargs = {"mask": mask, "is_causal": True} if build is encoder else {"tgt_mask": mask, "tgt_is_causal": True}
+    for mode in ("train", "eval"):
+        dense.train(mode == "train")
+        lod.train(mode == "train")
+        close(lod(*args), dense(*args))
+        close(lod(*args, **kwargs), dense(*args, **kwargs))
+        with torch.no_grad():  # eval here takes PyTorch's fused inference path, which reads the dense weights
+            close(lod(*args), dense(*args))
+    lod.train()
+    lod(*args).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lod.parameters())
+
+
+def test_the_fused_nested_tensor_path_of_an_encoder_gives_the_lod_models_outputs() -> None:
+    torch.manual_seed(3)
+    dense = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, HEADS, FFN, dropout=0.0, batch_first=True), 2)
+    lod = factorize(copy.deepcopy(dense))
+    ranks = ranks_at_fraction(lod, 0.5)
+    x, padding = sequence(True), torch.zeros(N, L, dtype=torch.bool)
+    padding[0, -2:] = True
+    lod.eval()
+    with active_ranks(lod, ranks):
+        slow = lod(x, src_key_padding_mask=padding)  # autograd on: the layer-by-layer path
+        with torch.no_grad():
+            fused = lod(x, src_key_padding_mask=padding)
+    close(fused[~padding], slow[~padding])  # (the fused path zeroes padded positions)
+
+
+class CharModel(nn.Module):
+    def __init__(self, vocab: int = 30) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, E)
+        self.encoder = encoder(batch_first=True)
+        self.head = nn.Linear(E, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)))
+
+
+def test_plan_and_factorize_agree_on_what_is_factorized_and_at_which_rank() -> None:
+    model = CharModel()
+    plan = plan_factorization(model, 0.25)
+    planned = {d.name: d.rank for d in plan.factorized}
+    lod = factorize(model, 0.25)
+    assert planned == {name: layer.max_rank for name, layer in lod_layers(lod).items()}
+    assert "encoder.layers.1.self_attn.v_proj" in planned
+
+
+@pytest.mark.parametrize("length", [6, 20])
+def test_attention_macs_are_counted_at_every_sequence_length(length: int) -> None:
+    """The footprint's MACs against a hand count and against FlopCounterMode, at two sequence lengths: the
+    projections grow with L, the attention itself (QKᵀ and the weighted sum of V, per head) with L²."""
+    spec = InputSpec((length,), 30, "int64", 30)
+    dense = CharModel()
+    per_layer = length * (4 * E * E + 2 * E * FFN) + 2 * length * length * E
+    hand = 2 * per_layer + length * E * 30
+    assert footprint(dense, spec).macs == hand
+    with FlopCounterMode(display=False, custom_mapping=MISSING_FLOP_FORMULAS) as counter:
+        dense.train()(spec.example(2))
+    assert counter.get_total_flops() // 2 // 2 == hand
+    lod = factorize(copy.deepcopy(dense))
+    ranks = ranks_at_fraction(lod, 0.25)
+    small = footprint(lod, spec, ranks)
+    r = 4  # ⌈0.25 · 16⌉ for every projection and both FFN layers
+    lod_layer = length * (4 * r * 2 * E + 2 * r * (E + FFN)) + 2 * length * length * E
+    head_r = 4  # ⌈0.25 · min(16, 30)⌉
+    assert small.macs == 2 * lod_layer + length * head_r * (E + 30)
+    attention_rows = [row for row in small.rows() if row["name"].endswith("self_attn")]
+    assert [row["macs"] for row in attention_rows] == [2 * length * length * E] * 2
+    deployed = extract(lod, ranks)
+    assert small.params == sum(p.numel() for p in deployed.parameters())
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in deployed.modules())
+    assert isinstance(deployed.encoder.layers[0].self_attn.q_proj, LoDLinear)
