@@ -23,7 +23,7 @@ from torch import nn
 
 from .convert import Ranks, _walk
 from .footprint import Inputs, probe_forward
-from .layers import LoDLayer
+from .layers import LoDLayer, LoDMultiheadAttention
 from .population import DeviceCapability  # the device a budget is checked for (its home is the population)
 
 #: rank fractions a budget can take, from full rank down (fine enough to matter, small enough to tabulate)
@@ -71,14 +71,42 @@ def activation_count(model: nn.Module, inputs: Inputs, ranks: Mapping[str, int] 
     def leaf_hook(mod: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         counts.append(out[0].numel())
 
+    def attention_hook(mod: nn.Module, args: tuple[torch.Tensor, ...], out: tuple[torch.Tensor, ...]) -> None:
+        query = args[0] if args else out[0]  # (called with keywords only: its output has the query's shape)
+        counts.append(attention_activations(mod, query, args[1] if len(args) > 1 else query))
+
     hooks: list[tuple[nn.Module, Callable[..., None]]] = []
     for _, module in _walk(model):
+        if isinstance(module, nn.MultiheadAttention | LoDMultiheadAttention):
+            hooks.append((module, attention_hook))
         if isinstance(module, LoDLayer):
             hooks.append((module, lod_hook))
         elif not any(True for _ in module.children()) and not isinstance(module, nn.Flatten):
             hooks.append((module, leaf_hook))
     probe_forward(model, inputs, ranks, hooks)
     return sum(counts)
+
+
+def attention_activations(attention: nn.Module, query: torch.Tensor, key: torch.Tensor) -> int:
+    """Values per sample an attention keeps for backward beyond what its projection modules' hooks count.
+
+    The fused kernel training runs keeps its output (the input of the output
+    projection, ``L·E``) and one log-sum-exp per head and query (``H·L``), not
+    the ``H·L·S`` weights. PyTorch's own ``nn.MultiheadAttention`` calls no
+    projection module (it reads their weights), so its Q, K, V (``L·E`` and
+    twice ``S·E``) and its output (``L·E``) count here too.
+    """
+    assert isinstance(attention, nn.MultiheadAttention | LoDMultiheadAttention)
+    e, h = attention.embed_dim, attention.num_heads
+    if query.dim() == 2:
+        tgt, src = query.shape[0], key.shape[0]
+    else:
+        seq = 1 if attention.batch_first else 0
+        tgt, src = query.shape[seq], key.shape[seq]
+    kept = tgt * e + h * tgt
+    if isinstance(attention, nn.MultiheadAttention):
+        kept += tgt * e + 2 * src * e + tgt * e
+    return kept
 
 
 def affordable(

@@ -167,3 +167,31 @@ def test_attention_macs_are_counted_at_every_sequence_length(length: int) -> Non
     assert small.params == sum(p.numel() for p in deployed.parameters())
     assert not any(isinstance(m, nn.MultiheadAttention) for m in deployed.modules())
     assert isinstance(deployed.encoder.layers[0].self_attn.q_proj, LoDLinear)
+
+
+@pytest.mark.parametrize("length", [6, 20])
+def test_attention_activations_count_in_the_memory_budget_at_every_sequence_length(length: int) -> None:
+    """Values kept for backward, per sample, against a hand count of one encoder layer's every output."""
+    from maestro_fl.budget import activation_count
+
+    class OneLayer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(30, E)
+            self.layer = nn.TransformerEncoderLayer(E, HEADS, FFN, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(E, 30)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.layer(self.embed(x)))
+
+    spec, le = InputSpec((length,), 30, "int64", 30), length * E
+    # embedding, two norms, three dropouts (one FFN-wide), linear1, linear2, head
+    around = le + 2 * le + (2 * le + length * FFN) + length * FFN + le + length * 30
+    kernel = le + HEADS * length  # the fused attention's output and log-sum-exp
+    dense = OneLayer()
+    assert activation_count(dense, spec) == around + kernel + 4 * le  # + nn.MultiheadAttention's Q, K, V, output
+    lod = factorize(copy.deepcopy(dense))
+    r = E  # full rank: each LoD layer also keeps its rank-r inner map, one per position
+    assert activation_count(lod, spec) == around + kernel + 4 * le + 7 * length * r
+    ranks = ranks_at_fraction(lod, 0.25)
+    assert activation_count(lod, spec, ranks) == around + kernel + 4 * le + 7 * length * 4
