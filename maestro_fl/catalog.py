@@ -10,10 +10,13 @@ from __future__ import annotations
 
 #: the built-in datasets (maestro_fl/data.py): digits is embedded in scikit-learn, mnist1d is generated
 #: offline, the torchvision ones load from ``data_root``
-DATASETS = ("digits", "mnist1d", "mnist", "fashion_mnist", "cifar10")
+DATASETS = ("digits", "mnist1d", "mnist", "fashion_mnist", "cifar10", "shakespeare")
+
+#: built-in datasets whose examples have a natural owner: ``partition=natural`` needs no ``partition_by``
+NATURAL_GROUPS = {"shakespeare": "its speaking roles"}
 
 #: the zoo's models (maestro_fl/models.py), each built at any hidden width
-MODELS = ("mlp", "cnn", "cnn1d", "lenet5", "resnet18", "vgg19")
+MODELS = ("mlp", "cnn", "cnn1d", "lenet5", "resnet18", "vgg19", "char_transformer")
 
 #: normalization layers: BatchNorm, HeteroFL's static BatchNorm, GroupNorm, none
 NORMS = ("bn", "sbn", "gn", "none")

@@ -7,6 +7,8 @@ A dataset is named by :func:`load_dataset`'s ``name``:
   Kobak, ICML 2024, at any number of samples; never downloaded);
 * built-in, from a local root or downloaded there: ``mnist``, ``fashion_mnist``
   (torchvision) and ``cifar10`` (its python batches);
+* built-in, from a local file: ``shakespeare``, LEAF's next-character task with
+  one client per speaking role (:mod:`maestro_fl.shakespeare`; ``root`` is the file);
 * ``hf:NAME``: any Hugging Face dataset, through flwr-datasets' ``FederatedDataset`` (online);
 * a path: a dataset saved with ``datasets``' ``save_to_disk``, a ``.parquet`` file,
   or an image folder (one sub-folder per class); offline;
@@ -126,6 +128,8 @@ def load_dataset(
         data = _torchvision_mnist(name, Path(root), download)
     elif name == "cifar10":
         data = _cifar10(Path(root), download)
+    elif name == "shakespeare":
+        data = _shakespeare(root)
     elif name.startswith("hf:"):
         data = _huggingface(name[3:], label_column, input_column, partition_by)
     elif is_reference(name):
@@ -416,6 +420,18 @@ def _normalize(x: torch.Tensor, name: str) -> torch.Tensor:
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
     return (x - m) / s
+
+
+def _shakespeare(root: str | Path) -> TaskData:
+    """LEAF's next-character task from a tinyshakespeare-format file (:mod:`maestro_fl.shakespeare`): token ids
+    in, the next character's id out, each training window's speaking role as its natural group."""
+    from .shakespeare import load_shakespeare
+
+    task = load_shakespeare(root)
+    vocab = len(task.vocabulary)
+    spec = InputSpec((task.train_x.shape[1],), vocab, "int64", vocab)
+    return TaskData("shakespeare", Split(task.train_x, task.train_y), Split(task.test_x, task.test_y), spec,
+                    groups=task.train_roles)
 
 
 def _digits() -> TaskData:

@@ -14,6 +14,8 @@ channel-major, so the first channels are the first features).
   LeNet-5/MNIST table uses (430,500 weights without biases), for 28×28 input.
 * ``resnet18`` and ``vgg19``: the CIFAR-style networks of Maestro, HeteroFL
   and FjORD, for 32×32 input, with BatchNorm or GroupNorm.
+* ``char_transformer``: a small pre-norm transformer for next-character
+  prediction (Shakespeare), whose width keeps the first heads and FFN units.
 """
 
 from __future__ import annotations
@@ -248,6 +250,88 @@ def vgg19(spec: InputSpec, norm: str = "bn", width: float = 1.0) -> nn.Module:
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin * side * side, spec.num_classes))
 
 
+class CharSelfAttention(nn.Module):
+    """Multi-head self-attention with separate Q, K, V and output Linear layers of inner width ``heads·head_dim``.
+
+    Not ``nn.MultiheadAttention``: width methods keep the first ``⌈p·heads⌉``
+    heads, so the inner width must differ from the model's (which
+    ``nn.MultiheadAttention`` forbids), and every weight must be a leading
+    corner of the full model's (its stacked ``in_proj_weight`` is not).
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        inner = heads * head_dim
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, inner) for _ in range(3))
+        self.out_proj = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, _ = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(n, length, -1, self.head_dim).transpose(1, 2)  # (-1: a LoD model's heads are all here)
+
+        out = nn.functional.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)),
+                                                         heads(self.v_proj(x)), is_causal=True)
+        return self.out_proj(out.transpose(1, 2).reshape(n, length, -1))
+
+
+class CharBlock(nn.Module):
+    """A pre-norm transformer block: ``x + attention(norm(x))``, then ``x + FFN(norm(x))`` (GELU)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, ffn: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attention = CharSelfAttention(dim, heads, head_dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class CharTransformer(nn.Module):
+    """Next-character prediction: embedding + learned positions, pre-norm blocks, an untied head on the last
+    position.
+
+    Sized for two cores (the defaults of :func:`char_transformer`). The
+    attention is causal, so the last position reads the whole window and
+    every other position only what precedes it, as in a language model.
+    """
+
+    def __init__(self, vocab: int, length: int, num_classes: int, dim: int, heads: int, head_dim: int, ffn: int,
+                 layers: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.position = nn.Parameter(torch.randn(length, dim) * 0.02)  # (GPT-2's 0.02: small next to the tokens')
+        self.blocks = nn.Sequential(*(CharBlock(dim, heads, head_dim, ffn) for _ in range(layers)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(self.embed(x) + self.position[: x.shape[1]])
+        return self.head(self.norm(h[:, -1]))
+
+
+def char_transformer(spec: InputSpec, norm: str = "none", width: float = 1.0) -> nn.Module:
+    """A small character transformer for token inputs ``(L,)`` (Shakespeare's 80 characters): ~24k weights.
+
+    Width 32, 4 heads of 8, FFN 64, 2 blocks: one training sample of 80
+    characters costs ~2.1M forward MACs, a third of them attention's
+    ``L²`` term, so a client of a few hundred windows trains an epoch in about
+    a second on one core. ``width`` keeps the first ``⌈p·4⌉`` heads and
+    ``⌈p·64⌉`` FFN units; the residual width (32), the embedding and the
+    head stay whole, as a CNN's input and classes do. ``norm`` is unused: the
+    blocks' LayerNorms are per sample and per position.
+    """
+    if spec.dtype != "int64" or len(spec.shape) != 1 or spec.vocab_size < 1:
+        raise ValueError(f"char_transformer: inputs must be token ids of shape (L,) with a vocabulary, got {spec}")
+    dim, heads, head_dim, ffn, layers = 32, 4, 8, 64, 2
+    return CharTransformer(spec.vocab_size, spec.shape[0], spec.num_classes, dim, scaled(heads, width), head_dim,
+                           scaled(ffn, width), layers)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "cnn": cnn,
@@ -255,6 +339,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet5": lenet5,
     "resnet18": resnet18,
     "vgg19": vgg19,
+    "char_transformer": char_transformer,
 }
 
 

@@ -44,7 +44,8 @@ def partition_indices(
         IID; label-skewed Dirichlet(α) (Hsu et al. 2019); pathological, each
         client holding ``classes_per_client`` classes (McMahan et al. 2017); or
         natural, one client per value of ``groups`` (a writer id, as FEMNIST is
-        split; flwr-datasets' ``NaturalIdPartitioner``).
+        split; flwr-datasets' ``NaturalIdPartitioner``); with fewer clients than
+        groups, the ``num_partitions`` largest groups, and the others' examples unused.
     min_partition_size : int
         Dirichlet only: redraw until every partition has at least this many examples.
     groups : array, optional
@@ -67,10 +68,16 @@ def partition_indices(
     if scheme == "natural":
         if groups is None or len(groups) != len(labels):
             raise PartitionError("partition='natural' needs partition_by: a column giving each example's group")
-        found = len(np.unique(groups))
-        if found != num_partitions:
-            raise PartitionError(f"partition='natural': the dataset has {found} groups in partition_by; "
-                                 f"set num_clients={found} (one client per group), got {num_partitions}")
+        values, sizes = np.unique(groups, return_counts=True)
+        if len(values) < num_partitions:
+            raise PartitionError(f"partition='natural': the dataset has {len(values)} groups in partition_by; "
+                                 f"set num_clients to at most {len(values)} (one client per group), got "
+                                 f"{num_partitions}")
+        if len(values) > num_partitions:  # the num_clients largest groups (LEAF samples its users likewise)
+            largest = values[np.argsort(-sizes, kind="stable")[:num_partitions]]
+            kept = np.flatnonzero(np.isin(groups, largest))
+            parts = partition_indices(labels[kept], num_partitions, "natural", groups=groups[kept], seed=seed)
+            return [kept[part] for part in parts]
     key = hashlib.sha256(
         np.ascontiguousarray(labels).tobytes()
         + (np.ascontiguousarray(groups).tobytes() if scheme == "natural" and groups is not None else b"")

@@ -439,3 +439,21 @@ def test_class_mask_trains_only_the_clients_own_output_rows() -> None:
     ordered_dropout_epoch(od, data, opt, batch_size=8, class_mask=mask, generator=torch.Generator().manual_seed(0))
     changed = (model[-1].weight.detach() != before).any(dim=1)
     assert changed.tolist() == mask.tolist()
+
+
+def test_char_transformer_at_width_p_keeps_the_first_heads_and_ffn_units() -> None:
+    """The sliced model computes the full one with the dropped heads' and FFN units' outputs removed."""
+    spec = InputSpec((12,), 30, "int64", 30)
+    torch.manual_seed(0)
+    full, sub = build_model("char_transformer", spec), build_model("char_transformer", spec, width=0.5)
+    full_state = {k: v.numpy() for k, v in full.state_dict().items()}
+    sub.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
+                         slice_corners(full_state, {k: tuple(v.shape) for k, v in sub.state_dict().items()}).items()})
+    block = sub.blocks[0]
+    assert (block.attention.q_proj.out_features, block.ffn[0].out_features) == (2 * 8, 32)  # 2 of 4 heads, 32 of 64
+    with torch.no_grad():
+        for b in full.blocks:  # what the sub-model lacks contributes nothing here either
+            b.attention.out_proj.weight[:, 16:] = 0
+            b.ffn[2].weight[:, 32:] = 0
+    x = torch.randint(0, 30, (3, 12))
+    torch.testing.assert_close(sub.eval()(x), full.eval()(x), atol=1e-5, rtol=1e-4)

@@ -87,6 +87,7 @@ ARCHITECTURES: dict[str, tuple[Callable[[InputSpec], nn.Module], InputSpec]] = {
     "zoo_lenet5": (zoo("lenet5"), InputSpec((1, 28, 28), 10)),
     "zoo_resnet18": (zoo("resnet18", "gn"), InputSpec((3, 32, 32), 10)),
     "zoo_vgg19": (zoo("vgg19", "gn"), InputSpec((3, 32, 32), 10)),
+    "zoo_char_transformer": (zoo("char_transformer"), InputSpec((20,), 30, "int64", 30)),
 }
 
 
