@@ -14,7 +14,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from maestro_fl.results import RunDir
+from maestro_fl.results import RunDir, perplexity
 
 from . import plots
 
@@ -23,8 +23,11 @@ def _final_table(run_dir: Path) -> pd.DataFrame:
     if plots.run_kind(run_dir) == "federated":
         tiers = plots.read_table(run_dir, "tiers.csv", ("round", "tier", "accuracy", "params", "macs"))
         last = tiers[tiers["round"] == tiers["round"].max()]
-        cols = ["tier", "accuracy", "params", "params_ratio", "macs", "ranks"]
-        return last[[c for c in cols if c in last.columns]]
+        cols = ["tier", "accuracy", "loss", "params", "params_ratio", "macs", "ranks"]
+        table = last[[c for c in cols if c in last.columns]]
+        if "loss" in table.columns:  # per token, for a language task
+            table = table.assign(perplexity=[perplexity(v) for v in table["loss"]])
+        return table
     ladder = plots.read_table(run_dir, "ladder.csv", ("rank_fraction", "test_accuracy", "params", "macs"))
     cols = ["rank_fraction", "test_accuracy", "params", "params_ratio", "macs", "bytes_fp32"]
     return ladder[[c for c in cols if c in ladder.columns]]

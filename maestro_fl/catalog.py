@@ -12,6 +12,9 @@ from __future__ import annotations
 #: offline, the torchvision ones load from ``data_root``
 DATASETS = ("digits", "mnist1d", "mnist", "fashion_mnist", "cifar10", "shakespeare")
 
+#: built-in language tasks: their tables add the test loss and its perplexity to next-token accuracy
+LANGUAGE_DATASETS = ("shakespeare",)
+
 #: built-in datasets whose examples have a natural owner: ``partition=natural`` needs no ``partition_by``
 NATURAL_GROUPS = {"shakespeare": "its speaking roles"}
 

@@ -15,6 +15,7 @@ import csv
 import errno
 import fcntl
 import json
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -524,6 +525,8 @@ class RunDir:
                     "tier": tier,
                     "clients": int((clients.drop_duplicates("partition_id")["tier"] == tier).sum()),
                     "accuracy": float(t["accuracy"]),
+                    "loss": float(t["loss"]),
+                    "perplexity": perplexity(float(t["loss"])),
                     "val_accuracy": float(t["val_accuracy"]) if "val_accuracy" in t else float("nan"),
                     "params": int(t["params"]),
                     "params_ratio": float(t["params_ratio"]),
@@ -537,6 +540,11 @@ class RunDir:
         return rows
 
 
+def perplexity(loss: float) -> float:
+    """``exp(loss)`` of a mean cross-entropy in nats: for next-character prediction, per character."""
+    return math.exp(loss) if loss < 700 else math.inf  # (exp overflows a float past ~709)
+
+
 FINAL_COLUMNS = [
     ("tier", "tier", ""),
     ("accuracy", "accuracy", ".4f"),
@@ -546,6 +554,18 @@ FINAL_COLUMNS = [
     ("bytes_per_round", "bytes/round", ",.0f"),
     ("updates", "updates", "d"),
 ]
+
+
+#: a language task's final table: next-token accuracy, then the test loss and its perplexity
+LANGUAGE_COLUMNS = [*FINAL_COLUMNS[:2], ("loss", "loss", ".4f"), ("perplexity", "perplexity", ".2f"),
+                    *FINAL_COLUMNS[2:]]
+
+
+def final_columns(dataset: str) -> list[tuple[str, str, str]]:
+    """The columns the end-of-run table prints for ``dataset`` (perplexity for language tasks)."""
+    from .catalog import LANGUAGE_DATASETS
+
+    return LANGUAGE_COLUMNS if dataset in LANGUAGE_DATASETS else FINAL_COLUMNS
 
 
 def schema_markdown() -> str:

@@ -42,9 +42,9 @@ from maestro_fl.federated import check_resume, federation, run_device, run_finge
 from maestro_fl.footprint import Inputs
 from maestro_fl.results import (
     DEVICES,
-    FINAL_COLUMNS,
     TIERS,
     RunDir,
+    final_columns,
     format_table,
     new_run_dir,
     timestamp,
@@ -312,8 +312,8 @@ def injected_duplicates(replies: list[Any], cfg: SimConfig, partition_of: dict[i
             and f.kind == "duplicate" and f.applies(server_round)]
 
 
-def print_final(rows: list[dict[str, Any]]) -> None:
-    print(format_table(rows, FINAL_COLUMNS))
+def print_final(rows: list[dict[str, Any]], dataset: str = "") -> None:
+    print(format_table(rows, final_columns(dataset)))
 
 
 # -- Flower entry point (`flwr run .`) ------------------------------------------
@@ -329,4 +329,4 @@ def main(grid: Grid, context: Context) -> None:
         if not cfg.resume:
             RunDir(run_dir).save_config(to_dict(cfg))
         wait_for_nodes(grid, cfg.num_clients, cfg.round_timeout_s)
-        print_final(run_server(grid, cfg, run_dir))
+        print_final(run_server(grid, cfg, run_dir), cfg.dataset)

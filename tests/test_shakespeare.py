@@ -123,5 +123,12 @@ def test_a_federation_of_roles_trains_the_char_transformer_and_reports_every_tie
     tiers = pd.read_csv(run / "tiers.csv")
     last = tiers[tiers["round"] == 2]
     assert len(last) >= 1 and last["accuracy"].between(0, 1).all() and np.isfinite(last["loss"]).all()
+    from maestro_fl.results import RunDir, final_columns, format_table
+
+    rows = RunDir(run).final_table()
+    assert all(row["perplexity"] == pytest.approx(np.exp(row["loss"])) for row in rows)
+    header = format_table(rows, final_columns("shakespeare")).splitlines()[0].split()
+    assert header[:4] == ["tier", "accuracy", "loss", "perplexity"]
+    assert "perplexity" not in format_table(rows, final_columns("digits"))
     clients = pd.read_csv(run / "clients.csv")  # (selection follows each device's availability)
     assert clients["round"].nunique() == 2 and set(clients["partition_id"]) <= {0, 1, 2}

@@ -123,7 +123,7 @@ def run_simulation(cfg: SimConfig) -> Path:
             rows = _run_on_flower_engine(cfg, run_dir)
     if cfg.progress:
         print(f"\nrun directory: {run_dir}")
-        print_final(rows)
+        print_final(rows, cfg.dataset)
     else:
         LOG.info("run directory: %s", run_dir)
     return run_dir
