@@ -24,6 +24,7 @@ from .population import DEFAULT_TIERS, PopulationError, load_population
 from .references import UnresolvedReference, is_reference
 from .references import resolve as resolve_reference
 from .results import check_name
+from .shakespeare import ShakespeareFileError, load_shakespeare
 
 
 def strategies() -> tuple[str, ...]:
@@ -125,12 +126,9 @@ def check_dataset(cfg: TrainConfig | SimConfig) -> None:
             "(set data_root to the folder that holds it, or download=true to fetch it)"
         )
     if name == "shakespeare":  # read now (70 ms for the whole play text): a bad file is refused before anything starts
-        from .data import DataError
-        from .shakespeare import load_shakespeare
-
         try:
             load_shakespeare(cfg.data_root)
-        except DataError as err:
+        except ShakespeareFileError as err:
             raise ConfigError(str(err)) from None
     check_non_negative("dataset_samples", cfg.dataset_samples)
 

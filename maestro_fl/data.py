@@ -46,6 +46,7 @@ import torch
 from .catalog import DATASETS
 from .models import InputSpec
 from .references import is_reference, resolve
+from .shakespeare import ShakespeareFileError, load_shakespeare
 
 #: built-in datasets
 #: the share of a dataset given without a test split that is held out for testing (fixed split, seed 0)
@@ -425,9 +426,10 @@ def _normalize(x: torch.Tensor, name: str) -> torch.Tensor:
 def _shakespeare(root: str | Path) -> TaskData:
     """LEAF's next-character task from a tinyshakespeare-format file (:mod:`maestro_fl.shakespeare`): token ids
     in, the next character's id out, each training window's speaking role as its natural group."""
-    from .shakespeare import load_shakespeare
-
-    task = load_shakespeare(root)
+    try:
+        task = load_shakespeare(root)
+    except ShakespeareFileError as err:
+        raise DataError(str(err)) from None
     vocab = len(task.vocabulary)
     spec = InputSpec((task.train_x.shape[1],), vocab, "int64", vocab)
     return TaskData("shakespeare", Split(task.train_x, task.train_y), Split(task.test_x, task.test_y), spec,

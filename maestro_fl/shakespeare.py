@@ -29,8 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataError
-
 SEQUENCE_LENGTH = 80  # LEAF's and the FedAvg paper's sample: 80 characters, then the label
 STRIDE = 40  # a window every 40 characters: consecutive samples share half their text (LEAF: every character)
 TRAIN_SHARE = 0.8  # LEAF: the first 80% of a role's text trains, the last 20% tests
@@ -41,7 +39,7 @@ UNKNOWN = "\x00"  # id 0: a character the training text does not have
 _ROLE = re.compile(r"^([A-Za-z][A-Za-z '.,&-]*):\s*$")
 
 
-class ShakespeareFileError(DataError):
+class ShakespeareFileError(ValueError):
     """The file at ``data_root`` is not in the tinyshakespeare format, or has too little text."""
 
 
