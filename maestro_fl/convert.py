@@ -25,6 +25,7 @@ from .layers import (
     LoDLayer,
     LoDMultiheadAttention,
     attention_projections,
+    attention_refusal,
     ceil_rank,
     dense_is_smaller,
     lod_from_dense,
@@ -241,13 +242,6 @@ def plan_factorization(
             decisions.append(_decide(module, key, proj, w, index, labels(key, proj), rank, energy, keep_first,
                                      keep_classifier and key == classifier, skip_unprofitable, owners, names))
     return FactorizationPlan(tuple(decisions))
-
-
-def attention_refusal(mha: nn.MultiheadAttention) -> str | None:
-    """Why an attention module stays dense, or ``None`` when its projections can be factorized."""
-    if mha.bias_k is not None or mha.add_zero_attn:
-        return "add_bias_kv / add_zero_attn: not supported by LoD attention"
-    return None
 
 
 def _decide(module: nn.Module, key: int, proj: str | None, w: torch.Tensor, index: int, label_names: list[str],

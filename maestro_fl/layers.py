@@ -542,10 +542,17 @@ class LoDMultiheadAttention(nn.Module):
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
 
 
+def attention_refusal(mha: nn.MultiheadAttention) -> str | None:
+    """Why an attention module stays dense, or ``None`` when its projections can be factorized."""
+    if mha.bias_k is not None or mha.add_zero_attn:
+        return "add_bias_kv / add_zero_attn: not supported by LoD attention"
+    return None
+
+
 def attention_projections(mha: nn.MultiheadAttention) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """``mha``'s four projections as ``(weight, bias)`` (detached views), by :data:`ATTENTION_PROJECTIONS` name."""
-    if mha.bias_k is not None or mha.add_zero_attn:
-        raise ValueError("add_bias_kv and add_zero_attn are not supported by LoDMultiheadAttention")
+    if (refusal := attention_refusal(mha)) is not None:
+        raise ValueError(refusal)
     e = mha.embed_dim
     if mha._qkv_same_embed_dim:
         assert mha.in_proj_weight is not None
