@@ -488,7 +488,9 @@ class SimConfig:
     # per-layer ranks spending the budget's parameters and MACs on the components of highest |u_j|·|v_j| per unit
     # of cost in the current global model (Maestro's layer granularity), re-chosen every round. Importance gains
     # 3.4 pp of validation on MNIST-1D (protocol point, 3 seeds) but loses 0.6 on digits, and 5.2 on digits at 10
-    # clients (benchmarks/results/default_shapes*.json): it does not help on both tasks
+    # clients (benchmarks/results/default_shapes*.json): it does not help on both tasks. 'dense_share' = every layer
+    # keeps the budget's share of its dense weights (a square attention projection at rank fraction p keeps 2p of
+    # them, a 1:2 FFN layer 1.5p), the rule for models whose layers differ in shape, such as transformers
     level_top_share: float = 0.0  # sampler 'tiers': the share of steps at the client's own level, the rest
     # uniform over the lower levels; 0 = uniform over all its levels (FjORD's rule)
     clip_grad_norm: float = 2.0  # products of factors spike the gradient: unclipped, FedLoD diverges at the protocol's
@@ -565,7 +567,7 @@ class SimConfig:
                               f"datasets with their own groups: {dict(NATURAL_GROUPS)}")
         check_positive("min_partition_size", self.min_partition_size)
         check_one_of("sampler", self.sampler, SAMPLERS)
-        check_one_of("rank_allocation", self.rank_allocation, ("uniform", "importance"))
+        check_one_of("rank_allocation", self.rank_allocation, ("uniform", "dense_share", "importance"))
         check_one_of("tier_mode", self.tier_mode, ("fixed", "dynamic"))
         check_non_negative("keep_first", self.keep_first)
         check_one_of("backend", self.backend, ("ray", "flower", "local"))

@@ -16,6 +16,7 @@ import copy
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from math import ceil
 
 import torch
 from torch import nn
@@ -80,6 +81,47 @@ def ranks_at_fraction(model: nn.Module, fraction: float) -> Ranks:
     """``⌈p·r_i⌉`` for every LoD layer: one global rank fraction."""
     check_fraction("fraction", fraction)
     return {n: ceil_rank(fraction, m.max_rank) for n, m in lod_layers(model).items()}
+
+
+def ranks_at_dense_share(model: nn.Module, fraction: float) -> Ranks:
+    """Every LoD layer keeps the share ``p`` of its dense weights: ``⌈p·mn/(m+n)⌉``, and full rank at ``p = 1``.
+
+    A rank component of an ``m×n`` layer costs ``m+n`` weights, so one rank
+    fraction (:func:`ranks_at_fraction`) keeps ``p·min(m,n)·(m+n)/(mn)`` of the
+    dense weights: ``2p`` for a square attention projection but ``1.5p`` for a
+    1:2 FFN layer and about ``p`` for a tall one. Here every layer keeps the
+    same share of what it holds dense, as a width fraction does for every
+    layer, so a budget reaches attention as far as it reaches the FFN.
+    ``⌈p·mn/(m+n)⌉ ≤ min(m,n)`` for ``p ≤ 1``, and the rank grows with ``p``:
+    the ladder stays nested, and its top is the full-rank model as under the
+    uniform rule (above the break-even rank ``mn/(m+n)``, where the factors
+    hold as many weights as the dense layer). A layer truncated below its
+    full rank (a server that shrinks the global model) scales by
+    ``max_rank / full_rank``, as the uniform rule does.
+    """
+    check_fraction("fraction", fraction)
+    if fraction >= 1.0:
+        return model_ranks(model)
+    out = {}
+    for name, layer in lod_layers(model).items():
+        m, n = layer.fan_out, layer.fan_in
+        # relative to the layer's own rank, as the uniform rule is: a layer the server truncated keeps its share
+        break_even = m * n / (m + n) * layer.max_rank / layer.full_rank
+        out[name] = max(1, min(layer.max_rank, ceil(fraction * break_even - 1e-9)))
+    return out
+
+
+#: how a budget's fraction becomes per-layer ranks, for the rules that need only the model (``importance`` also
+#: needs the global factors: :func:`maestro_fl.submodels.importance_ranks`)
+RANK_RULES: dict[str, Callable[[nn.Module, float], Ranks]] = {
+    "uniform": ranks_at_fraction,
+    "dense_share": ranks_at_dense_share,
+}
+
+
+def ranks_at(model: nn.Module, fraction: float, allocation: str = "uniform") -> Ranks:
+    """Per-layer ranks at ``fraction`` under ``allocation`` (``importance`` ladders are cut uniformly here)."""
+    return RANK_RULES.get(allocation, ranks_at_fraction)(model, fraction)
 
 
 def check_fraction(field: str, value: float) -> None:

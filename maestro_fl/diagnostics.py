@@ -27,7 +27,7 @@ from torch import nn
 
 from .budget import Cost
 from .callbacks import RoundCallback, RoundResult
-from .convert import lod_layers, ranks_at_fraction
+from .convert import lod_layers, ranks_at
 from .data import Split
 from .footprint import Inputs, footprint
 from .methods import FederatedMethod
@@ -89,11 +89,12 @@ def component_rows(round_: int, clients: Sequence[ClientRound], before: Mapping[
 
 
 def ladder_accuracy(model: nn.Module, test: Split, validation: Split | None, inputs: Inputs,
-                    fractions: Sequence[float] = LADDER_FRACTIONS) -> list[dict[str, Any]]:
-    """The global LoD model cut at each rank fraction: test and validation accuracy, parameters."""
+                    fractions: Sequence[float] = LADDER_FRACTIONS, allocation: str = "uniform") -> list[dict[str, Any]]:
+    """The global LoD model cut at each rank fraction (under the run's rank rule): test and validation accuracy,
+    parameters."""
     rows = []
     for p in sorted(set(fractions)):
-        ranks = ranks_at_fraction(model, p)
+        ranks = ranks_at(model, p, allocation)
         acc = evaluate(model, test, ranks)[1]
         val = evaluate(model, validation, ranks)[1] if validation is not None and len(validation) else float("nan")
         rows.append({"fraction": p, "accuracy": acc, "val_accuracy": val, "params": footprint(model, inputs,
@@ -147,7 +148,8 @@ class LoDDiagnostics(RoundCallback):
             return False
         model = self.method.family.global_model(result.arrays)
         self.writers[LADDER_ROUNDS.file].extend(
-            {"round": result.round} | row for row in ladder_accuracy(model, self.test, self.validation, self.inputs))
+            {"round": result.round} | row for row in ladder_accuracy(model, self.test, self.validation, self.inputs,
+                                                          allocation=getattr(self.method, "rank_allocation", "uniform")))
         tier_ranks = self._rank_cut_tiers(model, result.tier_costs)
         self.writers[TRUNCATION.file].extend(
             {"round": result.round} | row for row in truncation_drops(model, self.test, tier_ranks))

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .config import RESUMABLE, ConfigError, SimConfig, resolve, to_dict
-from .convert import lod_layers, ranks_at_fraction
+from .convert import lod_layers, ranks_at
 from .data import DataError, DatasetNotFoundError, Split, TaskData, load_dataset, load_shared, save_shared
 from .footprint import footprint
 from .methods import METHODS, FederatedMethod
@@ -359,7 +359,7 @@ def deploy_ladder(run_dir: str | Path, fractions: Sequence[float]) -> list[dict[
     dense = footprint(model, shape).dense_params
     rows = []
     for p in sorted(set(fractions)):
-        ranks = ranks_at_fraction(model, p)
+        ranks = ranks_at(model, p, getattr(fed.method, "rank_allocation", "uniform"))
         loss, acc = evaluate(model, fed.data.test, ranks)
         fp = footprint(model, shape, ranks)
         rows.append({"fraction": p, "accuracy": acc, "loss": loss, "params": fp.params, "macs": fp.macs,

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .budget import FRACTION_GRID, Cost, activation_count
-from .convert import Ranks, model_ranks, ranks_at_fraction, truncate
+from .convert import Ranks, model_ranks, ranks_at, truncate
 from .footprint import Footprint, Inputs, footprint
 from .layers import ceil_rank
 
@@ -106,12 +106,12 @@ def load_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> nn.Module
 
 # -- cost tables -------------------------------------------------------------------------------
 def rank_cost_table(
-    model: nn.Module, inputs: Inputs, fractions: Sequence[float] = FRACTION_GRID
+    model: nn.Module, inputs: Inputs, fractions: Sequence[float] = FRACTION_GRID, allocation: str = "uniform"
 ) -> list[Cost]:
     """Training cost of the LoD model at each rank fraction (largest first): factors as trained."""
     table = []
     for p in sorted(set(fractions), reverse=True):
-        ranks = ranks_at_fraction(model, p)
+        ranks = ranks_at(model, p, allocation)
         fp = footprint(model, inputs, ranks, as_deployed=False)
         table.append(Cost(p, ranks, fp.params, fp.macs, activation_count(model, inputs, ranks)))
     return table
@@ -277,7 +277,7 @@ class RankPrefix(SubModelFamily):
             return cache[key]
         key = (tuple(sorted(ranks.items())),)
         if key not in cache:
-            cache[key] = rank_cost_table(truncate(self.template, ranks), self.inputs)
+            cache[key] = rank_cost_table(truncate(self.template, ranks), self.inputs, allocation=self.allocation)
         return cache[key]
 
     def cost_of(self, fraction: float, ranks: Ranks) -> Cost:
@@ -367,7 +367,7 @@ class RankWidthPrefix(RankPrefix):
         if id(table) not in cache:
             # the narrow entries follow the uniform ladder's smallest prefix, which a client rebuilds without
             # the global arrays: server and client then agree on every narrow sub-model
-            uniform = RankPrefix.cost_table(self, None) if self.allocation != "uniform" else table
+            uniform = RankPrefix.cost_table(self, None) if self.allocation == "importance" else table
             narrow = self._narrow_costs(min(uniform, key=lambda c: c.fraction))
             smallest = min(table, key=lambda c: c.fraction)
             cache[id(table)] = table + [c for c in narrow if c.params < smallest.params and c.macs < smallest.macs]
@@ -389,7 +389,7 @@ class RankWidthPrefix(RankPrefix):
                 break
             if shapes == self._shapes:  # no narrower than the full model at this width (or it ignores width)
                 continue
-            ranks = ranks_at_fraction(model, self.rank_fraction)
+            ranks = ranks_at(model, self.rank_fraction, self.allocation)
             fp = footprint(model, self.inputs, ranks, as_deployed=False)
             cost = Cost(round(floor * w, 6), ranks, fp.params, fp.macs, activation_count(model, self.inputs, ranks))
             if cost.params >= smallest.params or cost.macs >= smallest.macs or cost.activations > smallest.activations:

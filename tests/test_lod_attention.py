@@ -10,7 +10,16 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from maestro_fl.convert import active_ranks, extract, factorize, lod_layers, plan_factorization, ranks_at_fraction
+from maestro_fl.convert import (
+    active_ranks,
+    extract,
+    factorize,
+    lod_layers,
+    plan_factorization,
+    ranks_at,
+    ranks_at_fraction,
+    truncate,
+)
 from maestro_fl.footprint import MISSING_FLOP_FORMULAS, footprint
 from maestro_fl.layers import ATTENTION_PROJECTIONS, LoDLinear, LoDMultiheadAttention
 from maestro_fl.models import InputSpec
@@ -195,3 +204,68 @@ def test_attention_activations_count_in_the_memory_budget_at_every_sequence_leng
     assert activation_count(lod, spec) == around + kernel + 4 * le + 7 * length * r
     ranks = ranks_at_fraction(lod, 0.25)
     assert activation_count(lod, spec, ranks) == around + kernel + 4 * le + 7 * length * 4
+
+
+def dense_shares(model: nn.Module, ranks: dict[str, int]) -> tuple[float, float]:
+    """(attention projections', FFN layers') kept share of their dense weights at ``ranks``."""
+    kept, dense = {True: 0, False: 0}, {True: 0, False: 0}
+    for name, layer in lod_layers(model).items():
+        if name == "head":  # the classifier is neither
+            continue
+        is_attention = name.rpartition(".")[2] in ATTENTION_PROJECTIONS
+        kept[is_attention] += ranks[name] * (layer.fan_in + layer.fan_out)
+        dense[is_attention] += layer.fan_in * layer.fan_out
+    return kept[True] / dense[True], kept[False] / dense[False]
+
+
+def char_model(length: int = 20) -> nn.Module:
+    from maestro_fl.models import build_model
+
+    return factorize(build_model("char_transformer", InputSpec((length,), 12, "int64", 12)), init="random",
+                     generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("build", [lambda: factorize(encoder(True)), char_model], ids=["encoder", "char_transformer"])
+def test_dense_share_keeps_every_layer_within_one_component_of_the_budgets_share(build) -> None:  # type: ignore[no-untyped-def]
+    """One rank fraction keeps 2p of a square projection but 1.5p of a 1:2 FFN layer; dense_share keeps p of each,
+    rounded up to whole rank components, nested, and full rank at p = 1."""
+    model = build()
+    layers = lod_layers(model)
+    uniform_attention, uniform_ffn = dense_shares(model, ranks_at_fraction(model, 0.25))
+    assert uniform_attention == pytest.approx(0.5) and uniform_attention > uniform_ffn  # the bias dense_share removes
+    previous: dict[str, int] | None = None
+    for p in (0.05, 0.1, 0.15, 0.25, 0.4, 0.7, 0.95):
+        ranks = ranks_at(model, p, "dense_share")
+        for name, layer in layers.items():
+            one = (layer.fan_in + layer.fan_out) / (layer.fan_in * layer.fan_out)  # one component's share
+            share = ranks[name] * one
+            assert share >= p - 1e-9 or ranks[name] == layer.max_rank, (p, name)
+            assert share < p + one or ranks[name] == 1, (p, name, share)
+        attention, ffn = dense_shares(model, ranks)
+        assert abs(attention - ffn) < max((lay.fan_in + lay.fan_out) / (lay.fan_in * lay.fan_out)
+                                          for lay in layers.values())
+        if previous is not None:  # nested: a larger budget's ranks contain the smaller one's
+            assert all(ranks[n] >= previous[n] for n in ranks)
+        previous = ranks
+    assert ranks_at(model, 1.0, "dense_share") == {n: layer.max_rank for n, layer in layers.items()}
+
+
+def test_at_the_smallest_budget_the_zoo_transformers_attention_keeps_no_more_of_its_weights_than_the_ffn() -> None:
+    from maestro_fl.budget import FRACTION_GRID
+
+    model = char_model(80)  # Shakespeare's windows
+    smallest = min(FRACTION_GRID)
+    attention, ffn = dense_shares(model, ranks_at(model, smallest, "dense_share"))
+    assert attention <= ffn, (attention, ffn)
+    attention, ffn = dense_shares(model, ranks_at_fraction(model, smallest))
+    assert attention > ffn  # and the uniform rule's does not hold it
+
+
+def test_dense_share_of_a_truncated_layer_scales_with_its_rank_as_the_uniform_rule_does() -> None:
+    model = char_model()
+    name = "blocks.1.ffn.0"
+    layer = lod_layers(model)[name]
+    halved = truncate(model, {name: layer.max_rank // 2})
+    before, after = ranks_at(model, 0.5, "dense_share")[name], ranks_at(halved, 0.5, "dense_share")[name]
+    assert abs(after - before / 2) <= 1
+    assert ranks_at(halved, 1.0, "dense_share")[name] == layer.max_rank // 2

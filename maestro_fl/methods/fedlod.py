@@ -50,6 +50,7 @@ class FedLoD(FederatedMethod):
         "fedlod_svd_aggregation": {"aggregation": "svd"},
         "fedlod_zero_pad_aggregation": {"aggregation": "zero_pad"},
         "fedlod_importance_ranks": {"rank_allocation": "importance"},
+        "fedlod_dense_share_ranks": {"rank_allocation": "dense_share"},  # every layer at the budget's share of weights
         "fedlod_homogeneous": {"ignore_budgets": True},  # a reference row: every device at full rank
     }
 
