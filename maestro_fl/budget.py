@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .convert import Ranks, _walk
-from .footprint import Inputs, probe_forward
+from .footprint import Inputs, measured, probe_forward
 from .layers import LoDLayer, LoDMultiheadAttention
 from .population import DeviceCapability  # the device a budget is checked for (its home is the population)
 
@@ -59,9 +59,18 @@ class Cost:
         return BACKWARD_FACTOR * self.macs * self.passes * samples * epochs
 
 
-@torch.no_grad()
 def activation_count(model: nn.Module, inputs: Inputs, ranks: Mapping[str, int] | None = None) -> int:
-    """Values per sample that training keeps for backward: every leaf output, plus each LoD layer's inner rank-r map."""
+    """Values per sample that training keeps for backward: every leaf output, plus each LoD layer's inner rank-r map.
+
+    Counted once per structure, input and ranks in a process (:func:`maestro_fl.footprint.measured`).
+    """
+    value = measured("activations", model, inputs, ranks, lambda: _count_activations(model, inputs, ranks))
+    assert isinstance(value, int)
+    return value
+
+
+@torch.no_grad()
+def _count_activations(model: nn.Module, inputs: Inputs, ranks: Mapping[str, int] | None) -> int:
     counts: list[int] = []
 
     def lod_hook(mod: LoDLayer, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:

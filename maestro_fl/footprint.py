@@ -16,7 +16,9 @@ that training runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -214,6 +216,85 @@ def count_flops(model: nn.Module, inputs: Inputs, ranks: Mapping[str, int] | Non
     return out
 
 
+# -- measured once per (structure, input, ranks) --------------------------------------------------
+def structure_key(model: nn.Module) -> Hashable:
+    """What a model's counts depend on, hashable: two models with the same key count the same.
+
+    The modules' classes (the objects, so a class redefined in a notebook is a
+    new key) and their ``repr`` (every layer's hyperparameters: strides,
+    padding, an LoD layer's ranks), every parameter's and buffer's name, shape
+    and dtype, which parameters are one tensor (tied weights count once), and
+    the training flag. Weight values are not in it: counts never depend on them.
+    """
+    named = list(model.named_parameters(remove_duplicate=False))
+    first: dict[int, int] = {}
+    ties = tuple(first.setdefault(id(p), i) for i, (_, p) in enumerate(named))
+    return (
+        repr(model),
+        tuple(type(m) for _, m in model.named_modules(remove_duplicate=False)),
+        tuple((n, tuple(p.shape), p.dtype) for n, p in named),
+        ties,
+        tuple((n, tuple(b.shape), b.dtype) for n, b in model.named_buffers()),
+        model.training,
+    )
+
+
+def _tensor_key(x: torch.Tensor) -> Hashable:
+    data = x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return (tuple(x.shape), x.dtype, hashlib.sha1(data).hexdigest())
+
+
+def inputs_key(inputs: Inputs) -> Hashable:
+    """What a count depends on of its input: a shape, a sample's values, or an InputSpec with its sample."""
+    if isinstance(inputs, torch.Tensor):
+        return ("tensor", _tensor_key(inputs))
+    if isinstance(inputs, InputSpec):
+        sample = None if inputs.sample is None else _tensor_key(inputs.sample)
+        return ("spec", inputs.shape, inputs.num_classes, inputs.dtype, inputs.vocab_size, sample)
+    return ("shape", tuple(inputs))
+
+
+class MeasurementCache:
+    """Least-recently-used counts by (what is counted, model structure, input, ranks).
+
+    A federation measures the same sub-models again and again: every
+    federation builds its cost tables (20 fractions, a counted forward each),
+    every sweep run and every test the same ones. Counts are pure functions of
+    the key (:func:`structure_key`), so one process measures each once.
+    """
+
+    def __init__(self, size: int = 8192) -> None:
+        self.size = size
+        self._entries: OrderedDict[Hashable, object] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: Hashable, measure: Callable[[], object]) -> object:
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return self._entries[key]
+        self.misses += 1
+        value = self._entries[key] = measure()
+        if len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.hits = self.misses = 0
+
+
+#: the process's counts: footprints and activation counts
+MEASURED = MeasurementCache()
+
+
+def measured(what: str, model: nn.Module, inputs: Inputs, ranks: Mapping[str, int] | None,
+             measure: Callable[[], object], *extra: Hashable) -> object:
+    """``measure()``, or the value it gave for the same structure, input and ranks (:data:`MEASURED`)."""
+    key = (what, structure_key(model), inputs_key(inputs), tuple(sorted((ranks or {}).items())), extra)
+    return MEASURED.get(key, measure)
+
+
 def footprint(
     model: nn.Module,
     inputs: Inputs,
@@ -233,7 +314,16 @@ def footprint(
     as_deployed : bool
         Count an LoD layer whose dense form is smaller as dense (the extraction
         rule). ``False`` counts the factors as they are trained.
+
+    Counted once per structure, input and ranks in a process (:func:`measured`).
     """
+    value = measured("footprint", model, inputs, ranks, lambda: _count_footprint(model, inputs, ranks, as_deployed),
+                     as_deployed)
+    assert isinstance(value, Footprint)
+    return value
+
+
+def _count_footprint(model: nn.Module, inputs: Inputs, ranks: Mapping[str, int] | None, as_deployed: bool) -> Footprint:
     ranks = dict(ranks or {})
     flops = count_flops(model, inputs, ranks)
     seen_modules: set[int] = set()

@@ -83,3 +83,49 @@ def test_batch_statistics_norm_after_a_global_pool_is_counted_per_sample() -> No
     fp = footprint(model, (1, 8, 8))
     assert fp.macs == 4 * 9 * 64 + 12  # the conv at 64 positions and the classifier, one sample
     assert activation_count(model, (1, 8, 8)) == 4 * 64 + 4 + 4 + 3  # conv, pool, norm and classifier outputs
+
+
+def test_counts_are_measured_once_per_structure_and_input_and_never_shared_across_structures() -> None:
+    """The process-wide cache: a second count of the same structure is a hit; anything a count depends on is a miss."""
+    from maestro_fl.budget import activation_count
+    from maestro_fl.footprint import MEASURED
+
+    def net(stride: int = 1) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 4, 3, stride=stride), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(4, 8))
+
+    MEASURED.clear()
+    a = footprint(net(), (1, 6, 6))
+    misses = MEASURED.misses
+    b = footprint(net(), (1, 6, 6))  # a fresh model of the same structure: other weights, the same counts
+    assert b == a and MEASURED.misses == misses and MEASURED.hits == 1
+    strided = footprint(net(stride=2), (1, 6, 6))
+    assert strided.macs < a.macs  # a stride is in the key: not the unstrided count
+    assert footprint(net(), (1, 8, 8)).macs > a.macs  # so is the input
+    x = torch.randn(1, 1, 6, 6)
+    assert activation_count(net(), x) == activation_count(net(), x.clone()) and MEASURED.hits >= 2
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
+    untied = footprint(model, (8,)).params
+    model[1].weight = model[0].weight  # the same shapes, one tensor: counted once
+    assert footprint(model, (8,)).params == untied // 2
+
+    class Doubling(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    class Wrapped(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner, self.linear = inner, nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(self.inner(x))
+
+    once = footprint(Wrapped(Doubling()), (8,)).macs
+
+    class Doubling(nn.Module):  # type: ignore[no-redef]  # redefined as in a notebook: same name, another forward
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ torch.eye(8)
+
+    assert footprint(Wrapped(Doubling()), (8,)).macs == once + 64  # the new class is a new key
