@@ -110,6 +110,17 @@ def unique_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
 
 
+_FACTORIZED: dict[str, nn.Module] = {}
+
+
+def factorized(name: str, dense: nn.Module) -> nn.Module:
+    """A copy of ``factorize(dense)`` at full rank (SVD), computed once per architecture: the tests below
+    check the same factorization (a VGG-19's SVD takes ~9 s), each on its own copy."""
+    if name not in _FACTORIZED:
+        _FACTORIZED[name] = factorize(copy.deepcopy(dense))
+    return copy.deepcopy(_FACTORIZED[name])
+
+
 @pytest.fixture(params=sorted(ARCHITECTURES))
 def architecture(request: pytest.FixtureRequest) -> tuple[str, nn.Module, InputSpec, torch.Tensor]:
     torch.manual_seed(0)
@@ -120,7 +131,7 @@ def architecture(request: pytest.FixtureRequest) -> tuple[str, nn.Module, InputS
 def test_factorize_at_full_rank_keeps_the_outputs_in_train_and_eval_mode(architecture) -> None:  # type: ignore[no-untyped-def]
     name, dense, spec, x = architecture
     expected = dense(x)
-    lod = factorize(copy.deepcopy(dense)).eval()
+    lod = factorized(name, dense).eval()
     assert lod_layers(lod), f"{name}: nothing was factorized"
     torch.testing.assert_close(lod(x), expected, atol=2e-4, rtol=1e-3)
     with torch.no_grad():  # PyTorch's fused inference paths (TransformerEncoderLayer's) read .weight
@@ -131,8 +142,8 @@ def test_factorize_at_full_rank_keeps_the_outputs_in_train_and_eval_mode(archite
 
 
 def test_extract_at_half_rank_equals_the_lod_model_at_that_rank(architecture) -> None:  # type: ignore[no-untyped-def]
-    _, dense, _, x = architecture
-    lod = factorize(copy.deepcopy(dense)).eval()
+    name, dense, _, x = architecture
+    lod = factorized(name, dense).eval()
     ranks = ranks_at_fraction(lod, 0.5)
     with active_ranks(lod, ranks):
         expected = lod(x)
