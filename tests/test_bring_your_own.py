@@ -342,16 +342,15 @@ def test_python_api_refuses_objects_on_flowers_engine(tmp_path: Path) -> None:
 def test_the_bring_your_own_notebook_runs_and_draws(tmp_path: Path) -> None:
     """It defines its model, data and devices itself, simulates through the Python API and plots."""
     import nbformat
-    from nbclient import NotebookClient
+
+    from tests.notebook_runner import run_in_process
 
     root = Path(__file__).resolve().parents[1]
     nb = nbformat.read(root / "analysis" / "notebooks" / "bring_your_own.ipynb", as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "notebooks are stored without outputs"
     assert "parameters" in nb.cells[0].metadata.get("tags", [])
     nb.cells[0].source = f"OUT_DIR = {str(tmp_path)!r}\nROUNDS = 3"
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(root)}}).execute()
-    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) == 2
+    assert run_in_process(nb, root) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fedlod", "fjord"]
     assert len(pd.read_csv(tmp_path / "fjord" / "rounds.csv")) == 3
 
