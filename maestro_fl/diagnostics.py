@@ -147,9 +147,9 @@ class LoDDiagnostics(RoundCallback):
         if result.round % self.every and result.round != self.last_round:
             return False
         model = self.method.family.global_model(result.arrays)
-        self.writers[LADDER_ROUNDS.file].extend(
-            {"round": result.round} | row for row in ladder_accuracy(model, self.test, self.validation, self.inputs,
-                                                          allocation=getattr(self.method, "rank_allocation", "uniform")))
+        allocation = getattr(self.method, "rank_allocation", "uniform")  # (methods without FedLoD's rule have none)
+        ladder = ladder_accuracy(model, self.test, self.validation, self.inputs, allocation=allocation)
+        self.writers[LADDER_ROUNDS.file].extend({"round": result.round} | row for row in ladder)
         tier_ranks = self._rank_cut_tiers(model, result.tier_costs)
         self.writers[TRUNCATION.file].extend(
             {"round": result.round} | row for row in truncation_drops(model, self.test, tier_ranks))
