@@ -365,10 +365,11 @@ class RankWidthPrefix(RankPrefix):
         table = super().cost_table(global_arrays)
         cache = self.__dict__.setdefault("_full_tables", {})
         if id(table) not in cache:
-            # the narrow entries follow the uniform ladder's smallest prefix, which a client rebuilds without
-            # the global arrays: server and client then agree on every narrow sub-model
-            uniform = RankPrefix.cost_table(self, None) if self.allocation == "importance" else table
-            narrow = self._narrow_costs(min(uniform, key=lambda c: c.fraction))
+            # the narrow entries follow the smallest prefix of a ladder a client rebuilds without the global
+            # arrays (importance ranks need them; the other rules do not): server and client then agree on
+            # every narrow sub-model
+            rebuilt = RankPrefix.cost_table(self, None) if self.allocation == "importance" else table
+            narrow = self._narrow_costs(min(rebuilt, key=lambda c: c.fraction))
             smallest = min(table, key=lambda c: c.fraction)
             cache[id(table)] = table + [c for c in narrow if c.params < smallest.params and c.macs < smallest.macs]
         return cache[id(table)]
