@@ -225,6 +225,9 @@ def structure_key(model: nn.Module) -> Hashable:
     padding, an LoD layer's ranks), every parameter's and buffer's name, shape
     and dtype, which parameters are one tensor (tied weights count once), and
     the training flag. Weight values are not in it: counts never depend on them.
+    A module of one's own whose forward depends on a plain attribute (not a
+    parameter, buffer or constructor argument PyTorch prints) shows it in its
+    ``extra_repr``, as the LoD and DLRT layers show their ranks.
     """
     named = list(model.named_parameters(remove_duplicate=False))
     first: dict[int, int] = {}
