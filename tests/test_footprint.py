@@ -129,3 +129,13 @@ def test_counts_are_measured_once_per_structure_and_input_and_never_shared_acros
             return x @ torch.eye(8)
 
     assert footprint(Wrapped(Doubling()), (8,)).macs == once + 64  # the new class is a new key
+
+    class Flagged(nn.Module):  # a forward that branches on a flag its repr does not show
+        def __init__(self, twice: bool) -> None:
+            super().__init__()
+            self.linear, self.twice = nn.Linear(8, 8), twice
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(self.linear(x)) if self.twice else self.linear(x)
+
+    assert footprint(Flagged(True), (8,)).macs == 2 * footprint(Flagged(False), (8,)).macs
