@@ -147,8 +147,7 @@ class LoDDiagnostics(RoundCallback):
         if result.round % self.every and result.round != self.last_round:
             return False
         model = self.method.family.global_model(result.arrays)
-        allocation = getattr(self.method, "rank_allocation", "uniform")  # (methods without FedLoD's rule have none)
-        ladder = ladder_accuracy(model, self.test, self.validation, self.inputs, allocation=allocation)
+        ladder = ladder_accuracy(model, self.test, self.validation, self.inputs, allocation=self.method.rank_allocation)
         self.writers[LADDER_ROUNDS.file].extend({"round": result.round} | row for row in ladder)
         tier_ranks = self._rank_cut_tiers(model, result.tier_costs)
         self.writers[TRUNCATION.file].extend(

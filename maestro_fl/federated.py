@@ -359,7 +359,7 @@ def deploy_ladder(run_dir: str | Path, fractions: Sequence[float]) -> list[dict[
     dense = footprint(model, shape).dense_params
     rows = []
     for p in sorted(set(fractions)):
-        ranks = ranks_at(model, p, getattr(fed.method, "rank_allocation", "uniform"))
+        ranks = ranks_at(model, p, fed.method.rank_allocation)
         loss, acc = evaluate(model, fed.data.test, ranks)
         fp = footprint(model, shape, ranks)
         rows.append({"fraction": p, "accuracy": acc, "loss": loss, "params": fp.params, "macs": fp.macs,

@@ -224,19 +224,20 @@ def structure_key(model: nn.Module) -> Hashable:
     new key) and their ``repr`` (every layer's hyperparameters: strides,
     padding, an LoD layer's ranks), every parameter's and buffer's name, shape
     and dtype, which parameters are one tensor (tied weights count once), and
-    the training flag, and every module's public plain attributes (numbers,
-    strings, flags: a module of one's own whose forward branches on a flag it
-    does not print). Weight values are not in it: counts never depend on them.
+    every module's public plain attributes (numbers, strings, flags: the
+    training flag, and a flag of one's own module that its forward branches on
+    but its repr does not print). Weight values are not in it: counts never
+    depend on them.
     """
     named = list(model.named_parameters(remove_duplicate=False))
+    modules = [m for _, m in model.named_modules(remove_duplicate=False)]
     plain = tuple(tuple((k, v) for k, v in sorted(vars(m).items())
-                        if not k.startswith("_") and isinstance(v, bool | int | float | str | None))
-                  for _, m in model.named_modules(remove_duplicate=False))
+                        if not k.startswith("_") and isinstance(v, bool | int | float | str | None)) for m in modules)
     first: dict[int, int] = {}
     ties = tuple(first.setdefault(id(p), i) for i, (_, p) in enumerate(named))
     return (
         repr(model),
-        tuple(type(m) for _, m in model.named_modules(remove_duplicate=False)),
+        tuple(type(m) for m in modules),
         tuple((n, tuple(p.shape), p.dtype) for n, p in named),
         ties,
         tuple((n, tuple(b.shape), b.dtype) for n, b in model.named_buffers()),

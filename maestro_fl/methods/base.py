@@ -219,6 +219,12 @@ class FederatedMethod(ABC):
         self._client_models: dict[tuple[Any, ...], nn.Module] = {}
 
     # -- sub-model family ------------------------------------------------------------------
+    @property
+    def rank_allocation(self) -> str:
+        """How a budget's fraction becomes per-layer ranks (``maestro_fl.convert.RANK_RULES``); FedLoD reads its
+        config's, the other rank methods keep their papers' one fraction for every layer."""
+        return "uniform"
+
     @abstractmethod
     def make_family(self, generator: torch.Generator) -> SubModelFamily:
         """The family of sub-models, holding the server's initial model (seeded by ``generator``)."""
