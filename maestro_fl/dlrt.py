@@ -36,7 +36,7 @@ from torch import nn
 
 from .convert import _set_module, _walk, lod_layers
 from .data import Split
-from .layers import LoDConv, LoDConv1d, LoDConv2d, LoDLayer, LoDLinear, _conv_class
+from .layers import LoDConv, LoDConv1d, LoDConv2d, LoDLayer, LoDLinear, _conv_class, thin_svd
 from .training import EpochStats, Step, WholeModel, run_epoch
 
 
@@ -105,7 +105,7 @@ class DLRTLayer(nn.Module, metaclass=ABCMeta):
     @torch.no_grad()
     def init_from_weight(self, w: torch.Tensor) -> None:
         """SVD of a dense (unfolded) weight: ``U = P_r``, ``S = Σ_r``, ``V = Q_r``."""
-        p, s, qt = torch.linalg.svd(w.reshape(self.fan_out, -1).double(), full_matrices=False)
+        p, s, qt = thin_svd(w.reshape(self.fan_out, -1).double())
         r = self.rank
         self.U.copy_(p[:, :r])
         self.S.copy_(torch.diag(s[:r]))

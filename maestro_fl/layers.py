@@ -346,6 +346,22 @@ def singular_values(layer: nn.Linear | nn.Conv1d | nn.Conv2d) -> torch.Tensor:
     return torch.linalg.svdvals(_unfolded_weight(layer).double()).to(layer.weight.dtype)
 
 
+# LAPACK's divide-and-conquer SVD of a wide matrix is ~3x slower than of its transpose (float64, 2 cores:
+# 512 x 4608, a CIFAR ResNet/VGG conv, 0.67 s against 0.22 s; 128 x 12800 0.17 against 0.04). The transpose is
+# taken from 512 rows (a gain of 0.15 s or more per layer there); the built-in tasks' layers (at most 128 rows) keep
+# their orientation and so their factors bit for bit.
+TRANSPOSED_SVD_FROM_ROWS = 512
+
+
+def thin_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``P, Σ, Qᵀ`` of ``w`` (thin), computed on the tall side of a large wide matrix."""
+    if w.shape[1] > w.shape[0] >= TRANSPOSED_SVD_FROM_ROWS:
+        q, s, pt = torch.linalg.svd(w.T, full_matrices=False)
+        return pt.T, s, q.T
+    p, s, qt = torch.linalg.svd(w, full_matrices=False)
+    return p, s, qt
+
+
 def lod_from_dense(
     layer: nn.Module, rank: int | Mapping[str, int], init: Init = "svd", generator: torch.Generator | None = None
 ) -> nn.Module | None:
@@ -387,8 +403,7 @@ def lod_from_dense(
     lod = lod.to(device=layer.weight.device, dtype=layer.weight.dtype)
     with torch.no_grad():
         if init == "svd":
-            w = _unfolded_weight(layer).double()
-            p, s, qt = torch.linalg.svd(w, full_matrices=False)
+            p, s, qt = thin_svd(_unfolded_weight(layer).double())
             root = s[:rank].sqrt()
             u = (p[:, :rank] * root).to(layer.weight.dtype)
             vt = (root[:, None] * qt[:rank]).to(layer.weight.dtype)

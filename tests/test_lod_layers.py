@@ -18,7 +18,7 @@ from maestro_fl.convert import (
     ranks_at_fraction,
     to_dense,
 )
-from maestro_fl.layers import LoDConv2d, LoDLinear, dense_is_smaller
+from maestro_fl.layers import TRANSPOSED_SVD_FROM_ROWS, LoDConv2d, LoDLinear, dense_is_smaller, thin_svd
 
 
 def random_ranks(model: nn.Module, seed: int = 1) -> dict[str, int]:
@@ -45,6 +45,20 @@ def test_full_rank_conv_equals_dense_uv() -> None:
     w = (u @ vt).reshape(5, 3, 3, 3)
     expected = F.conv2d(x, w, layer.out_network.bias, stride=2, padding=1)
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(6, 40), (40, 6), (TRANSPOSED_SVD_FROM_ROWS, TRANSPOSED_SVD_FROM_ROWS + 8)],
+                         ids=["wide", "tall", "wide-transposed"])
+def test_thin_svd_is_an_svd_on_either_side(shape: tuple[int, int]) -> None:
+    """Orthonormal P and Q, non-increasing Σ, and P Σ Qᵀ = W, whichever side LAPACK ran on."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    p, s, qt = thin_svd(w)
+    k = min(shape)
+    assert p.shape == (shape[0], k) and s.shape == (k,) and qt.shape == (k, shape[1])
+    torch.testing.assert_close(p.T @ p, torch.eye(k, dtype=w.dtype))
+    torch.testing.assert_close(qt @ qt.T, torch.eye(k, dtype=w.dtype))
+    assert bool((s[:-1] >= s[1:]).all())
+    torch.testing.assert_close((p * s) @ qt, w)
 
 
 def test_svd_init_reproduces_dense_outputs(tiny) -> None:

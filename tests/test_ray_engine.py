@@ -213,16 +213,22 @@ def signal_args(trace: Path, out_dir: Path) -> list[str]:
             "round_timeout_s=5", "backend=ray"]
 
 
+def signal_config(trace: Path, out_dir: Path, run_name: str) -> SimConfig:
+    """:func:`signal_args` as the config that the CLI builds from them."""
+    given = dict(arg.split("=", 1) for arg in signal_args(trace, out_dir))
+    return resolve(SimConfig, overrides={**given, "run_name": run_name})
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(the devices file, the run directory) of the signal tests' run, uninterrupted: run once for both signals."""
+def uninterrupted(shared_ray: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the devices file, the run directory) of the signal tests' run, uninterrupted: run once for both signals.
+
+    In this process, on the shared Ray: only the interrupted run has to be a process of its own (it gets the
+    signal); the same seed gives the same tables wherever the driver runs.
+    """
     root = tmp_path_factory.mktemp("uninterrupted")
     trace = always_online_population(root / "population.csv", 10)
-    env = os.environ | {"PYTHONPATH": str(ROOT), "FLWR_HOME": str(root / "flwr_home")}
-    full = subprocess.run(cli("simulate", *signal_args(trace, root), "run_name=full"), env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert full.returncode == 0, full.stderr[-2000:]
-    return trace, root / "full"
+    return trace, run_simulation(signal_config(trace, root, "full"))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
@@ -255,10 +261,10 @@ def test_a_signal_mid_round_leaves_no_process_and_resume_gives_the_uninterrupted
     assert left_alive(seen) == []
     assert pd.read_csv(rounds)["round"].tolist() == [1]
 
-    resumed = subprocess.run(cli("simulate", f"resume={tmp_path / 'cut'}", "backend=ray"), env=env, cwd=ROOT,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert_same_tables(full, tmp_path / "cut")
+    # resumed as `maestro-fl simulate resume=DIR` resumes it, in this process on the shared Ray
+    resumed = run_simulation(resolve(SimConfig, overrides={"resume": str(tmp_path / "cut")}))
+    assert resumed == tmp_path / "cut"
+    assert_same_tables(full, resumed)
 
 
 def test_the_local_backend_matches_the_in_process_grid_of_the_tests(tmp_path: Path) -> None:
