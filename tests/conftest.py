@@ -107,10 +107,14 @@ def own_ray() -> Iterator[None]:
         ray.shutdown()
 
 
-#: the modules that take longest (a third of the suite's time between them, mostly Ray and subprocess start-up):
-#: collected first, so that the two workers of ``pytest -n 2 --dist loadscope`` start on them and share the
-#: short modules at the end, instead of one worker starting a long module when the other has nothing left
-LONG_MODULES = ("test_ray_engine.py", "test_bring_your_own.py", "test_simulation.py")
+#: the modules that take longest, longest first (seconds of one idle 2-core run, 2026-12-04: 150, 103, 91, 44,
+#: 37, 36, 34, 33, 32, 30, 26, 21; mostly Ray and subprocess start-up). They are collected first, and
+#: ``pytest -n 2 --dist loadscope --no-loadscope-reorder`` hands modules out in collection order (without the
+#: flag xdist orders them by test count, which sent the longest module last): the longest-first rule, so that
+#: no worker starts a long module when the other has nothing left. Only the schedule changes.
+LONG_MODULES = ("test_ray_engine.py", "test_simulation.py", "test_bring_your_own.py", "test_client_reuse.py",
+                "test_methods.py", "test_default_shapes.py", "test_analysis.py", "test_first_hour.py",
+                "test_hardening.py", "test_export.py", "test_cluster.py", "test_sweep.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
