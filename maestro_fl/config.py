@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 
 # leaf modules only (each imports nothing of maestro_fl): the config sits below everything it configures
 from .catalog import DATASETS, METHOD_CLASSES, MODELS, NATURAL_GROUPS, NORMS, SAMPLERS, TRACKERS, tracker_names
-from .population import DEFAULT_TIERS, PopulationError, load_population
+from .measured_devices import NUM_TIERS as MEASURED_TIERS
+from .population import DEFAULT_TIERS, MEASURED, PopulationError, load_population
 from .references import UnresolvedReference, is_reference
 from .references import resolve as resolve_reference
 from .results import check_name
@@ -500,8 +501,9 @@ class SimConfig:
     full_pass: bool = False  # self-distillation (FedLoD, FjORD's KD): 2x client compute, no gain in Maestro's ablation
     # -- devices --
     tier_shares: tuple[float, ...] = (0.2, 0.2, 0.2, 0.2, 0.2)  # five tiers in equal shares (FjORD, HeteroFL)
-    devices: str = ""  # '' = the built-in tiers in tier_shares; a CSV trace of per-client capabilities
-    # (FedScale-like), or a reference 'package.module:attr' to a population (maestro_fl/population.py)
+    devices: str = ""  # '' = the built-in tiers in tier_shares; 'measured' = 48 real phones and boards by ncnn's
+    # measured inference speed, in tier_shares (maestro_fl/measured_devices.py); a CSV trace of per-client
+    # capabilities (FedScale-like), or a reference 'package.module:attr' to a population (maestro_fl/population.py)
     tier_mode: str = "fixed"  # 'fixed': a client keeps its tier; 'dynamic': redrawn every round (HeteroFL)
     tier_fractions: tuple[float, ...] = ()  # explicit rank fraction per tier; () = derive from each device
     compute_budget_s: float = 15.0  # per-round compute a device may spend: tiers land at rank 0.15/0.25/0.4/0.7/1 on
@@ -603,10 +605,14 @@ class SimConfig:
             raise ConfigError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
-        if not self.devices:
+        builtin = not self.devices or self.devices == MEASURED  # populations drawn in tier_shares
+        if builtin:
             if not self.tier_shares or any(s < 0 for s in self.tier_shares) or abs(sum(self.tier_shares) - 1) > 1e-6:
                 raise ConfigError(f"tier_shares must be non-negative shares of the clients that sum to 1 (one per "
                                   f"tier), got {self.tier_shares!r} (sum {sum(self.tier_shares):g})")
+            if self.devices == MEASURED and len(self.tier_shares) > MEASURED_TIERS:
+                raise ConfigError(f"tier_shares has {len(self.tier_shares)} entries; devices=measured has "
+                                  f"{MEASURED_TIERS} speed tiers")
             if len(self.tier_shares) > len(DEFAULT_TIERS):
                 raise ConfigError(f"tier_shares has {len(self.tier_shares)} entries; the built-in tiers are "
                                   f"{len(DEFAULT_TIERS)} (a population of your own: devices=PATH.csv)")
@@ -617,7 +623,7 @@ class SimConfig:
                 raise ConfigError(str(err)) from None
         for i, p in enumerate(self.tier_fractions):
             check_fraction(f"tier_fractions[{i}]", p)
-        if self.tier_fractions and not self.devices and len(self.tier_fractions) != len(self.tier_shares):
+        if self.tier_fractions and builtin and len(self.tier_fractions) != len(self.tier_shares):
             raise ConfigError(
                 f"tier_fractions has {len(self.tier_fractions)} entries but there are {len(self.tier_shares)} tiers"
             )

@@ -21,7 +21,8 @@ tier      MMAC/s     memory    uplink     downlink    availability
 ========  =========  ========  =========  ==========  ============
 
 ``devices`` in a config is ``""`` (those built-in tiers, in ``tier_shares``),
-the path of a CSV trace with one row per client (FedScale's device traces,
+``"measured"`` (real phones and boards by their measured speed, in ``tier_shares``:
+:mod:`maestro_fl.measured_devices`), the path of a CSV trace with one row per client (FedScale's device traces,
 Lai et al., ICML 2022), or a reference ``package.module:attr`` / an object of
 the Python API: a list of :class:`~maestro_fl.budget.DeviceCapability` or of
 dicts, a pandas DataFrame, or a function of ``num_clients`` returning one.
@@ -46,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from .measured_devices import LINK_BY_KIND, MEMORY_BY_TIER, NUM_TIERS, MeasuredDevice, tiers_of_table
 from .references import is_reference, resolve
 
 LOG = logging.getLogger("maestro_fl")
@@ -108,10 +110,55 @@ def federation_devices(devices: str, num_clients: int, shares: tuple[float, ...]
                        seed: int) -> tuple[DeviceCapability, ...]:
     """Every client's device, by partition id: the ``devices`` population, or the built-in tiers in ``shares``
     (a config's ``devices``, ``num_clients``, ``tier_shares``, ``tier_fractions`` and ``seed``)."""
+    if devices == MEASURED:
+        return measured_population(num_clients, shares, seed, fractions)
     if devices:
         return load_population(devices, num_clients)
     tiers = builtin_tiers(shares, fractions)
     return tuple(tiers[int(t)] for t in tier_assignment(num_clients, shares, seed))
+
+
+MEASURED = "measured"  # devices=measured: real phones and boards (maestro_fl/measured_devices.py)
+
+
+def measured_capability(device: MeasuredDevice, table_tier: int, tier: int | None = None) -> DeviceCapability:
+    """The cost model's view of a ranked device of speed tier ``table_tier`` (speed measured; memory and links
+    assumed: :mod:`maestro_fl.measured_devices`), numbered ``tier`` in its federation (default: ``table_tier``)."""
+    up, down, availability = LINK_BY_KIND[device.kind]
+    return DeviceCapability(table_tier if tier is None else tier, macs_per_s=device.macs_per_s,
+                            memory_bytes=MEMORY_BY_TIER[table_tier], up_bps=up, down_bps=down,
+                            availability=availability)
+
+
+def measured_assignment(num_clients: int, shares: Sequence[float], seed: int) -> list[tuple[int, int, MeasuredDevice]]:
+    """Every client's (tier, speed tier of the table, device) for ``devices=measured``, by partition id.
+
+    Tiers in ``shares`` (exact, shuffled by the seed, as for the built-in population), then a device drawn
+    uniformly from its tier's, seeded. ``shares`` has one entry per speed tier, or fewer: then the slowest and
+    the fastest, evenly spread, as :func:`builtin_tiers` picks the built-in ones.
+    """
+    n = len(shares)
+    if not 0 < n <= NUM_TIERS:
+        raise PopulationError(f"tier_shares has {n} entries; devices='measured' has 1 to {NUM_TIERS} tiers")
+    table = tiers_of_table()
+    picks = [int(k) for k in np.linspace(0, NUM_TIERS - 1, n).round()] if n > 1 else [NUM_TIERS - 1]
+    rng = np.random.default_rng([seed, 11])
+    out = []
+    for t in tier_assignment(num_clients, shares, seed):
+        members = table[picks[int(t)]]
+        out.append((int(t), picks[int(t)], members[int(rng.integers(len(members)))]))
+    return out
+
+
+def measured_population(num_clients: int, shares: Sequence[float], seed: int,
+                        fractions: Sequence[float] = ()) -> tuple[DeviceCapability, ...]:
+    """Every client's device, by partition id (``devices=measured``; tiers numbered 0..len(shares)-1).
+
+    ``fractions``: an explicit rank fraction per tier (``tier_fractions``); empty = derive from each device.
+    """
+    return tuple(dataclasses.replace(measured_capability(device, table_tier, tier),
+                                     rank_fraction=fractions[tier] if fractions else 0.0)
+                 for tier, table_tier, device in measured_assignment(num_clients, shares, seed))
 
 
 def device_in_round(population: Sequence[DeviceCapability], partition: int, server_round: int, dynamic: bool,

@@ -8,8 +8,12 @@ same budget code then assigns the sub-models in round 1. No engine, no Ray, no C
 
 from __future__ import annotations
 
+from collections import Counter
+
 from maestro_fl.config import SimConfig
 from maestro_fl.federated import check_task
+from maestro_fl.measured_devices import SOURCE, TRAINING_EFFICIENCY
+from maestro_fl.population import MEASURED, measured_assignment
 from maestro_fl.server import FederationServer, Registration
 
 from ..server_app import format_plan
@@ -27,4 +31,18 @@ def plan(cfg: SimConfig) -> str:
     """The planner's table as text (``maestro-fl plan``)."""
     head = (f"{cfg.strategy} on {cfg.dataset} with {cfg.model}: {cfg.num_clients} clients, batch_size "
             f"{cfg.batch_size}, {cfg.local_epochs} local epochs, compute_budget_s {cfg.compute_budget_s:g}")
-    return f"{head}\n\n{format_plan(plan_rows(cfg))}"
+    text = f"{head}\n\n{format_plan(plan_rows(cfg))}"
+    return f"{text}\n\n{measured_devices_text(cfg)}" if cfg.devices == MEASURED else text
+
+
+def measured_devices_text(cfg: SimConfig) -> str:
+    """Which real devices ``devices=measured`` gave each tier, and where their speeds come from."""
+    by_tier: dict[int, Counter[str]] = {}
+    for tier, _, device in measured_assignment(cfg.num_clients, cfg.tier_shares, cfg.seed):
+        by_tier.setdefault(tier, Counter())[f"{device.name} ({device.macs_per_s / 1e9:.2g} GMAC/s)"] += 1
+    lines = [f"devices=measured: speeds from the {SOURCE}, x{TRAINING_EFFICIENCY:g} for training (assumed); "
+             "memory and links assumed by tier and kind (maestro_fl/measured_devices.py)"]
+    for tier in sorted(by_tier):
+        shown = ", ".join(f"{name} x{n}" for name, n in by_tier[tier].most_common())
+        lines.append(f"tier {tier}: {shown}")
+    return "\n".join(lines)
