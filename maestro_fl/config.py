@@ -509,6 +509,9 @@ class SimConfig:
     compute_budget_s: float = 15.0  # per-round compute a device may spend: tiers land at rank 0.15/0.25/0.4/0.7/1 on
     # digits and 0.25/0.4/0.7/1/1 on MNIST-1D (the protocol's runs): five and four distinct sub-models
     round_deadline_s: float = 0.0  # drop clients whose simulated round time exceeds this; 0 = no deadline
+    over_selection: float = 0.0  # select ceil((1 + o) x clients_per_round) online clients and keep the first
+    # clients_per_round to finish on the simulated clock, the rest 'late' (Bonawitz et al., MLSys 2019, select 130%);
+    # it costs the extra clients' training and shortens rounds; 0 = off (every selected client counts)
     ignore_budgets: bool = False  # a reference run: every device trains the largest sub-model, as if all afforded it
     # (the homogeneous bound: what the method's model reaches when no device is weak); tiers keep their labels
     # -- server --
@@ -595,7 +598,8 @@ class SimConfig:
             check_positive(name, getattr(self, name))
         for name in ("momentum", "weight_decay", "lambda_gl", "compute_budget_s", "round_deadline_s"):
             check_non_negative(name, getattr(self, name))
-        for name in ("server_shrink_eps", "num_gpus_per_client", "max_update_norm", "diagnostics_every"):
+        for name in ("server_shrink_eps", "num_gpus_per_client", "max_update_norm", "diagnostics_every",
+                     "over_selection"):
             check_non_negative(name, getattr(self, name))
         check_one_of("robust_merge", self.robust_merge, ("none", "median", "trimmed_mean"))
         check_tracking(self.tracking)

@@ -50,7 +50,7 @@ def _cols(*pairs: tuple[str, str]) -> tuple[Column, ...]:
 
 
 #: a sampled client's fate in a round
-STATUSES = ("ok", "failed", "timeout", "malformed", "dropped", "unaffordable")
+STATUSES = ("ok", "failed", "timeout", "malformed", "dropped", "late", "unaffordable")
 
 ROUNDS = Table("rounds.csv", "round", _cols(
     ("round", "server round, from 1"),
@@ -92,7 +92,8 @@ CLIENTS = Table("clients.csv", "round and sampled client", _cols(
     ("tier", "device tier"),
     ("ranks", "rank per LoD layer it trained, space-separated (empty for width and dense methods)"),
     ("status", "ok, failed (raised), timeout (no reply in round_timeout_s), malformed (reply rejected), "
-               "dropped (missed round_deadline_s) or unaffordable (no sub-model fits its device)"),
+               "dropped (missed round_deadline_s), late (over-selected, finished after the first clients_per_round) "
+               "or unaffordable (no sub-model fits its device)"),
     ("fraction", "its budget's rank (or width) fraction; empty when unaffordable"),
     ("width", "hidden-width fraction of its sub-model (1 for a rank prefix); empty when unaffordable"),
     ("reason", "why it was not ok"),

@@ -25,6 +25,7 @@ per device; the seconds a client is charged count its own examples.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -101,6 +102,21 @@ def simulated_seconds(cost: Cost, device: DeviceCapability, sample_passes: int, 
     macs = BACKWARD_FACTOR * cost.macs * sample_passes
     return SimulatedSeconds(float(macs), macs / device.macs_per_s, transfer_seconds(wire_bytes_down, device.down_bps),
                             transfer_seconds(wire_bytes_up, device.up_bps))
+
+
+def over_selected(clients_per_round: int, over_selection: float) -> int:
+    """How many clients a round selects: ``⌈(1 + o)·K⌉`` (Bonawitz et al., MLSys 2019), ``K`` when ``o = 0``."""
+    return math.ceil(round((1.0 + over_selection) * clients_per_round, 9))  # 1.3 x 10 is 13.000000000000002
+
+
+def first_to_finish(updates: Sequence[tuple[Update, float]], k: int) -> tuple[list[Update], list[Update]]:
+    """(the first ``k`` updates to finish, the rest) by simulated seconds; ties go to the lower partition id.
+
+    Over-selection's rule: the server closes the round when ``k`` updates have arrived, so which ones count is
+    decided on the simulated clock alone, never by which real process answered first.
+    """
+    order = sorted(updates, key=lambda pair: (pair[1], pair[0].task.partition))
+    return [u for u, _ in order[:k]], [u for u, _ in order[k:]]
 
 
 def _whole_number(value: Any) -> int | None:
@@ -219,11 +235,12 @@ class FederationServer:
 
     # -- sampling -----------------------------------------------------------------------------
     def sample(self, server_round: int) -> list[int]:
-        """Online clients this round (by availability), then a uniform sample of them; seeded by round."""
+        """Online clients this round (by availability), then a uniform sample of them (``clients_per_round``,
+        over-selected by ``over_selection``); seeded by round."""
         rng = np.random.default_rng([self.cfg.seed, server_round, 1])
         availability = np.fromiter((self.devices[n].availability for n in self.nodes), float, len(self.nodes))
         online = [n for n, up in zip(self.nodes, rng.random(len(self.nodes)) < availability) if up]
-        k = min(self.cfg.clients_per_round, len(online))
+        k = min(over_selected(self.cfg.clients_per_round, self.cfg.over_selection), len(online))
         picked: list[int] = rng.choice(len(online), size=k, replace=False).tolist() if k else []
         return [online[i] for i in sorted(picked)]
 
@@ -321,6 +338,14 @@ class FederationServer:
                 row = self._row(server_round, node, task.device, task.cost, "timeout", "no reply within round_timeout_s")
                 row.bytes_down = task.bytes_down
                 self.client_rounds.append(row)
+        if self.cfg.over_selection > 0:
+            kept, late = first_to_finish([(u, answered[u.task.node].round_seconds) for u in updates],
+                                         self.cfg.clients_per_round)
+            for update in late:
+                row = answered[update.task.node]
+                row.status = "late"
+                row.reason = f"finished at {row.round_seconds:.1f}s, after the first {self.cfg.clients_per_round}"
+            updates = kept
         self.client_rounds.sort(key=lambda r: r.partition_id)
         if not updates:
             return None

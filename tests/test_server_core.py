@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 from maestro_fl import message_keys as P
 from maestro_fl import wire
 from maestro_fl.budget import BACKWARD_FACTOR, DeviceCapability
-from maestro_fl.methods import METHODS
-from maestro_fl.server import FederationServer, Registration, simulated_seconds
-from tests.fakes import config, fake_strategy, messages, moved, reply, tiny_mlp
+from maestro_fl.methods import METHODS, Update
+from maestro_fl.server import FederationServer, Registration, first_to_finish, over_selected, simulated_seconds
+from strategies.submodel_strategy import to_numpy
+from tests.fakes import config, fake_strategy, filled, messages, moved, reply, rows_by_partition, tiny_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,3 +105,40 @@ def test_no_client_is_told_its_device_or_runs_a_cost_model() -> None:
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not imported & {"maestro_fl.budget", "maestro_fl.footprint", "maestro_fl.population"}, imported
     assert not (ROOT / "clients" / "devices.py").exists()
+
+
+@pytest.mark.parametrize("k,o,selected", [(10, 0.0, 10), (10, 0.3, 13), (3, 0.5, 5), (1, 0.01, 2), (20, 1.0, 40)])
+def test_over_selection_selects_the_ceiling_of_one_plus_o_times_k(k: int, o: float, selected: int) -> None:
+    assert over_selected(k, o) == selected
+
+
+def test_over_selection_keeps_the_first_k_to_finish_on_the_simulated_clock() -> None:
+    """Four clients, two kept. Sample passes 90 / 10 / 50 / 10 on equal devices and sub-models set the
+    simulated order 1 = 3 < 2 < 0 (the tie goes to the lower partition): 1 and 3 count, 0 and 2 are late,
+    and the merge is the merge of 1 and 3 alone (the same federation without over-selection, 0 and 2 silent)."""
+    over, arrays = fake_strategy("fedlod", [1.0] * 4, clients_per_round=2, over_selection=1.0)
+    msgs = messages(over, arrays)
+    assert len(msgs) == 4  # ceil(2 x 2)
+    passes = [90, 10, 50, 10]
+    merged, _ = over.aggregate_train(1, [reply(m, filled(m, float(i)), 10, **{P.SAMPLE_PASSES: k})
+                                         for i, (m, k) in enumerate(zip(msgs, passes))])
+    rows = rows_by_partition(over)
+    assert [rows[i].status for i in range(4)] == ["late", "ok", "late", "ok"]
+    assert rows[0].round_seconds > rows[2].round_seconds > rows[1].round_seconds == rows[3].round_seconds
+    assert "after the first 2" in rows[0].reason
+
+    alone, arrays = fake_strategy("fedlod", [1.0] * 4)
+    msgs = messages(alone, arrays)
+    reference, _ = alone.aggregate_train(1, [reply(msgs[i], filled(msgs[i], float(i)), 10, **{P.SAMPLE_PASSES: 10})
+                                             for i in (1, 3)])
+    assert merged is not None and reference is not None
+    for key in reference:
+        np.testing.assert_array_equal(to_numpy(merged)[key], to_numpy(reference)[key])
+
+
+def test_first_to_finish_orders_by_simulated_seconds_then_partition() -> None:
+    strategy, arrays = fake_strategy("fedlod", [1.0] * 3)
+    updates = [Update(strategy.tasks[m.metadata.dst_node_id], {}, 10) for m in messages(strategy, arrays)]
+    kept, late = first_to_finish([(updates[0], 2.0), (updates[1], 1.0), (updates[2], 1.0)], 2)
+    assert kept == [updates[1], updates[2]] and late == [updates[0]]
+    assert first_to_finish([(updates[0], 2.0)], 5) == ([updates[0]], [])
