@@ -116,12 +116,17 @@ def _train(msg: Message, context: Context, cfg: SimConfig) -> Message:
     return Message(RecordDict({P.ARRAYS: reply_arrays, P.METRICS: metrics}), reply_to=msg)
 
 
+SLOW_FAULT_S = 0.5  # 'slow': later than its peers in real time, well inside any round_timeout_s
+
+
 def _inject_process_fault(fault: str | None, pid: int, round_timeout_s: float) -> None:
     """Fail, stall or kill this client on purpose (``fault_injection``), to test the engine."""
     if fault == "raise":
         raise RuntimeError(f"injected failure on partition {pid}")
     if fault == "timeout":
         time.sleep(round_timeout_s + 1.0)
+    if fault == "slow":
+        time.sleep(min(SLOW_FAULT_S, round_timeout_s / 4))
     if fault == "hang":
         threading.Event().wait()
     if fault == "exit":

@@ -648,6 +648,7 @@ RESUMABLE = ("rounds", "progress", "eval_every", "tracking", "backend", "num_cpu
 FAULT_KINDS = {
     "raise": "the ClientApp raises an exception",
     "timeout": "the client replies after round_timeout_s (a straggler)",
+    "slow": "the client sleeps 0.5 s of real time first (slow in real time only: the tables must not change)",
     "hang": "the client never replies",
     "exit": "the client's process exits",
     "segfault": "the client's process dies of a segmentation fault",

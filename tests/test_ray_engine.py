@@ -273,3 +273,20 @@ def test_the_local_backend_matches_the_in_process_grid_of_the_tests(tmp_path: Pa
     a = run_simulation(resolve(SimConfig, overrides={**vars(cfg), "run_name": "a"}))
     local(cfg, tmp_path / "b")
     assert_same_tables(a, tmp_path / "b")
+
+
+def test_clients_slowed_in_real_time_leave_the_tables_of_the_unslowed_run_with_over_selection(
+    shared_ray: None, tmp_path: Path, flwr_home: str
+) -> None:
+    """Over-selection keeps the first clients to finish on the simulated clock: half the clients made slow in
+    real time (they reply last on Ray's two actors) change no table, although some of them are kept and some
+    of the others are late."""
+    cfg = config(tmp_path, backend="ray", rounds=2, clients_per_round=5, over_selection=1.0, partition="dirichlet")
+    fast = run_simulation(resolve(SimConfig, overrides={**vars(cfg), "run_name": "fast"}))
+    slowed = ",".join(f"{p}:slow" for p in range(0, 10, 2))
+    slow = run_simulation(resolve(SimConfig, overrides={**vars(cfg), "run_name": "slow", "fault_injection": slowed}))
+    assert_same_tables(fast, slow)
+    clients = pd.read_csv(slow / "clients.csv")
+    assert (clients["status"] == "late").sum() == 2 * 5 and (clients["status"] == "ok").sum() == 2 * 5
+    kept_slowed = clients[(clients["status"] == "ok") & (clients["partition_id"] % 2 == 0)]
+    assert len(kept_slowed) > 0, "no slowed client was kept: the test would not tell the clocks apart"
