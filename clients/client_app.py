@@ -49,8 +49,10 @@ def config_of(msg: Message) -> SimConfig:
 
 def warm(run_config: str) -> None:
     """Build the run's federation in this process (``protocol.CLIENT_WARMUP_REF``): an actor does it when it
-    starts, so that no message's timeout pays for loading the data and building the model."""
-    federation(_config(run_config))
+    starts, so that no message's timeout pays for loading the data, building the model, or measuring the
+    sub-model ladder (its cost table: 1.6 s for the MLP on an idle machine, 3-5 s beside two busy processes,
+    which a first message on a fresh actor paid before)."""
+    federation(_config(run_config)).method.cost_table(None)
 
 
 def handle_query(msg: Message, context: Context) -> Message:
