@@ -90,9 +90,13 @@ def builtin_tiers(shares: Sequence[float], fractions: Sequence[float] = ()) -> t
     n = len(shares)
     if not 0 < n <= len(DEFAULT_TIERS):
         raise PopulationError(f"tier_shares has {n} entries; the built-in table has 1 to {len(DEFAULT_TIERS)} tiers")
-    picks = np.linspace(0, len(DEFAULT_TIERS) - 1, n).round().astype(int) if n > 1 else [len(DEFAULT_TIERS) - 1]
     return tuple(dataclasses.replace(DEFAULT_TIERS[k], tier=i, rank_fraction=fractions[i] if fractions else 0.0)
-                 for i, k in enumerate(picks))
+                 for i, k in enumerate(spread(n, len(DEFAULT_TIERS))))
+
+
+def spread(n: int, available: int) -> list[int]:
+    """``n`` of ``available`` tiers: the weakest and the strongest, the others evenly between (1: the strongest)."""
+    return [int(k) for k in np.linspace(0, available - 1, n).round()] if n > 1 else [available - 1]
 
 
 def tier_assignment(num_clients: int, shares: Sequence[float], seed: int) -> np.ndarray:
@@ -103,6 +107,9 @@ def tier_assignment(num_clients: int, shares: Sequence[float], seed: int) -> np.
     counts[np.argsort(-(w * num_clients - counts), kind="stable")[:remainder]] += 1
     tiers = np.repeat(np.arange(len(shares)), counts)
     return np.random.default_rng([seed, 7]).permutation(tiers)
+
+
+MEASURED = "measured"  # devices=measured: real phones and boards (maestro_fl/measured_devices.py)
 
 
 @lru_cache(maxsize=8)
@@ -118,16 +125,13 @@ def federation_devices(devices: str, num_clients: int, shares: tuple[float, ...]
     return tuple(tiers[int(t)] for t in tier_assignment(num_clients, shares, seed))
 
 
-MEASURED = "measured"  # devices=measured: real phones and boards (maestro_fl/measured_devices.py)
-
-
-def measured_capability(device: MeasuredDevice, table_tier: int, tier: int | None = None) -> DeviceCapability:
+def measured_capability(device: MeasuredDevice, table_tier: int, tier: int, rank_fraction: float = 0.0
+                        ) -> DeviceCapability:
     """The cost model's view of a ranked device of speed tier ``table_tier`` (speed measured; memory and links
-    assumed: :mod:`maestro_fl.measured_devices`), numbered ``tier`` in its federation (default: ``table_tier``)."""
+    assumed: :mod:`maestro_fl.measured_devices`), numbered ``tier`` in its federation."""
     up, down, availability = LINK_BY_KIND[device.kind]
-    return DeviceCapability(table_tier if tier is None else tier, macs_per_s=device.macs_per_s,
-                            memory_bytes=MEMORY_BY_TIER[table_tier], up_bps=up, down_bps=down,
-                            availability=availability)
+    return DeviceCapability(tier, macs_per_s=device.macs_per_s, memory_bytes=MEMORY_BY_TIER[table_tier], up_bps=up,
+                            down_bps=down, availability=availability, rank_fraction=rank_fraction)
 
 
 def measured_assignment(num_clients: int, shares: Sequence[float], seed: int) -> list[tuple[int, int, MeasuredDevice]]:
@@ -135,13 +139,13 @@ def measured_assignment(num_clients: int, shares: Sequence[float], seed: int) ->
 
     Tiers in ``shares`` (exact, shuffled by the seed, as for the built-in population), then a device drawn
     uniformly from its tier's, seeded. ``shares`` has one entry per speed tier, or fewer: then the slowest and
-    the fastest, evenly spread, as :func:`builtin_tiers` picks the built-in ones.
+    the fastest, evenly spread, as :func:`spread` picks them.
     """
     n = len(shares)
     if not 0 < n <= NUM_TIERS:
         raise PopulationError(f"tier_shares has {n} entries; devices='measured' has 1 to {NUM_TIERS} tiers")
     table = tiers_of_table()
-    picks = [int(k) for k in np.linspace(0, NUM_TIERS - 1, n).round()] if n > 1 else [NUM_TIERS - 1]
+    picks = spread(n, NUM_TIERS)
     rng = np.random.default_rng([seed, 11])
     out = []
     for t in tier_assignment(num_clients, shares, seed):
@@ -156,8 +160,7 @@ def measured_population(num_clients: int, shares: Sequence[float], seed: int,
 
     ``fractions``: an explicit rank fraction per tier (``tier_fractions``); empty = derive from each device.
     """
-    return tuple(dataclasses.replace(measured_capability(device, table_tier, tier),
-                                     rank_fraction=fractions[tier] if fractions else 0.0)
+    return tuple(measured_capability(device, table_tier, tier, fractions[tier] if fractions else 0.0)
                  for tier, table_tier, device in measured_assignment(num_clients, shares, seed))
 
 
