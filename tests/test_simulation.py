@@ -178,6 +178,36 @@ def test_flwr_run_works_and_leaves_nothing_running(tmp_path: Path) -> None:
     assert after <= before, "the wrapper left a SuperLink running"
 
 
+@pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationWarning")  # Flower's use of pathspec
+def test_the_staged_app_is_the_fab_that_flwr_run_builds_from_the_project(tmp_path: Path) -> None:
+    """`flwr run DIR` walks every file under DIR (a .venv too) before it filters: the wrapper stages the app."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    from strategies.runners.flwr_run import PROJECT_ROOT, stage_app
+
+    project = tmp_path / "project"
+    files = {"pyproject.toml": (PROJECT_ROOT / "pyproject.toml").read_text(), ".gitignore": ".venv/\nruns/\n",
+             "pkg/__init__.py": "", "pkg/core.py": "X = 1\n", "docs/notes.md": "# notes\n", "cfg/a.json": "{}",
+             "weights.bin": "not shipped", ".venv/pyvenv.cfg": "home = /usr\n", ".venv/lib/site.py": "",
+             "runs/r/config.json": "{}", "pkg/__pycache__/core.cpython-311.pyc": ""}
+    for name, text in files.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(text)
+
+    def contents(fab: bytes) -> dict[str, bytes]:
+        with zipfile.ZipFile(io.BytesIO(fab)) as z:
+            return {n: z.read(n) for n in z.namelist() if not n.startswith(".info/")}  # .info: the build's own
+
+    staged = stage_app(project, tmp_path / "staged")
+    assert not (staged / ".venv").exists() and not (staged / "runs").exists() and not (staged / "weights.bin").exists()
+    shipped = contents(build_fab_from_disk(staged))
+    assert shipped == contents(build_fab_from_disk(project))
+    assert {"pkg/core.py", "docs/notes.md", "cfg/a.json"} <= set(shipped)
+
+
 def _cmd(p) -> list[str]:  # type: ignore[no-untyped-def]
     try:
         return p.cmdline()
