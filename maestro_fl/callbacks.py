@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,8 @@ class RoundResult:
     server_seconds: float  # configure_train + aggregate_train only
     started: float  # perf_counter at the round's start
     before: dict[str, np.ndarray] | None = None  # the global model the round started from (None: unknown)
+    sim_start_s: float = 0.0  # the simulated time the round started (the server core's clock)
+    sim_seconds: float = 0.0  # the round's simulated latency (maestro_fl.server.round_latency)
     server_state: dict[str, np.ndarray] = field(default_factory=dict)  # the server optimizer's, for the checkpoint
     tiers: list[dict[str, Any]] = field(default_factory=list)  # filled by CentralEvaluation
     learning: str = ""  # filled by LearningCheck in the round it finds the run not learning
@@ -199,26 +201,18 @@ class LearningCheck(RoundCallback):
 class RoundTables(RoundCallback):
     """Appends the round's rows to rounds.csv, tiers.csv and clients.csv (flushed as they are written)."""
 
-    def __init__(self, run: RunDir, round_deadline_s: float) -> None:
-        self.run, self.deadline = run, round_deadline_s
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
         self.writers = {t.file: run.writer(t) for t in (ROUNDS, TIERS, CLIENTS)}
-        self.sim_total = 0.0
-
-    def on_run_start(self, first_round: int, last_round: int) -> None:
-        self.sim_total = 0.0
-        if first_round > 1 and self.run.has(ROUNDS):
-            rounds = self.run.table(ROUNDS, required=["round", "sim_seconds_total"])
-            self.sim_total = float(rounds["sim_seconds_total"].iloc[-1])
 
     def after_round(self, result: RoundResult) -> bool:
         clients = result.clients
-        latency = round_latency(clients, self.deadline)
-        self.sim_total += latency
         ok = [c for c in clients if c.status == "ok"]
         result.row = {
             "round": result.round,
-            "sim_seconds": latency,
-            "sim_seconds_total": self.sim_total,
+            "sim_start_s": result.sim_start_s,
+            "sim_seconds": result.sim_seconds,
+            "sim_seconds_total": result.sim_start_s + result.sim_seconds,
             "wall_seconds": _now() - result.started,
             "train_wall_seconds": result.train_wall_seconds,
             "server_seconds": result.server_seconds,
@@ -287,12 +281,6 @@ class Progress(RoundCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def round_latency(clients: Sequence[ClientRound], deadline: float) -> float:
-    """The slowest participant's compute + download + upload, capped by the deadline when one is set."""
-    latency = max((c.round_seconds for c in clients if c.status in ("ok", "dropped")), default=0.0)
-    return min(latency, deadline) if deadline > 0 else latency
 
 
 def _now() -> float:

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 # leaf modules only (each imports nothing of maestro_fl): the config sits below everything it configures
+from .availability import AvailabilityError, schedule_for
 from .catalog import DATASETS, METHOD_CLASSES, MODELS, NATURAL_GROUPS, NORMS, SAMPLERS, TRACKERS, tracker_names
 from .measured_devices import NUM_TIERS as MEASURED_TIERS
-from .population import DEFAULT_TIERS, MEASURED, PopulationError, load_population
+from .population import DEFAULT_TIERS, MEASURED, PopulationError, federation_devices, load_population
 from .references import UnresolvedReference, is_reference
 from .references import resolve as resolve_reference
 from .results import check_name
@@ -512,6 +513,13 @@ class SimConfig:
     over_selection: float = 0.0  # select ceil((1 + o) x clients_per_round) online clients and keep the first
     # clients_per_round to finish on the simulated clock, the rest 'late' (Bonawitz et al., MLSys 2019, select 130%);
     # it costs the extra clients' training and shortens rounds; 0 = off (every selected client counts)
+    availability: str = ""  # '' = each round, a client is online with its device's `availability` probability;
+    # 'diurnal' = online diurnal_duty of every simulated day, from a seeded phase; PATH.csv = a trace of online
+    # intervals (client,start_s,end_s) that repeats after its last end_s. With either, rounds run on the simulated
+    # clock: only clients online at a round's start are selected, and one going offline mid-round drops out
+    diurnal_day_s: float = 86400.0  # a simulated day is 24 h; shorten it to see a day's cycle in a short run
+    diurnal_duty: tuple[float, ...] = (0.5,)  # the share of the day a client is online, for every tier or one per
+    # tier from tier 0: an assumed round number (give per-tier shares, weak devices online less, or a trace)
     ignore_budgets: bool = False  # a reference run: every device trains the largest sub-model, as if all afforded it
     # (the homogeneous bound: what the method's model reaches when no device is weak); tiers keep their labels
     # -- server --
@@ -631,6 +639,14 @@ class SimConfig:
             raise ConfigError(
                 f"tier_fractions has {len(self.tier_fractions)} entries but there are {len(self.tier_shares)} tiers"
             )
+        if self.availability:
+            try:  # the trace's checks need the client count, the diurnal duties the tiers
+                tiers = [0] * self.num_clients if self.availability != "diurnal" or len(self.diurnal_duty) == 1 else [
+                    d.tier for d in federation_devices(self.devices, self.num_clients, tuple(self.tier_shares),
+                                                       tuple(self.tier_fractions), self.seed)]
+                schedule_for(self.availability, tiers, self.diurnal_day_s, self.diurnal_duty, self.seed)
+            except AvailabilityError as err:
+                raise ConfigError(str(err)) from None
         if self.resume and not (Path(self.resume) / "config.json").is_file():
             raise ConfigError(f"resume: {self.resume!r} is not a run directory (no config.json)")
         check_run_name(self.run_name)

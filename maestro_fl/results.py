@@ -50,12 +50,14 @@ def _cols(*pairs: tuple[str, str]) -> tuple[Column, ...]:
 
 
 #: a sampled client's fate in a round
-STATUSES = ("ok", "failed", "timeout", "malformed", "dropped", "late", "unaffordable")
+STATUSES = ("ok", "failed", "timeout", "malformed", "dropped", "offline", "late", "unaffordable")
 
 ROUNDS = Table("rounds.csv", "round", _cols(
     ("round", "server round, from 1"),
     ("sim_seconds", "simulated round latency: the slowest participant's compute + download + upload, capped by round_deadline_s"),
-    ("sim_seconds_total", "simulated seconds since the run began"),
+    ("sim_seconds_total", "simulated seconds since the run began, at the round's end"),
+    ("sim_start_s", "simulated seconds at the round's start: the last round's end, or later when no client was "
+                    "online then (availability)"),
     ("wall_seconds", "real seconds of the round, central evaluation included"),
     ("train_wall_seconds", "real seconds of configure + clients + aggregate, without central evaluation"),
     ("server_seconds", "real seconds the server itself spent: configure_train + aggregate_train"),

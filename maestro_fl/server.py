@@ -5,7 +5,9 @@ As pfl-research's simulated backend keeps the algorithm apart from the transport
 Python and NumPy values; ``strategies.SubModelStrategy`` only turns its tasks into
 Flower messages and the replies back into :class:`TrainReply` values. Per round:
 
-1. :meth:`~FederationServer.sample` the online clients (seeded by round);
+1. :meth:`~FederationServer.sample` the online clients (seeded by round): by each device's
+   probability of being online, or on the simulated clock when the run has an
+   availability schedule (:mod:`maestro_fl.availability`);
 2. :meth:`~FederationServer.configure`: give each the sub-model its device affords
    (the method's cost table and budget rule pick a :class:`~maestro_fl.budget.Cost`,
    the family cuts the arrays); what depends only on the budget is made once per
@@ -13,7 +15,13 @@ Flower messages and the replies back into :class:`TrainReply` values. Per round:
 3. :meth:`~FederationServer.receive`: check every reply against what was sent
    (:func:`maestro_fl.replies.check_reply`), simulate its seconds
    (:func:`simulated_seconds`), record its fate (a row of clients.csv), and merge
-   the good ones with the method's server rule.
+   the good ones with the method's server rule; the round's simulated latency
+   (:func:`round_latency`) moves the simulated clock (:attr:`FederationServer.clock_s`).
+
+Simulated time is decided here alone, from the cost model, so the same seed
+gives the same tables at any machine load: the real seconds a client took
+(``wall_s``) are recorded and never decide who made a deadline, who was late,
+or who went offline.
 
 The device model lives in :mod:`maestro_fl.population`: the server budgets for a
 client's device and simulates its seconds from the same profile, so no client
@@ -33,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from . import message_keys as P
+from .availability import OnlineSchedule, schedule_for
 from .budget import BACKWARD_FACTOR, BudgetCheck, Cost, DeviceCapability, transfer_seconds
 from .config import SimConfig
 from .convert import lod_layers
@@ -109,6 +118,28 @@ def over_selected(clients_per_round: int, over_selection: float) -> int:
     return math.ceil(round((1.0 + over_selection) * clients_per_round, 9))  # 1.3 x 10 is 13.000000000000002
 
 
+def round_latency(counted: Sequence[float], went_offline: Sequence[float], deadline: float,
+                  closed_at_k: bool = False) -> float:
+    """The round's simulated seconds: until its last counted reply, or its last client going offline.
+
+    Parameters
+    ----------
+    counted : sequence of float
+        The simulated seconds of the replies that count: ``ok``, and ``dropped`` (slower than the deadline).
+    went_offline : sequence of float
+        How far into the round each ``offline`` client went offline: the server waits for it until then.
+    deadline : float
+        ``round_deadline_s``: the round never lasts longer (0: no deadline).
+    closed_at_k : bool
+        Over-selection kept its ``K`` replies: the round closed at the ``K``-th, whatever went offline later.
+
+    Clients ``late`` after the first ``K``, and faults (failed, malformed, timed out in real time), never hold the
+    round up.
+    """
+    latency = max(counted if closed_at_k else [*counted, *went_offline], default=0.0)
+    return min(latency, deadline) if deadline > 0 else latency
+
+
 def first_to_finish(updates: Sequence[tuple[Update, float]], k: int) -> tuple[list[Update], list[Update]]:
     """(the first ``k`` updates to finish, the rest) by simulated seconds; ties go to the lower partition id.
 
@@ -148,6 +179,11 @@ class FederationServer:
         self.population = tuple(population) if population is not None else federation_devices(
             cfg.devices, cfg.num_clients, tuple(cfg.tier_shares), tuple(cfg.tier_fractions), cfg.seed)
         self.layer_names = tuple(lod_layers(method.template))
+        self.schedule: OnlineSchedule | None = None if not cfg.availability else schedule_for(
+            cfg.availability, [d.tier for d in self.population], cfg.diurnal_day_s, tuple(cfg.diurnal_duty), cfg.seed)
+        self.clock_s = 0.0  # simulated seconds since the run began: when the next round can start
+        self.round_start_s = 0.0  # when this round started (later than clock_s when no client was online then)
+        self.round_seconds = 0.0  # this round's simulated latency
         self.excluded: list[tuple[int, str]] = []  # (node, why its registration was refused)
         self.devices: dict[int, DeviceCapability] = {}  # registered node -> its device
         self.partition_of: dict[int, int] = {}
@@ -235,11 +271,16 @@ class FederationServer:
 
     # -- sampling -----------------------------------------------------------------------------
     def sample(self, server_round: int) -> list[int]:
-        """Online clients this round (by availability), then a uniform sample of them (``clients_per_round``,
-        over-selected by ``over_selection``); seeded by round."""
+        """Online clients this round, then a uniform sample of them (``clients_per_round``, over-selected by
+        ``over_selection``); seeded by round. Online: by the schedule at :attr:`round_start_s` when the run has
+        one, else each with its device's ``availability`` probability."""
         rng = np.random.default_rng([self.cfg.seed, server_round, 1])
-        availability = np.fromiter((self.devices[n].availability for n in self.nodes), float, len(self.nodes))
-        online = [n for n, up in zip(self.nodes, rng.random(len(self.nodes)) < availability) if up]
+        if self.schedule is not None:
+            schedule, t = self.schedule, self.round_start_s
+            online = [n for n in self.nodes if schedule.online(self.partition_of[n], t)]
+        else:
+            availability = np.fromiter((self.devices[n].availability for n in self.nodes), float, len(self.nodes))
+            online = [n for n, up in zip(self.nodes, rng.random(len(self.nodes)) < availability) if up]
         k = min(over_selected(self.cfg.clients_per_round, self.cfg.over_selection), len(online))
         picked: list[int] = rng.choice(len(online), size=k, replace=False).tolist() if k else []
         return [online[i] for i in sorted(picked)]
@@ -259,6 +300,8 @@ class FederationServer:
         """
         self.current = dict(current)
         self.tasks, self.client_rounds, self._sent, self._wire_bytes = {}, [], {}, {}
+        # a round starts when the last one ended, or, on a schedule, when a client is next online
+        self.round_start_s = self.clock_s if self.schedule is None else self.schedule.next_online(self.clock_s)
         tiers = list(self.tier_costs().values())
         parts: dict[tuple[Any, ...], BudgetPart] = {}
         out: dict[int, BudgetPart] = {}
@@ -298,6 +341,7 @@ class FederationServer:
         method's rule. ``None``: no good reply, or the server rule failed (the round's rows say which)."""
         updates: list[Update] = []
         answered: dict[int, ClientRound] = {}
+        went_offline: list[float] = []  # seconds into the round
         self.ignored = []
         for reply in replies:
             node = reply.node
@@ -325,8 +369,14 @@ class FederationServer:
                 reason = check_reply(reply.arrays, facts, task, self.examples_of.get(node), sent,
                                      self.cfg.max_update_norm, sent_norm,
                                      num_classes=getattr(self.method.inputs, "num_classes", None))
+            until = self._online_until(task)
             if reason is not None:
                 row.status, row.reason = "malformed", reason
+            elif self.round_start_s + row.round_seconds > until:
+                went_offline.append(until - self.round_start_s)
+                row.status = "offline"
+                row.reason = (f"went offline {until - self.round_start_s:.1f}s into a {row.round_seconds:.1f}s round; "
+                              "its work is lost")
             elif self.cfg.round_deadline_s > 0 and row.round_seconds > self.cfg.round_deadline_s:
                 row.status = "dropped"
                 row.reason = f"{row.round_seconds:.1f}s > deadline {self.cfg.round_deadline_s:.1f}s"
@@ -338,6 +388,7 @@ class FederationServer:
                 row = self._row(server_round, node, task.device, task.cost, "timeout", "no reply within round_timeout_s")
                 row.bytes_down = task.bytes_down
                 self.client_rounds.append(row)
+        closed_at_k = False
         if self.cfg.over_selection > 0:
             kept, late = first_to_finish([(u, answered[u.task.node].round_seconds) for u in updates],
                                          self.cfg.clients_per_round)
@@ -345,8 +396,11 @@ class FederationServer:
                 row = answered[update.task.node]
                 row.status = "late"
                 row.reason = f"finished at {row.round_seconds:.1f}s, after the first {self.cfg.clients_per_round}"
-            updates = kept
+            updates, closed_at_k = kept, len(kept) == self.cfg.clients_per_round
         self.client_rounds.sort(key=lambda r: r.partition_id)
+        counted = [r.round_seconds for r in self.client_rounds if r.status in ("ok", "dropped")]
+        self.round_seconds = round_latency(counted, went_offline, self.cfg.round_deadline_s, closed_at_k)
+        self.clock_s = self.round_start_s + self.round_seconds
         if not updates:
             return None
         try:
@@ -358,6 +412,13 @@ class FederationServer:
                 if row.status == "ok":
                     row.status, row.reason = "failed", reason
             return None
+
+    def _online_until(self, task: ClientTask) -> float:
+        """When the client's online interval at the round's start ends (``inf`` without a schedule)."""
+        if self.schedule is None:
+            return math.inf
+        until = self.schedule.online_until(task.partition, self.round_start_s)
+        return math.inf if until is None else until  # selected, so online at the start
 
     def _account(self, row: ClientRound, task: ClientTask, facts: ReplyFacts, reply: TrainReply) -> None:
         """What the reply says it did, and what that cost on the client's device by the server's cost model."""

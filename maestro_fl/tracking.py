@@ -36,7 +36,7 @@ MLFLOW_DB = "mlflow.db"
 MLFLOW_EXPERIMENT = "maestro-fl"
 #: the round-table columns a tracker mirrors (``round/<column>``)
 ROUND_KEYS = ("train_loss", "bytes_down", "bytes_up", "sim_seconds_total", "wall_seconds", "ok", "failed",
-              "timeout", "malformed", "dropped", "late", "unaffordable")
+              "timeout", "malformed", "dropped", "offline", "late", "unaffordable")
 #: the tier-table columns a tracker mirrors (``tier_<T>/<column>``)
 TIER_KEYS = ("accuracy", "loss", "val_accuracy")
 

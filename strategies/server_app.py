@@ -42,6 +42,7 @@ from maestro_fl.federated import check_resume, federation, run_device, run_finge
 from maestro_fl.footprint import Inputs
 from maestro_fl.results import (
     DEVICES,
+    ROUNDS,
     TIERS,
     RunDir,
     final_columns,
@@ -118,7 +119,7 @@ def default_callbacks(cfg: SimConfig, run: RunDir, strategy: SubModelStrategy, t
     callbacks: list[RoundCallback] = [
         CentralEvaluation(strategy.method, test, inputs, validation, cfg.eval_every, run_device(cfg)),
         LearningCheck(run, chance_rate(test), cfg.rounds, cfg.lr, cfg.momentum),
-        RoundTables(run, cfg.round_deadline_s),
+        RoundTables(run),
         Checkpointing(run, fingerprint),
     ]
     if cfg.tracking:  # after the tables: a tracker mirrors their row
@@ -241,6 +242,9 @@ def _run_server(
         start, arrays, server_state = checkpoint.round + 1, checkpoint.arrays, checkpoint.server_state
         LOG.info("resuming %s after round %s", run_dir, checkpoint.round)
     run.trim(start - 1)  # rows written after the checkpoint (or before any) are redone, never duplicated
+    if start > 1 and run.has(ROUNDS):  # the simulated clock goes on from the checkpoint round's end
+        rounds = run.table(ROUNDS, required=["sim_seconds_total"])
+        strategy.core.clock_s = float(rounds["sim_seconds_total"].iloc[-1])
     callbacks = [*default_callbacks(cfg, run, strategy, fed.data.test, fed.data.spec, fed.validation,
                                     fingerprint=fingerprint), *extra_callbacks]
     for cb in callbacks:
@@ -282,6 +286,8 @@ def _run_server(
                 train_wall_seconds=done - started,
                 server_seconds=(configured - started) + (done - received),
                 started=started,
+                sim_start_s=strategy.core.round_start_s,
+                sim_seconds=strategy.core.round_seconds,
             )
             done_round = server_round
             if any([cb.after_round(result) for cb in callbacks]):
