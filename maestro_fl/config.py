@@ -509,6 +509,8 @@ class SimConfig:
     tier_fractions: tuple[float, ...] = ()  # explicit rank fraction per tier; () = derive from each device
     compute_budget_s: float = 15.0  # per-round compute a device may spend: tiers land at rank 0.15/0.25/0.4/0.7/1 on
     # digits and 0.25/0.4/0.7/1/1 on MNIST-1D (the protocol's runs): five and four distinct sub-models
+    time_jitter: float = 0.0  # log-sd of a per-round lognormal factor (mean 1) on each client's simulated compute
+    # and on its transfers, seeded by round and client; 0 = every round costs a device what the cost model says
     round_deadline_s: float = 0.0  # drop clients whose simulated round time exceeds this; 0 = no deadline
     over_selection: float = 0.0  # select ceil((1 + o) x clients_per_round) online clients and keep the first
     # clients_per_round to finish on the simulated clock, the rest 'late' (Bonawitz et al., MLSys 2019, select 130%);
@@ -639,6 +641,7 @@ class SimConfig:
             raise ConfigError(
                 f"tier_fractions has {len(self.tier_fractions)} entries but there are {len(self.tier_shares)} tiers"
             )
+        check_non_negative("time_jitter", self.time_jitter)
         if self.availability:
             try:  # the trace's checks need the client count, the diurnal duties the tiers
                 tiers = [0] * self.num_clients if self.availability != "diurnal" or len(self.diurnal_duty) == 1 else [

@@ -113,6 +113,17 @@ def simulated_seconds(cost: Cost, device: DeviceCapability, sample_passes: int, 
                             transfer_seconds(wire_bytes_up, device.up_bps))
 
 
+def time_jitter(sigma: float, seed: int, server_round: int, partition: int) -> tuple[float, float]:
+    """(compute, link) factors on a client's simulated seconds this round: lognormal with mean 1 and log-sd
+    ``sigma``, seeded by (seed, round, partition) alone; (1, 1) when ``sigma`` is 0. A device's speed and link
+    vary from round to round (other apps, heat, signal); the budget is still checked at the nominal cost."""
+    if sigma <= 0:
+        return 1.0, 1.0
+    z = np.random.default_rng([seed, server_round, partition, 3]).standard_normal(2)
+    compute, link = np.exp(sigma * z - sigma**2 / 2)
+    return float(compute), float(link)
+
+
 def over_selected(clients_per_round: int, over_selection: float) -> int:
     """How many clients a round selects: ``⌈(1 + o)·K⌉`` (Bonawitz et al., MLSys 2019), ``K`` when ``o = 0``."""
     return math.ceil(round((1.0 + over_selection) * clients_per_round, 9))  # 1.3 x 10 is 13.000000000000002
@@ -362,7 +373,7 @@ class FederationServer:
                 self.client_rounds.append(row)
                 continue
             facts = read_metrics(reply.metrics)
-            self._account(row, task, facts, reply)
+            self._account(row, task, facts, reply, server_round)
             reason = reply.problem
             if reason is None:
                 sent, sent_norm = self.sent(task)
@@ -420,14 +431,17 @@ class FederationServer:
         until = self.schedule.online_until(task.partition, self.round_start_s)
         return math.inf if until is None else until  # selected, so online at the start
 
-    def _account(self, row: ClientRound, task: ClientTask, facts: ReplyFacts, reply: TrainReply) -> None:
-        """What the reply says it did, and what that cost on the client's device by the server's cost model."""
+    def _account(self, row: ClientRound, task: ClientTask, facts: ReplyFacts, reply: TrainReply,
+                 server_round: int) -> None:
+        """What the reply says it did, and what that cost on the client's device by the server's cost model
+        (varied by ``time_jitter`` when set)."""
         row.num_examples, row.train_loss, row.wall_s = facts.num_examples, facts.train_loss, facts.wall_s
         row.bytes_up = int(sum(getattr(v, "nbytes", 0) for v in reply.arrays.values()))
         seconds = simulated_seconds(task.cost, task.device, facts.sample_passes, self._wire_bytes[id(task.index)],
                                     reply.bytes_up)
+        compute, link = time_jitter(self.cfg.time_jitter, self.cfg.seed, server_round, task.partition)
         row.macs, row.compute_s, row.download_s, row.upload_s = (
-            seconds.macs, seconds.compute_s, seconds.download_s, seconds.upload_s)
+            seconds.macs, seconds.compute_s * compute, seconds.download_s * link, seconds.upload_s * link)
 
     def sent(self, task: ClientTask) -> tuple[dict[str, np.ndarray], float]:
         """What the client was sent and its squared norm (once per distinct sub-model in a round)."""

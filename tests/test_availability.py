@@ -18,7 +18,7 @@ import pytest
 from maestro_fl import message_keys as P
 from maestro_fl.availability import OnlineSchedule, diurnal_schedule, load_trace
 from maestro_fl.config import ConfigError, SimConfig, resolve
-from maestro_fl.server import round_latency
+from maestro_fl.server import round_latency, time_jitter
 from tests.fakes import fake_strategy, messages, moved, reply, rows_by_partition
 from tests.test_simulation import Interrupt, StopAfterTwo, always_online_population, local
 
@@ -216,3 +216,23 @@ def test_a_diurnal_run_resumes_on_its_clock_with_the_uninterrupted_tables(tmp_pa
     clients = pd.read_csv(tmp_path / "full" / "clients.csv")
     per_tier = clients.groupby("tier").size()
     assert per_tier[0] < per_tier[1]  # tier 0 is online 40% of the day, tier 1 90%
+
+
+def test_time_jitter_varies_each_clients_seconds_by_a_seeded_factor_of_mean_one() -> None:
+    assert time_jitter(0.0, 0, 1, 2) == (1.0, 1.0)
+    assert time_jitter(0.3, 0, 1, 2) == time_jitter(0.3, 0, 1, 2) != time_jitter(0.3, 0, 2, 2)
+    factors = np.array([time_jitter(0.3, 0, r, k) for r in range(1, 201) for k in range(20)])
+    assert factors.mean(axis=0) == pytest.approx([1.0, 1.0], abs=0.03)
+    assert np.log(factors).std(axis=0) == pytest.approx([0.3, 0.3], abs=0.02)
+
+    plain, arrays = fake_strategy("fedlod", [1.0] * 3)
+    msgs = messages(plain, arrays)
+    plain.aggregate_train(1, [reply(m, moved(m, i), 10) for i, m in enumerate(msgs)])
+    jittered, arrays = fake_strategy("fedlod", [1.0] * 3, time_jitter=0.3)
+    msgs = messages(jittered, arrays)
+    jittered.aggregate_train(1, [reply(m, moved(m, i), 10) for i, m in enumerate(msgs)])
+    for k in range(3):
+        a, b = rows_by_partition(plain)[k], rows_by_partition(jittered)[k]
+        compute, link = time_jitter(0.3, 0, 1, k)
+        assert b.compute_s == pytest.approx(a.compute_s * compute) and b.upload_s == pytest.approx(a.upload_s * link)
+        assert b.macs == a.macs  # the work is the same; the device was slower or faster this round
