@@ -236,3 +236,14 @@ def test_time_jitter_varies_each_clients_seconds_by_a_seeded_factor_of_mean_one(
         compute, link = time_jitter(0.3, 0, 1, k)
         assert b.compute_s == pytest.approx(a.compute_s * compute) and b.upload_s == pytest.approx(a.upload_s * link)
         assert b.macs == a.macs  # the work is the same; the device was slower or faster this round
+
+
+def test_plan_shows_the_share_of_time_each_tier_is_online() -> None:
+    from strategies.cli.plan import plan
+
+    cfg = resolve(SimConfig, overrides={"model": "mlp", "num_clients": 10, "clients_per_round": 5,
+                                        "availability": "diurnal", "diurnal_duty": "0.1,0.3,0.5,0.7,0.9"})
+    text = plan(cfg)
+    assert "availability=diurnal" in text and "repeats every 86400 simulated s" in text
+    for tier, duty in enumerate((0.1, 0.3, 0.5, 0.7, 0.9)):
+        assert f"tier {tier}: {duty:.2f}" in text

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections import Counter
 
+from maestro_fl.availability import schedule_for
 from maestro_fl.config import SimConfig
 from maestro_fl.federated import check_task
 from maestro_fl.measured_devices import SOURCE, TRAINING_EFFICIENCY
-from maestro_fl.population import MEASURED, measured_assignment
+from maestro_fl.population import MEASURED, federation_devices, measured_assignment
 from maestro_fl.server import FederationServer, Registration
 
 from ..server_app import format_plan
@@ -32,7 +33,24 @@ def plan(cfg: SimConfig) -> str:
     head = (f"{cfg.strategy} on {cfg.dataset} with {cfg.model}: {cfg.num_clients} clients, batch_size "
             f"{cfg.batch_size}, {cfg.local_epochs} local epochs, compute_budget_s {cfg.compute_budget_s:g}")
     text = f"{head}\n\n{format_plan(plan_rows(cfg))}"
-    return f"{text}\n\n{measured_devices_text(cfg)}" if cfg.devices == MEASURED else text
+    if cfg.devices == MEASURED:
+        text += f"\n\n{measured_devices_text(cfg)}"
+    return f"{text}\n\n{availability_text(cfg)}" if cfg.availability else text
+
+
+def availability_text(cfg: SimConfig) -> str:
+    """Per tier, the share of the time its clients are online under ``availability`` (the schedule's period)."""
+    devices = federation_devices(cfg.devices, cfg.num_clients, tuple(cfg.tier_shares), tuple(cfg.tier_fractions),
+                                 cfg.seed)
+    schedule = schedule_for(cfg.availability, [d.tier for d in devices], cfg.diurnal_day_s,
+                            tuple(cfg.diurnal_duty), cfg.seed)
+    shares: dict[int, list[float]] = {}
+    for k, device in enumerate(devices):
+        shares.setdefault(device.tier, []).append(schedule.online_share(k))
+    lines = [f"availability={cfg.availability}: the share of the time each tier's clients are online "
+             f"(mean over its clients; the schedule repeats every {schedule.period_s:g} simulated s)"]
+    lines += [f"tier {tier}: {sum(v) / len(v):.2f}" for tier, v in sorted(shares.items())]
+    return "\n".join(lines)
 
 
 def measured_devices_text(cfg: SimConfig) -> str:
