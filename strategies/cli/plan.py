@@ -10,42 +10,45 @@ from __future__ import annotations
 
 from collections import Counter
 
-from maestro_fl.availability import schedule_for
 from maestro_fl.config import SimConfig
 from maestro_fl.federated import check_task
 from maestro_fl.measured_devices import SOURCE, TRAINING_EFFICIENCY
-from maestro_fl.population import MEASURED, federation_devices, measured_assignment
+from maestro_fl.population import MEASURED, measured_assignment
 from maestro_fl.server import FederationServer, Registration
 
 from ..server_app import format_plan
 
 
-def plan_rows(cfg: SimConfig) -> list[dict[str, object]]:
-    """Per tier: clients, the sub-model it deploys, its footprint, what binds it, and advice when unaffordable."""
+def planned_core(cfg: SimConfig) -> FederationServer:
+    """The server core of the run, with every partition registered as a simulation's clients register."""
     fed = check_task(cfg)
     core = FederationServer(fed.method, cfg)
     core.register(Registration(pid, pid, len(train)) for pid, (train, _) in enumerate(fed.partitions))
-    return core.plan()
+    return core
+
+
+def plan_rows(cfg: SimConfig) -> list[dict[str, object]]:
+    """Per tier: clients, the sub-model it deploys, its footprint, what binds it, and advice when unaffordable."""
+    return planned_core(cfg).plan()
 
 
 def plan(cfg: SimConfig) -> str:
     """The planner's table as text (``maestro-fl plan``)."""
     head = (f"{cfg.strategy} on {cfg.dataset} with {cfg.model}: {cfg.num_clients} clients, batch_size "
             f"{cfg.batch_size}, {cfg.local_epochs} local epochs, compute_budget_s {cfg.compute_budget_s:g}")
-    text = f"{head}\n\n{format_plan(plan_rows(cfg))}"
+    core = planned_core(cfg)
+    text = f"{head}\n\n{format_plan(core.plan())}"
     if cfg.devices == MEASURED:
         text += f"\n\n{measured_devices_text(cfg)}"
-    return f"{text}\n\n{availability_text(cfg)}" if cfg.availability else text
+    return f"{text}\n\n{availability_text(cfg, core)}" if core.schedule is not None else text
 
 
-def availability_text(cfg: SimConfig) -> str:
-    """Per tier, the share of the time its clients are online under ``availability`` (the schedule's period)."""
-    devices = federation_devices(cfg.devices, cfg.num_clients, tuple(cfg.tier_shares), tuple(cfg.tier_fractions),
-                                 cfg.seed)
-    schedule = schedule_for(cfg.availability, [d.tier for d in devices], cfg.diurnal_day_s,
-                            tuple(cfg.diurnal_duty), cfg.seed)
+def availability_text(cfg: SimConfig, core: FederationServer) -> str:
+    """Per tier, the share of the time its clients are online under ``availability`` (the core's schedule)."""
+    schedule = core.schedule
+    assert schedule is not None, "availability_text needs a run with availability set"
     shares: dict[int, list[float]] = {}
-    for k, device in enumerate(devices):
+    for k, device in enumerate(core.population):
         shares.setdefault(device.tier, []).append(schedule.online_share(k))
     lines = [f"availability={cfg.availability}: the share of the time each tier's clients are online "
              f"(mean over its clients; the schedule repeats every {schedule.period_s:g} simulated s)"]
