@@ -160,10 +160,16 @@ class LearningCheck(RoundCallback):
     learning when every tier's test accuracy is within :data:`CHANCE_MARGIN` of chance (the commonest
     class's share of the test set), or when the mean training loss is not below the first round's (or is
     not finite). A model that stays at chance is the usual sign of a step size that diverges or stalls.
+
+    ``compare_loss=False`` (semi-asynchronous rounds) keeps the accuracy test only: which clients merge in a
+    step depends on who finished first, so the fast devices of step 1 and the slow ones of a later step have
+    losses that do not compare.
     """
 
-    def __init__(self, run: RunDir, chance: float, rounds: int, lr: float, momentum: float) -> None:
+    def __init__(self, run: RunDir, chance: float, rounds: int, lr: float, momentum: float,
+                 compare_loss: bool = True) -> None:
         self.run, self.chance, self.lr, self.momentum = run, chance, lr, momentum
+        self.compare_loss = compare_loss
         self.from_round = max(2, math.ceil(LEARNING_CHECK_SHARE * rounds))  # from round 2: a loss to compare
         self.first_loss = float("nan")
         self.done = False
@@ -187,7 +193,8 @@ class LearningCheck(RoundCallback):
         if best < self.chance + CHANCE_MARGIN:
             reasons.append(f"every tier's test accuracy is at chance ({100 * best:.1f}%, the commonest class is "
                            f"{100 * self.chance:.1f}%)")
-        if not math.isfinite(loss) or (math.isfinite(self.first_loss) and loss >= self.first_loss):
+        if self.compare_loss and (not math.isfinite(loss) or (math.isfinite(self.first_loss)
+                                                              and loss >= self.first_loss)):
             reasons.append(f"the training loss has not fallen ({self.first_loss:.3g} in round 1, {loss:.3g} now)")
         if reasons:
             self.done = True

@@ -27,6 +27,10 @@ NORMS = ("bn", "sbn", "gn", "none")
 #: ordered-dropout samplers of rank levels (maestro_fl/training.py)
 SAMPLERS = ("per_layer", "across_layers", "nested", "tiers", "fixed", "none")
 
+#: how the server's rounds meet the clients' updates (maestro_fl/server.py): synchronous rounds, FedBuff's buffer,
+#: FedAsync's update-by-update merge
+ROUND_MODES = ("sync", "fedbuff", "fedasync")
+
 #: experiment trackers (maestro_fl/tracking.py), each with the packages it imports; ``tracking`` names none
 #: ('' = the run directory's tables only), one or several (``tensorboard,mlflow``). MLflow's default store is a
 #: SQLite database, which needs SQLAlchemy and Alembic (a server named by MLFLOW_TRACKING_URI does not)

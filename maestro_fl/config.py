@@ -20,7 +20,17 @@ from typing import Any, TypeVar
 
 # leaf modules only (each imports nothing of maestro_fl): the config sits below everything it configures
 from .availability import AvailabilityError, schedule_for
-from .catalog import DATASETS, METHOD_CLASSES, MODELS, NATURAL_GROUPS, NORMS, SAMPLERS, TRACKERS, tracker_names
+from .catalog import (
+    DATASETS,
+    METHOD_CLASSES,
+    MODELS,
+    NATURAL_GROUPS,
+    NORMS,
+    ROUND_MODES,
+    SAMPLERS,
+    TRACKERS,
+    tracker_names,
+)
 from .measured_devices import NUM_TIERS as MEASURED_TIERS
 from .population import DEFAULT_TIERS, MEASURED, PopulationError, federation_devices, load_population
 from .references import UnresolvedReference, is_reference
@@ -515,6 +525,16 @@ class SimConfig:
     over_selection: float = 0.0  # select ceil((1 + o) x clients_per_round) online clients and keep the first
     # clients_per_round to finish on the simulated clock, the rest 'late' (Bonawitz et al., MLSys 2019, select 130%);
     # it costs the extra clients' training and shortens rounds; 0 = off (every selected client counts)
+    round_mode: str = "sync"  # 'sync': a round waits for its clients; 'fedbuff': clients_per_round train at once and
+    # the server merges as soon as buffer_size have finished on the simulated clock, each update discounted by its
+    # staleness (Nguyen et al., AISTATS 2022); 'fedasync': the same, merging every update as it finishes, mixed in
+    # by async_mixing (Xie et al., 2019). A stale update merges through its own sub-model's index (maestro_fl.server)
+    buffer_size: int = 0  # FedBuff's K; 0 = half the clients in flight, ceil(clients_per_round / 2): fast devices
+    # then merge about twice per sync round's time without one merge waiting for the slowest clients
+    staleness_exponent: float = 0.5  # an update merged tau server steps after it was sent counts (1 + tau)^-a:
+    # FedBuff's 1/sqrt(1 + tau), FedAsync's polynomial staleness with a = 0.5
+    async_mixing: float = 0.6  # FedAsync's alpha: x <- x + alpha (1 + tau)^-a (trained - sent); in the range
+    # 0.4-0.9 its paper explores, assumed, not tuned here
     availability: str = ""  # '' = each round, a client is online with its device's `availability` probability;
     # 'diurnal' = online diurnal_duty of every simulated day, from a seeded phase; PATH.csv = a trace of online
     # intervals (client,start_s,end_s) that repeats after its last end_s. With either, rounds run on the simulated
@@ -642,6 +662,21 @@ class SimConfig:
                 f"tier_fractions has {len(self.tier_fractions)} entries but there are {len(self.tier_shares)} tiers"
             )
         check_non_negative("time_jitter", self.time_jitter)
+        check_one_of("round_mode", self.round_mode, ROUND_MODES)
+        check_non_negative("buffer_size", self.buffer_size)
+        check_non_negative("staleness_exponent", self.staleness_exponent)
+        if not 0.0 < self.async_mixing <= 1.0:
+            raise ConfigError(f"async_mixing must be in (0, 1], got {self.async_mixing!r}")
+        if self.round_mode != "sync":
+            if self.buffer_size > self.clients_per_round:
+                raise ConfigError(f"buffer_size ({self.buffer_size}) must be <= clients_per_round "
+                                  f"({self.clients_per_round}), the clients in flight")
+            if self.over_selection > 0:
+                raise ConfigError(f"over_selection applies to round_mode='sync' (it closes a round at its K-th "
+                                  f"reply), not {self.round_mode!r}, which merges as updates arrive")
+            if self.server_shrink_eps > 0:
+                raise ConfigError(f"server_shrink_eps changes the global model's shape, so a stale update of "
+                                  f"round_mode={self.round_mode!r} would not fit it: use round_mode='sync'")
         if self.availability:
             try:  # the trace's checks need the client count, the diurnal duties the tiers
                 tiers = [0] * self.num_clients if self.availability != "diurnal" or len(self.diurnal_duty) == 1 else [

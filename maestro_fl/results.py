@@ -63,7 +63,8 @@ ROUNDS = Table("rounds.csv", "round", _cols(
     ("server_seconds", "real seconds the server itself spent: configure_train + aggregate_train"),
     ("bytes_down", "bytes sent to all clients this round"),
     ("bytes_up", "bytes received from all clients this round"),
-    ("selected", "clients sampled this round"),
+    ("selected", "clients with a row in clients.csv this round: those sampled (sync rounds), or those merged "
+                 "and those that failed when sent (fedbuff, fedasync)"),
     *((s, f"clients whose status was '{s}'") for s in STATUSES),
     ("train_loss", "mean local training loss of the accepted clients, weighted by examples"),
     ("global_rank", "sum of the global model's LoD ranks (0 for models without LoD layers)"),
@@ -94,7 +95,8 @@ CLIENTS = Table("clients.csv", "round and sampled client", _cols(
     ("tier", "device tier"),
     ("ranks", "rank per LoD layer it trained, space-separated (empty for width and dense methods)"),
     ("status", "ok, failed (raised), timeout (no reply in round_timeout_s), malformed (reply rejected), "
-               "dropped (missed round_deadline_s), late (over-selected, finished after the first clients_per_round) "
+               "dropped (missed round_deadline_s), late (over-selected, finished after the first clients_per_round; "
+               "or, in semi-asynchronous rounds, still training when the run ended) "
                "or unaffordable (no sub-model fits its device)"),
     ("fraction", "its budget's rank (or width) fraction; empty when unaffordable"),
     ("width", "hidden-width fraction of its sub-model (1 for a rank prefix); empty when unaffordable"),
@@ -109,6 +111,8 @@ CLIENTS = Table("clients.csv", "round and sampled client", _cols(
     ("upload_s", "simulated upload seconds"),
     ("wall_s", "real seconds the client spent on the message"),
     ("round_seconds", "compute_s + download_s + upload_s"),
+    ("staleness", "round_mode fedbuff/fedasync: server steps between the model it was sent and the merge of its "
+                  "update, which is written in the merge's round (0 in sync rounds)"),
 ))
 DEVICES = Table("devices.csv", "registered client", _cols(
     ("partition_id", "the client's data partition"),
@@ -215,6 +219,7 @@ class ClientRound:
     upload_s: float = 0.0
     wall_s: float = 0.0  # real seconds the client spent (not simulated)
     width: float = float("nan")  # its sub-model's hidden-width fraction; NaN when unaffordable
+    staleness: int = 0  # server steps between the model it was sent and the one its update merged into
 
     @property
     def round_seconds(self) -> float:

@@ -18,6 +18,15 @@ Flower messages and the replies back into :class:`TrainReply` values. Per round:
    the good ones with the method's server rule; the round's simulated latency
    (:func:`round_latency`) moves the simulated clock (:attr:`FederationServer.clock_s`).
 
+With ``round_mode='fedbuff'`` or ``'fedasync'`` a server step is not a round that
+waits for its clients. ``clients_per_round`` clients are in flight at once; each
+step sends the idle online ones the current model, holds every good update
+(:class:`InFlight`) until its simulated finish, and merges the ``buffer_size``
+earliest (FedBuff; one for FedAsync). A stale update merges through its own
+index, rebased on the current model and discounted by its staleness
+(:func:`rebased_update`, :func:`staleness_weight`); the updates in flight travel
+with the checkpoint (:meth:`FederationServer.state`).
+
 Simulated time is decided here alone, from the cost model, so the same seed
 gives the same tables at any machine load: the real seconds a client took
 (``wall_s``) are recorded and never decide who made a deadline, who was late,
@@ -32,10 +41,11 @@ per device; the seconds a client is charged count its own examples.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -50,7 +60,7 @@ from .methods import Assignment, ClientTask, FederatedMethod, Update
 from .population import device_in_round, federation_devices
 from .replies import ReplyFacts, check_reply, finite_number, read_metrics, squared_norm
 from .results import ClientRound
-from .submodels import Index, index_shape, take
+from .submodels import Arrays, Index, index_shape, numpy_index, take
 from .wire import message_bytes
 
 LOG = logging.getLogger("maestro_fl")
@@ -161,6 +171,55 @@ def first_to_finish(updates: Sequence[tuple[Update, float]], k: int) -> tuple[li
     return [u for u, _ in order[:k]], [u for u, _ in order[k:]]
 
 
+#: server_state keys of the updates in flight (:meth:`FederationServer.state`); the rest is the server optimizer's
+IN_FLIGHT = "in_flight/"
+
+
+def staleness_weight(staleness: int, exponent: float) -> float:
+    """``(1 + τ)^(-a)``: how much an update counts that was trained on the model of ``τ`` server steps ago
+    (FedBuff, Nguyen et al., AISTATS 2022: ``a = 1/2``; FedAsync's polynomial staleness, Xie et al., 2019)."""
+    return float((1.0 + max(staleness, 0)) ** -exponent)
+
+
+def rebased_update(current: Mapping[str, np.ndarray], index: Index, delta: Mapping[str, np.ndarray],
+                   weight: float) -> Arrays:
+    """A stale client's update as a reply to the current model: ``current[index] + weight · (trained − sent)``.
+
+    The client trained the sub-model ``index`` of an older global model; its change, not its arrays, is what it
+    learned. Cut at the same index from the current model and moved by the discounted change, the update
+    merges by the method's own rule (ordered factors, widths, rolling windows) like a fresh reply. Arrays keep
+    the current model's dtypes.
+    """
+    out: Arrays = {}
+    for name, idx in index.items():
+        now = current[name][numpy_index(idx, current[name].shape)]
+        out[name] = (now + weight * np.asarray(delta[name], dtype=np.float64)).astype(now.dtype)
+    return out
+
+
+def buffer_flush(in_flight: Sequence[InFlight], k: int) -> tuple[list[InFlight], list[InFlight]]:
+    """(the ``k`` updates that finish first, those still in flight): FedBuff merges when ``k`` have arrived.
+
+    Ordered by simulated finish, ties to the lower partition, so which updates merge is decided on the
+    simulated clock alone.
+    """
+    order = sorted(in_flight, key=lambda j: (j.finish_s, j.task.partition))
+    return order[:k], order[k:]
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A good update the server holds until its simulated finish (``round_mode`` fedbuff or fedasync)."""
+
+    task: ClientTask
+    delta: Arrays  # trained − sent, on the task's index
+    num_examples: int
+    labels: tuple[int, ...]
+    sent_round: int  # the server step whose model it trained
+    finish_s: float  # simulated seconds since the run began when it finishes
+    row: ClientRound  # its clients.csv row, written when it merges
+
+
 def _whole_number(value: Any) -> int | None:
     """``value`` as an int when it is a finite whole number (never raises: Inf, NaN, text and bools are ``None``)."""
     x = finite_number(value)
@@ -209,6 +268,14 @@ class FederationServer:
         self._tiers: dict[int, dict[int, Cost]] = {}
         self._wire_bytes: dict[int, int] = {}  # id(index) -> the download's bytes on the wire, this round
         self._sent: dict[int, tuple[dict[str, np.ndarray], float]] = {}  # a sub-model and ‖·‖²
+        self.in_flight: list[InFlight] = []  # fedbuff, fedasync: good updates not merged yet
+        self.asynchronous = cfg.round_mode != "sync"
+        if self.asynchronous and not type(method).keeps_coordinates(cfg):
+            from .config import ConfigError
+
+            raise ConfigError(f"round_mode={cfg.round_mode!r} merges stale updates into the current model through "
+                              f"their index; {method.name!r} with aggregation={cfg.aggregation!r} re-factors the "
+                              "model every round, so an older model's factors do not line up: use round_mode='sync'")
 
     # -- registration -------------------------------------------------------------------------
     def register(self, registrations: Iterable[Registration]) -> None:
@@ -292,7 +359,13 @@ class FederationServer:
         else:
             availability = np.fromiter((self.devices[n].availability for n in self.nodes), float, len(self.nodes))
             online = [n for n, up in zip(self.nodes, rng.random(len(self.nodes)) < availability) if up]
-        k = min(over_selected(self.cfg.clients_per_round, self.cfg.over_selection), len(online))
+        if self.asynchronous:  # fill the clients in flight up to clients_per_round, from the idle ones
+            busy = {j.task.node for j in self.in_flight}
+            online = [n for n in online if n not in busy]
+            wanted = self.cfg.clients_per_round - len(busy)
+        else:
+            wanted = over_selected(self.cfg.clients_per_round, self.cfg.over_selection)
+        k = min(max(wanted, 0), len(online))
         picked: list[int] = rng.choice(len(online), size=k, replace=False).tolist() if k else []
         return [online[i] for i in sorted(picked)]
 
@@ -312,7 +385,8 @@ class FederationServer:
         self.current = dict(current)
         self.tasks, self.client_rounds, self._sent, self._wire_bytes = {}, [], {}, {}
         # a round starts when the last one ended, or, on a schedule, when a client is next online
-        self.round_start_s = self.clock_s if self.schedule is None else self.schedule.next_online(self.clock_s)
+        self.round_start_s = self.clock_s if self.schedule is None or self.in_flight else \
+            self.schedule.next_online(self.clock_s)
         tiers = list(self.tier_costs().values())
         parts: dict[tuple[Any, ...], BudgetPart] = {}
         out: dict[int, BudgetPart] = {}
@@ -399,6 +473,8 @@ class FederationServer:
                 row = self._row(server_round, node, task.device, task.cost, "timeout", "no reply within round_timeout_s")
                 row.bytes_down = task.bytes_down
                 self.client_rounds.append(row)
+        if self.asynchronous:
+            return self._merge_in_flight(server_round, updates, answered, went_offline)
         closed_at_k = False
         if self.cfg.over_selection > 0:
             kept, late = first_to_finish([(u, answered[u.task.node].round_seconds) for u in updates],
@@ -414,6 +490,10 @@ class FederationServer:
         self.clock_s = self.round_start_s + self.round_seconds
         if not updates:
             return None
+        return self._merge(updates, server_round)
+
+    def _merge(self, updates: Sequence[Update], server_round: int) -> dict[str, np.ndarray] | None:
+        """The method's server rule on the updates; ``None`` (their rows ``failed``) when the rule raises."""
         try:
             return self.method.merge_updates(self.current, updates, server_round)
         except Exception as err:  # noqa: BLE001 - a server rule that fails costs this round, never the run
@@ -423,6 +503,110 @@ class FederationServer:
                 if row.status == "ok":
                     row.status, row.reason = "failed", reason
             return None
+
+    # -- semi-asynchronous rounds -------------------------------------------------------------
+    def _merge_in_flight(self, server_round: int, fresh: Sequence[Update], answered: Mapping[int, ClientRound],
+                         went_offline: Sequence[float]) -> dict[str, np.ndarray] | None:
+        """FedBuff's (or FedAsync's) server step: hold this step's good updates, merge the ``buffer_size`` (one)
+        that finish first on the simulated clock, each rebased on the current model and discounted by staleness.
+
+        Their rows are written now, in this step; the others stay in flight. At the run's last step, those still
+        in flight are recorded ``late``.
+        """
+        held = {id(answered[u.task.node]) for u in fresh}
+        self.client_rounds = [r for r in self.client_rounds if id(r) not in held]  # written when they merge
+        for update in fresh:
+            sent, _ = self.sent(update.task)
+            row = answered[update.task.node]
+            self.in_flight.append(InFlight(
+                update.task, {k: np.asarray(update.arrays[k], np.float64) - sent[k] for k in update.task.index},
+                update.num_examples, tuple(update.labels), server_round, self.round_start_s + row.round_seconds, row))
+        k = 1 if self.cfg.round_mode == "fedasync" else (self.cfg.buffer_size or -(-self.cfg.clients_per_round // 2))
+        merging, self.in_flight = buffer_flush(self.in_flight, k)
+        mixing = self.cfg.async_mixing if self.cfg.round_mode == "fedasync" else 1.0
+        updates = []
+        for job in merging:
+            row = job.row
+            row.round, row.staleness = server_round, server_round - job.sent_round
+            self.client_rounds.append(row)
+            weight = mixing * staleness_weight(row.staleness, self.cfg.staleness_exponent)
+            try:
+                arrays = rebased_update(self.current, job.task.index, job.delta, weight)
+            except (KeyError, ValueError, IndexError) as err:  # the global model no longer holds its index
+                row.status, row.reason = "failed", f"its update no longer fits the global model: {err}"[:300]
+                continue
+            updates.append(Update(job.task, arrays, job.num_examples, job.labels))
+        if server_round >= self.cfg.rounds:  # the run ends: what is still training never merges
+            for job in self.in_flight:
+                job.row.round, job.row.status = server_round, "late"
+                job.row.reason = f"still training when the run ended (sent in round {job.sent_round})"
+                self.client_rounds.append(job.row)
+            self.in_flight = []
+        self.client_rounds.sort(key=lambda r: r.partition_id)
+        finished = [j.finish_s - self.round_start_s for j in merging]
+        self.round_seconds = max(finished) if finished else max(went_offline, default=0.0)
+        self.clock_s = self.round_start_s + self.round_seconds
+        if not updates:
+            return None
+        return self._merge(updates, server_round)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The updates in flight as checkpoint arrays (keys under :data:`IN_FLIGHT`), so that a resumed run
+        merges them as an uninterrupted one would. Empty in sync rounds."""
+        out: dict[str, np.ndarray] = {}
+        for i, job in enumerate(self.in_flight):
+            key, task = f"{IN_FLIGHT}{i}/", job.task
+            meta = {"partition": task.partition, "device": asdict(task.device), "cost": asdict(task.cost),
+                    "assignment": asdict(task.assignment), "shapes": task.shapes, "dtypes": task.dtypes,
+                    "bytes_down": task.bytes_down, "num_examples": job.num_examples, "labels": job.labels,
+                    "sent_round": job.sent_round, "finish_s": job.finish_s, "row": asdict(job.row)}
+            out[key + "meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8).copy()
+            for name, idx in task.index.items():
+                for d, i_d in enumerate(idx):
+                    if isinstance(i_d, slice):
+                        size = self.current[name].shape[d]  # the global dimension the slice cuts
+                        out[f"{key}slice/{d}/{name}"] = np.array(i_d.indices(size), dtype=np.int64)
+                    else:
+                        out[f"{key}positions/{d}/{name}"] = np.asarray(i_d, dtype=np.int64)
+                out[f"{key}delta/{name}"] = job.delta[name]
+        return out
+
+    def restore(self, state: Mapping[str, np.ndarray]) -> None:
+        """Take back the updates in flight of :meth:`state`, after registration (a resumed run's nodes may have
+        new ids: an update follows its partition). An update whose partition did not register is dropped."""
+        node_of = {p: n for n, p in self.partition_of.items()}
+        jobs = sorted({k[len(IN_FLIGHT):].split("/", 1)[0] for k in state if k.startswith(IN_FLIGHT)}, key=int)
+        self.in_flight = []
+        for i in jobs:
+            key = f"{IN_FLIGHT}{i}/"
+            meta = json.loads(bytes(np.asarray(state[key + "meta"], dtype=np.uint8)).decode())
+            partition = int(meta["partition"])
+            if partition not in node_of:
+                LOG.warning("an update in flight from partition %s is dropped: the partition did not register",
+                            partition)
+                continue
+            shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
+            index: Index = {}
+            for name, shape in shapes.items():
+                dims: list[Any] = []
+                for d in range(len(shape)):
+                    if f"{key}slice/{d}/{name}" in state:
+                        start, stop, step = (int(x) for x in state[f"{key}slice/{d}/{name}"])
+                        dims.append(slice(start, stop, step))
+                    else:
+                        dims.append(np.asarray(state[f"{key}positions/{d}/{name}"], dtype=np.int64))
+                index[name] = tuple(dims)
+            a = meta["assignment"]
+            assignment = Assignment(a["fraction"], dict(a["ranks"]), tuple(a["levels"]),
+                                    tuple(dict(r) for r in a["level_ranks"]), bool(a["label_mask"]))
+            task = ClientTask(node=node_of[partition], partition=partition, device=DeviceCapability(**meta["device"]),
+                              cost=Cost(**meta["cost"]), assignment=assignment, index=index, shapes=shapes,
+                              dtypes=dict(meta["dtypes"]), bytes_down=int(meta["bytes_down"]))
+            row = ClientRound(**meta["row"])
+            row = replace(row, node_id=task.node)
+            self.in_flight.append(InFlight(task, {n: np.asarray(state[f"{key}delta/{n}"]) for n in shapes},
+                                           int(meta["num_examples"]), tuple(meta["labels"]), int(meta["sent_round"]),
+                                           float(meta["finish_s"]), row))
 
     def _online_until(self, task: ClientTask) -> float:
         """When the client's online interval at the round's start ends (``inf`` without a schedule)."""

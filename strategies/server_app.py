@@ -50,6 +50,7 @@ from maestro_fl.results import (
     new_run_dir,
     timestamp,
 )
+from maestro_fl.server import IN_FLIGHT
 from maestro_fl.server_optimizer import ServerMomentum
 from maestro_fl.training import torch_threads
 
@@ -118,7 +119,7 @@ def default_callbacks(cfg: SimConfig, run: RunDir, strategy: SubModelStrategy, t
     """Evaluation, then the tables, then the checkpoint (never ahead of the tables), then progress."""
     callbacks: list[RoundCallback] = [
         CentralEvaluation(strategy.method, test, inputs, validation, cfg.eval_every, run_device(cfg)),
-        LearningCheck(run, chance_rate(test), cfg.rounds, cfg.lr, cfg.momentum),
+        LearningCheck(run, chance_rate(test), cfg.rounds, cfg.lr, cfg.momentum, compare_loss=cfg.round_mode == "sync"),
         RoundTables(run),
         Checkpointing(run, fingerprint),
     ]
@@ -255,7 +256,9 @@ def _run_server(
         LOG.info("server momentum is off for %s: its server rule re-factors the model every round, so a "
                  "velocity of its factors has no meaning", rule)
         momentum = 0.0
-    optimizer = ServerMomentum(momentum, server_state)
+    velocity = {k: v for k, v in server_state.items() if not k.startswith(IN_FLIGHT)}
+    strategy.core.restore(server_state)  # fedbuff, fedasync: the updates in flight at the checkpoint
+    optimizer = ServerMomentum(momentum, velocity)
     done_round = start - 1
     try:
         for server_round in range(start, cfg.rounds + 1):
@@ -280,7 +283,7 @@ def _run_server(
                 round=server_round,
                 arrays=arrays,
                 before=before,
-                server_state=optimizer.state(),
+                server_state=optimizer.state() | strategy.core.state(),
                 clients=strategy.client_rounds,
                 tier_costs=strategy.tier_costs(),
                 train_wall_seconds=done - started,

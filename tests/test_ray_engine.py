@@ -290,3 +290,18 @@ def test_clients_slowed_in_real_time_leave_the_tables_of_the_unslowed_run_with_o
     assert (clients["status"] == "late").sum() == 2 * 5 and (clients["status"] == "ok").sum() == 2 * 5
     kept_slowed = clients[(clients["status"] == "ok") & (clients["partition_id"] % 2 == 0)]
     assert len(kept_slowed) > 0, "no slowed client was kept: the test would not tell the clocks apart"
+
+
+def test_clients_slowed_in_real_time_leave_the_fedbuff_tables_of_the_unslowed_run(
+    shared_ray: None, tmp_path: Path, flwr_home: str
+) -> None:
+    """FedBuff on Ray: which updates merge, and with what staleness, is decided on the simulated clock, so
+    clients made slow in real time (they reply last on Ray's two actors) change no table."""
+    cfg = config(tmp_path, backend="ray", rounds=3, clients_per_round=6, round_mode="fedbuff", buffer_size=3)
+    fast = run_simulation(resolve(SimConfig, overrides={**vars(cfg), "run_name": "fast"}))
+    slowed = ",".join(f"{p}:slow" for p in range(1, 10, 2))  # the fast tier's clients, slowed in real time
+    slow = run_simulation(resolve(SimConfig, overrides={**vars(cfg), "run_name": "slow", "fault_injection": slowed}))
+    assert_same_tables(fast, slow)
+    clients = pd.read_csv(slow / "clients.csv")
+    merged = clients[clients["status"] == "ok"]
+    assert (merged["staleness"] > 0).any() and (merged["partition_id"] % 2 == 1).any()
