@@ -31,6 +31,16 @@ def read_table(run_dir: str | Path, name: str, required: Sequence[str] = ()) -> 
     return RunDir(run_dir).table(name, required)
 
 
+def markdown_table(df: pd.DataFrame) -> str:
+    """``df`` as a Markdown table (floats to 4 significant digits): what the reports print."""
+    def cell(v: object) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    rows = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    rows += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(rows)
+
+
 def _save(fig: Figure, out: str | Path | None) -> Figure:
     if out is not None:
         out = Path(out)

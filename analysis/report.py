@@ -16,7 +16,8 @@ import pandas as pd
 
 from maestro_fl.results import RunDir, perplexity
 
-from . import plots
+from . import plots, time_to_accuracy
+from .plots import markdown_table
 
 
 def _final_table(run_dir: Path) -> pd.DataFrame:
@@ -31,15 +32,6 @@ def _final_table(run_dir: Path) -> pd.DataFrame:
     ladder = plots.read_table(run_dir, "ladder.csv", ("rank_fraction", "test_accuracy", "params", "macs"))
     cols = ["rank_fraction", "test_accuracy", "params", "params_ratio", "macs", "bytes_fp32"]
     return ladder[[c for c in cols if c in ladder.columns]]
-
-
-def _markdown(df: pd.DataFrame) -> str:
-    def cell(v: object) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    rows = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    rows += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(rows)
 
 
 def safe_name(name: str) -> str:
@@ -139,6 +131,10 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, labels: Se
              plots.methods_vs_round(fed_runs, fed_labels, out / "methods_vs_round"))
         keep("methods_vs_time", "Every method's test accuracy vs simulated time (top and bottom tier)",
              plots.methods_vs_round(fed_runs, fed_labels, out / "methods_vs_time", time_axis=True))
+    modes = {time_to_accuracy.run_setup(r)[1] for r, _ in federated}
+    if federated and modes != {"sync"}:  # semi-asynchronous runs: rounds do not compare, simulated time does
+        keep("sync_vs_buffered", "Accuracy vs simulated time per method and round mode, and each tier's "
+             "participation", time_to_accuracy.sync_vs_buffered([r for r, _ in federated], out / "sync_vs_buffered"))
     per_run: list[tuple[str, str]] = []  # each run's own figures, in a subfolder (after the comparison)
 
     def keep_run(name: str, title: str, fig: plt.Figure) -> None:
@@ -174,19 +170,19 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, labels: Se
         lines += ["## The comparison", "",
                   "Test accuracy after the last round, per method and tier: mean ± standard deviation over the "
                   "method's runs (n; the seeds), and the deployed footprint.", "",
-                  _markdown(comparison_table([r for r, _ in federated], [label for _, label in federated])), ""]
+                  markdown_table(comparison_table([r for r, _ in federated], [label for _, label in federated])), ""]
         matched = dict.fromkeys(d for sweep in map(Path, run_dirs) for d in (sweep, sweep.parent)  # a protocol's
                                 if (d / "matched.csv").is_file())                                # is beside final/
         for sweep in matched:
             if (sweep / "matched.csv").is_file():
                 lines += [f"### At matched footprint (`{sweep / 'matched.csv'}`)", "",
                           "FedLoD's one global model deployed at each other method's tier footprint (or smaller).",
-                          "", _markdown(pd.read_csv(sweep / "matched.csv")), ""]
+                          "", markdown_table(pd.read_csv(sweep / "matched.csv")), ""]
         lines += ["### Comparison figures", ""]
         lines += [f"![{title}]({name}.png)\n" for name, title in figures]
         lines += ["## Each run", ""]
     for run in runs:
-        lines += [f"## {run.name}", "", f"`{run}`", "", _markdown(_final_table(run)), ""]
+        lines += [f"## {run.name}", "", f"`{run}`", "", markdown_table(_final_table(run)), ""]
     if not compared:
         lines += ["## Figures", ""]
         lines += [f"### {title}\n\n![{title}]({name}.png)\n" for name, title in figures]
