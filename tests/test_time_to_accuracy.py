@@ -62,3 +62,20 @@ def test_the_figure_draws_each_group_on_the_common_grid(two_runs: list[Path], tm
         assert max(line.get_xdata()) == pytest.approx(300 / 60)  # minutes, up to the horizon
     assert top.get_ylim() == (0, 100)
     assert len(bars.patches) == 4  # two groups x two tiers
+
+
+def test_the_devices_over_time_notebook_executes(two_runs: list[Path]) -> None:
+    import nbformat
+
+    from tests.notebook_runner import run_in_process
+
+    root = Path(__file__).resolve().parents[1]
+    nb = nbformat.read(root / "analysis" / "notebooks" / "devices_over_time.ipynb", as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "notebooks are stored without outputs"
+    assert "parameters" in nb.cells[0].metadata.get("tags", [])
+    for run in two_runs:  # the notebook reads staleness, which hand-made runs lack
+        clients = run / "clients.csv"
+        lines = clients.read_text().splitlines()
+        clients.write_text("\n".join([lines[0] + ",staleness", *(line + ",0" for line in lines[1:])]) + "\n")
+    nb.cells[0].source = f"RUN_DIRS = {[str(r) for r in two_runs]!r}"
+    assert run_in_process(nb, root) > 0, "the notebook drew no figure"
