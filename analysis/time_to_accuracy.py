@@ -9,8 +9,9 @@ seed on one time grid, and draws
 
 * the top and the bottom tier's test accuracy against simulated time, mean
   ± one standard deviation over seeds;
-* per tier, the updates merged per simulated hour, and the share of the
-  tier's clients whose data reached the model at least once.
+* per tier, its share of the updates that merged (the table also gives the
+  updates merged per simulated hour, and the share of the tier's clients
+  whose data reached the model at least once).
 
 ``python -m analysis.time_to_accuracy RUN_DIR ... --out PATH`` writes the
 figure and prints the table (markdown).
@@ -30,7 +31,7 @@ from matplotlib.figure import Figure
 
 from maestro_fl.catalog import ROUND_MODES
 
-from .plots import _save, markdown_table, read_table, tier_color
+from .plots import _save, markdown_table, read_table
 
 #: points of the common time grid a group's seeds are interpolated onto
 GRID_POINTS = 200
@@ -115,8 +116,8 @@ def time_to_accuracy(curves: pd.DataFrame, target: float) -> pd.DataFrame:
 
 
 def sync_vs_buffered(runs: Sequence[str | Path], out: str | Path | None = None) -> Figure:
-    """Top and bottom tier's test accuracy against simulated time per (method, round mode), and each tier's
-    merged updates per simulated hour; mean ± one standard deviation over seeds."""
+    """Top and bottom tier's test accuracy against simulated time per (method, round mode), mean ± one standard
+    deviation over seeds, and each tier's share of the merged updates (from :func:`participation`)."""
     curves = accuracy_over_time(runs)
     horizon = curves.groupby("run")["sim_seconds_total"].max().min()  # every run covers the grid
     grid = np.linspace(0.0, horizon, GRID_POINTS)
@@ -138,7 +139,8 @@ def sync_vs_buffered(runs: Sequence[str | Path], out: str | Path | None = None) 
                 ax.fill_between(stats.index / 60, 100 * (stats["mean"] - stats["std"]),
                                 100 * (stats["mean"] + stats["std"]), color=color, alpha=0.12, linewidth=0)
         seeds = curves.groupby(["strategy", "round_mode"])["run"].nunique().min()
-        ax.set_title(f"each method's {which} tier (mean ± std over {seeds} seeds)", fontsize=10)
+        ax.set_title(f"each method's {which} tier (mean ± std over {seeds} seed{'s' if seeds > 1 else ''})",
+                     fontsize=10)
         ax.set_xlabel("simulated time (minutes)")
         ax.set_ylim(0, 100)  # the whole range: the rise over time is the point
         ax.grid(alpha=0.3)
@@ -152,14 +154,15 @@ def sync_vs_buffered(runs: Sequence[str | Path], out: str | Path | None = None) 
     for g, (strategy, mode) in enumerate(groups):
         these = share[(share["strategy"] == strategy) & (share["round_mode"] == mode)].set_index("tier")
         xs = np.arange(len(tiers)) + (g - (len(groups) - 1) / 2) * width
-        axes[2].bar(xs, these.reindex(tiers)["merged_per_hour"], width, color=colors(methods.index(strategy) % 10),
-                    hatch="//" if mode != "sync" else None, edgecolor="white", label=f"{strategy}, {mode}")
+        rates = these.reindex(tiers)["merged_per_hour"].fillna(0.0)
+        axes[2].bar(xs, 100 * rates / rates.sum() if rates.sum() > 0 else rates, width,
+                    color=colors(methods.index(strategy) % 10), hatch="//" if mode != "sync" else None,
+                    edgecolor="white", label=f"{strategy}, {mode}")
     axes[2].set_xticks(range(len(tiers)), [f"tier {t}" for t in tiers])
-    axes[2].set_ylabel("merged updates per simulated hour")
-    axes[2].set_title("each tier's participation (hatched: FedBuff)", fontsize=10)
+    axes[2].set_ylabel("share of the merged updates (%)")
+    axes[2].set_ylim(0, 100)
+    axes[2].set_title("which tiers' updates reached the model (hatched: semi-async)", fontsize=10)
     axes[2].grid(alpha=0.3, axis="y")
-    for tick, tier in zip(axes[2].get_xticklabels(), tiers):
-        tick.set_color(tier_color(int(tier), len(tiers)))
     fig.tight_layout()
     return _save(fig, out)
 

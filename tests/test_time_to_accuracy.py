@@ -62,6 +62,8 @@ def test_the_figure_draws_each_group_on_the_common_grid(two_runs: list[Path], tm
         assert max(line.get_xdata()) == pytest.approx(300 / 60)  # minutes, up to the horizon
     assert top.get_ylim() == (0, 100)
     assert len(bars.patches) == 4  # two groups x two tiers
+    sync_bars = [p.get_height() for p in bars.patches[:2]]  # sync: 2 of tier 0's, 3 of tier 1's 5 updates
+    assert sync_bars == pytest.approx([40.0, 60.0])
 
 
 def test_the_devices_over_time_notebook_executes(two_runs: list[Path]) -> None:
